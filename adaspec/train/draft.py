@@ -1,0 +1,325 @@
+"""``adaspec train-draft``: distil a small reduced-vocabulary draft from a target.
+
+Pipeline (each stage resumable):
+
+1. prompts from the data sets and the Python standard library (:mod:`.draft_data`);
+2. the target writes greedy continuations (self-distillation), cached as token-id shards;
+3. output subset = most frequent tokens (target responses weigh 1, prompts and reference
+   answers 0.2) plus EOS and common code tokens; embedding and head initialised from a PCA
+   projection of the target's embedding (:mod:`.draft_model_init`); the input embedding stays
+   frozen (most rows never see a gradient on small data, and decay would erode them);
+4. cross-entropy on next-token prediction over the subset (response positions weight 1,
+   prompt positions ``--prompt-weight``, default 0; targets outside the subset are ignored), AdamW with
+   warm-up and cosine decay, held-out agreement / simulated tau every ``--eval-every`` steps,
+   best checkpoint written to ``--out`` as a draft directory ``load_model(out, role="draft")`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..draft_model import save_subset_draft
+from ..errors import InvalidArgumentError, ModelLoadError
+from .draft_data import (
+    CODE_SOURCES,
+    Example,
+    generate_shards,
+    load_prompts,
+    load_shards,
+    parse_sources,
+    resolve_data_dir,
+)
+from .draft_model_init import CODE_STRINGS, agreement_stats, choose_subset, coverage, init_draft
+
+
+class Logger:
+    """Writes lines to stderr and appends them to ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, file=sys.stderr, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+def add_train_draft_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train-draft`` on an argparse subparsers object (``func=run_train_draft``)."""
+    p = subparsers.add_parser("train-draft", help="distil a small draft model from a target",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="default", help="default | HF id | local path")
+    p.add_argument("--out", required=True, help="draft directory to write (config.json + model.safetensors)")
+    p.add_argument("--data", default="default",
+                   help="prompt sources: default | all | comma list of gsm8k,codegen,roleplay,"
+                        "self_instruct,code_alpaca,stdlib_code,stdlib_chat "
+                        "(code_alpaca is CC BY-NC 4.0, not in default)")
+    p.add_argument("--data-dir", default=None,
+                   help="prompt data dir (default $ADASPEC_DATA or ../shared/data)")
+    p.add_argument("--work-dir", default=None, help="checkpoints, logs and generated data "
+                   "(default ~/.cache/adaspec/train-draft/<hash of --out>)")
+    p.add_argument("--data-cache", default=None, help="generated-continuation shards (default WORK/data)")
+    p.add_argument("--max-prompts", type=int, default=0, help="use at most N training prompts (0: all)")
+    p.add_argument("--gen-minutes", type=float, default=60.0, help="time budget for generating data")
+    p.add_argument("--gen-batch", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length of target continuations")
+    p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per category (code, chat)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=384)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--prompt-weight", type=float, default=0.0,
+                   help="loss weight of prompt positions (real text, not target output)")
+    p.add_argument("--hidden", type=int, default=320)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--draft-vocab", type=int, default=8192)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--reload-every", type=int, default=0,
+                   help="re-read the data cache every N steps (while another process still generates)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from WORK/ckpt.pt")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=run_train_draft)
+    return p
+
+
+def _check_writable(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidArgumentError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from None
+
+
+def _sequences(examples: list[Example], seq_len: int) -> list[tuple[list[int], int]]:
+    """(ids, index of the first response token) with prompts cut from the left to fit ``seq_len``."""
+    out = []
+    for ex in examples:
+        resp = ex.response[: seq_len - 1]
+        room = seq_len - len(resp)
+        prompt = ex.prompt[-room:] if room > 0 else []
+        if resp:
+            out.append((prompt + resp, len(prompt)))
+    return out
+
+
+def make_batch(seqs: list[tuple[list[int], int]], remap: torch.Tensor, prompt_weight: float,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded batch.
+
+    Returns:
+        ids [B, T] int64 inputs; labels [B, T] index into the subset (-100 = ignore);
+        weights [B, T] float loss weight (1 on response, ``prompt_weight`` on prompt targets).
+    """
+    t = max(len(s) for s, _ in seqs) - 1
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    weights = torch.zeros(len(seqs), t)
+    for i, (s, start) in enumerate(seqs):
+        x = torch.tensor(s)
+        n = len(s) - 1
+        ids[i, :n] = x[:-1]
+        labels[i, :n] = remap[x[1:]]
+        w = torch.full((n,), prompt_weight)
+        w[max(start - 1, 0):] = 1.0  # position start-1 predicts the first response token
+        weights[i, :n] = w
+    weights[labels < 0] = 0.0
+    labels[labels < 0] = -100
+    return ids, labels, weights
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(total - warmup, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _heldout(target: Any, tok: Any, prompts: list, cache: Path, n: int, args: Any, log: Logger,
+             ) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Target continuations of ``n`` held-out code and ``n`` held-out chat prompts."""
+    code = [p for p in prompts if p.heldout and p.source in CODE_SOURCES][:n]
+    chat = [p for p in prompts if p.heldout and p.source not in CODE_SOURCES and p.style == "chat"][:n]
+    generate_shards(target, tok, code + chat, cache, batch_size=args.gen_batch,
+                    max_new_tokens=args.max_new_tokens, log=log)
+    exs = {e.key: e for e in load_shards(cache)}
+    return {"code": [(exs[p.key].prompt, exs[p.key].response) for p in code if p.key in exs],
+            "chat": [(exs[p.key].prompt, exs[p.key].response) for p in chat if p.key in exs]}
+
+
+def run_train_draft(args: argparse.Namespace) -> int:
+    """Entry point of ``adaspec train-draft``; returns the exit code."""
+    from tqdm import tqdm
+
+    from ..models import load_model, vocab_fingerprint
+
+    for name in ("steps", "batch_size", "seq_len", "hidden", "layers", "draft_vocab", "threads"):
+        if getattr(args, name) <= 0:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be positive")
+    if args.lr <= 0:
+        raise InvalidArgumentError("--lr must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: no CUDA device is available")
+    sources = parse_sources(args.data)
+    out = Path(args.out).expanduser()
+    _check_writable(out, "--out directory")
+    work = Path(args.work_dir).expanduser() if args.work_dir else (
+        Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec") / "train-draft"
+        / hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10])
+    _check_writable(work, "--work-dir")
+    log = Logger(work / "train.log")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    log(f"train-draft: target={args.target} out={out} work={work} sources={','.join(sources)}")
+
+    gen_dtype = "bf16" if args.device == "cuda" else "fp32"  # fp32 batched generate is faster on CPU
+    target = load_model(args.target, dtype=gen_dtype, device=args.device, role="target")
+    tok = target.tokenizer
+    if tok is None:
+        raise ModelLoadError(f"target {args.target!r} has no tokenizer; the draft needs one to train on")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    data_dir = resolve_data_dir(args.data_dir)
+    prompts = load_prompts(sources, data_dir, tok)
+    train_prompts = [p for p in prompts if not p.heldout]
+    if args.max_prompts:
+        train_prompts = train_prompts[: args.max_prompts]
+    cache = Path(args.data_cache).expanduser() if args.data_cache else work / "data"
+    if args.gen_minutes > 0:
+        log(f"generating target continuations for up to {args.gen_minutes} min "
+            f"({len(train_prompts)} prompts)")
+        generate_shards(target.model, tok, train_prompts, cache, batch_size=args.gen_batch,
+                        max_new_tokens=args.max_new_tokens, deadline=time.time() + 60 * args.gen_minutes,
+                        log=log)
+    allowed = {p.key for p in train_prompts}
+    examples = [e for e in load_shards(cache) if e.key in allowed]
+    if not examples:
+        raise InvalidArgumentError(f"no training data: no generated continuations in {cache} "
+                                   "(raise --gen-minutes or check --data)")
+    heldout = _heldout(target.model, tok, prompts, work / "heldout", args.eval_prompts, args, log)
+
+    # ---- output subset: responses weigh 1, prompt text 0.2 -------------------------------
+    vocab = target.model.get_input_embeddings().weight.shape[0]
+    code_ids = [i for s in CODE_STRINGS for i in tok.encode(s, add_special_tokens=False)]
+    special = [t for t in (tok.eos_token_id, tok.bos_token_id) if t is not None]
+    prompt_ids = [tok.encode(p.text, add_special_tokens=False) for p in train_prompts[:20000]]
+    ckpt_path = work / "ckpt.pt"
+    state = torch.load(ckpt_path, weights_only=False) if args.resume and ckpt_path.is_file() else None
+    if args.resume and state is None:
+        log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
+    subset = state["subset"] if state else choose_subset(
+        [(e.response, 1.0) for e in examples] + [(ids, 0.2) for ids in prompt_ids],
+        min(args.draft_vocab, vocab), vocab, special + code_ids)
+    cov_train = coverage([e.response for e in examples], subset)
+    cov_eval = {k: coverage([r for _, r in v], subset) for k, v in heldout.items()}
+    log(f"subset: {len(subset)} tokens; coverage of target responses: train {cov_train:.3f}, "
+        + ", ".join(f"held-out {k} {v:.3f}" for k, v in cov_eval.items()))
+
+    draft = init_draft(target.model.float(), args.hidden, args.layers, subset).to(args.device)
+    draft.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    step, best, history = 0, -1.0, []
+    if state:
+        draft.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, best, history = state["step"], state["best"], state["history"]
+        log(f"resumed at step {step} (best score {best:.4f})")
+    del target
+    remap = torch.full((vocab,), -100, dtype=torch.long)
+    remap[subset] = torch.arange(len(subset))
+    seqs = _sequences(examples, args.seq_len)
+    n_resp = sum(len(e.response) for e in examples)
+    n_all, n_train = (sum(p.numel() for p in ps) / 1e6 for ps in (list(draft.parameters()), params))
+    log(f"data: {len(examples)} examples, {n_resp} response tokens; draft {args.layers}x{args.hidden}, "
+        f"{n_all:.1f}M params ({n_train:.1f}M trainable)")
+    meta = {"draft_vocab_size": len(subset), "target_vocab_sha256": vocab_fingerprint(tok),
+            "target": target_name(args.target)}
+
+    def evaluate() -> dict[str, Any]:
+        res = {k: agreement_stats(draft, v) for k, v in heldout.items() if v}
+        return {k: {m: (round(x, 4) if isinstance(x, float) else x) for m, x in r.items()
+                    if m != "per_position"} | {"per_position": [round(x, 3) for x in r["per_position"]]}
+                for k, r in res.items()}
+
+    def save(path: Path, metrics: dict[str, Any]) -> None:
+        m = dict(meta)
+        m["training"] = {"steps": step, "tokens_seen": tokens_seen, "metrics": metrics,
+                         "hidden": args.hidden, "layers": args.layers, "sources": sources}
+        save_subset_draft(copy.deepcopy(draft).to(torch.bfloat16), path, m)
+
+    draft.train()
+    tokens_seen = state["tokens_seen"] if state else 0
+    t_start, t_ckpt = time.time(), time.time()
+    bar = tqdm(total=args.steps, initial=step, file=sys.stderr, dynamic_ncols=True, desc="train-draft")
+    while step < args.steps:
+        if args.reload_every and step and step % args.reload_every == 0:
+            examples = [e for e in load_shards(cache) if e.key in allowed]
+            seqs = _sequences(examples, args.seq_len)
+            log(f"reloaded data: {len(examples)} examples")
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, args.steps, args.lr)
+        batch = random.sample(seqs, min(args.batch_size, len(seqs)))
+        ids, labels, weights = (t.to(args.device) for t in make_batch(batch, remap, args.prompt_weight))
+        hidden = draft.model(ids).last_hidden_state  # [B, T, d]
+        keep = weights > 0  # score only positions that carry loss (the head dominates the cost)
+        logits = draft.lm_head.subset_logits(hidden[keep]).float()  # [N, Vs]
+        ce = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")  # [N]
+        loss = (ce * weights[keep]).sum() / weights[keep].sum().clamp_min(1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        tokens_seen += int((labels >= 0).sum())
+        el = time.time() - t_start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / max(el, 1e-9):.0f}")
+        if step % 50 == 0:
+            eta = el / max(step - (state["step"] if state else 0), 1) * (args.steps - step)
+            log(f"step {step}/{args.steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"tokens {tokens_seen} eta {eta / 60:.1f} min")
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate()
+            score = sum(r["tau"] for r in metrics.values()) / max(len(metrics), 1)
+            history.append({"step": step, "tokens": tokens_seen, "minutes": round(el / 60, 2),
+                            "loss": round(loss.item(), 4), **metrics})
+            log(f"eval step {step}: " + json.dumps(metrics))
+            if score > best:
+                best = score
+                save(out, metrics)
+                log(f"new best (mean simulated tau {score:.3f}) saved to {out}")
+        if time.time() - t_ckpt > 180 or step == args.steps:
+            torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                        "history": history, "subset": subset, "tokens_seen": tokens_seen}, work / "ckpt.tmp")
+            (work / "ckpt.tmp").replace(ckpt_path)
+            t_ckpt = time.time()
+    bar.close()
+    (work / "history.json").write_text(json.dumps(history, indent=1))
+    log(f"done: {step} steps, {tokens_seen} tokens, {(time.time() - t_start) / 60:.1f} min; best {best:.3f}; "
+        f"draft in {out}, history in {work / 'history.json'}")
+    return 0
+
+
+def target_name(spec: str) -> str:
+    """Human name of a target spec (``default`` -> SmolLM2-135M-Instruct)."""
+    from ..models import DEFAULT_TARGET_NAME
+
+    return DEFAULT_TARGET_NAME if spec == "default" else spec

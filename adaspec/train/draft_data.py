@@ -1,0 +1,296 @@
+"""Prompts and self-distillation data for draft training.
+
+Prompt sources (read in place, never copied into the repository):
+
+| name                | where                                   | license          | style |
+|---------------------|-----------------------------------------|------------------|-------|
+| ``gsm8k``           | ``<data>/gsm8k/train.jsonl``            | MIT              | chat  |
+| ``codegen``         | ``<data>/gpteacher_codegen/...json``    | MIT (GPT-4 text) | chat  |
+| ``roleplay``        | ``<data>/gpteacher_roleplay/...json``   | MIT (GPT-4 text) | chat  |
+| ``self_instruct``   | ``<data>/self_instruct_seed/...jsonl``  | Apache-2.0       | chat  |
+| ``code_alpaca``     | ``<data>/code_alpaca/...json``          | CC BY-NC 4.0     | chat  |
+| ``stdlib_code``     | Python standard library (``inspect``)   | PSF-2.0          | raw   |
+| ``stdlib_chat``     | Python standard library (``inspect``)   | PSF-2.0          | chat  |
+
+``<data>`` is ``$ADASPEC_DATA``, else ``--data-dir``, else ``../shared/data`` next to the
+repository root. ``code_alpaca`` is non-commercial and is not in :data:`DEFAULT_SOURCES`.
+
+Chat prompts go through the target's chat template (``add_generation_prompt=True``); raw
+prompts are a Python signature plus docstring, fed as-is (the way HumanEval is fed).
+The target then writes greedy continuations (self-distillation: exactly the tokens a
+greedy verifier accepts), stored as token-id shards ``shard_*.pt`` in a cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import pkgutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+ALL_SOURCES = ("gsm8k", "codegen", "roleplay", "self_instruct", "code_alpaca", "stdlib_code", "stdlib_chat")
+DEFAULT_SOURCES = ("stdlib_code", "stdlib_chat", "codegen", "gsm8k", "roleplay", "self_instruct")
+# Relative weight of each source in the interleaved generation order.
+SOURCE_WEIGHTS = {"stdlib_code": 4, "stdlib_chat": 1, "codegen": 3, "gsm8k": 2, "roleplay": 2,
+                  "self_instruct": 1, "code_alpaca": 2}
+CODE_SOURCES = ("stdlib_code",)
+HELDOUT_PERCENT = 3
+
+_SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data",
+                 "lib2to3", "ensurepip", "venv", "test", "__main__", "xxsubtype", "msilib", "winreg",
+                 "winsound", "_winapi", "nt", "webbrowser", "pty", "tty", "crypt", "nis", "spwd",
+                 "readline", "curses", "ctypes", "idle", "sre_compile", "sre_parse", "sre_constants"}
+
+
+@dataclass
+class Prompt:
+    """One training prompt.
+
+    Attributes:
+        text: the full string fed to the tokenizer (chat template already applied for chat).
+        source: the source name (one of :data:`ALL_SOURCES`).
+        style: ``"chat"`` or ``"raw"``.
+        key: stable id, used for the held-out split.
+    """
+
+    text: str
+    source: str
+    style: str
+    key: str
+
+    @property
+    def heldout(self) -> bool:
+        """Deterministic ~3 % held-out split by hash of ``key``."""
+        return int(hashlib.sha1(self.key.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+def resolve_data_dir(arg: str | None) -> Path:
+    """``--data-dir`` > ``$ADASPEC_DATA`` > ``<repo>/../shared/data``."""
+    if arg:
+        return Path(arg).expanduser()
+    if os.environ.get("ADASPEC_DATA"):
+        return Path(os.environ["ADASPEC_DATA"]).expanduser()
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def parse_sources(spec: str) -> list[str]:
+    """``"default"``, ``"all"`` or a comma list of :data:`ALL_SOURCES` -> list of names."""
+    if spec in ("default", ""):
+        return list(DEFAULT_SOURCES)
+    if spec == "all":
+        return list(ALL_SOURCES)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in ALL_SOURCES]
+    if bad or not names:
+        raise InvalidArgumentError(
+            f"unknown data source(s) {bad or spec!r}; choose from {', '.join(ALL_SOURCES)}")
+    return names
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise InvalidArgumentError(f"data file {path} not found (set --data-dir or ADASPEC_DATA)")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def _instruction_rows(source: str, data_dir: Path) -> Iterator[tuple[str, str]]:
+    """Yield (key, user message) for the instruction data sets."""
+    if source == "gsm8k":
+        for i, r in enumerate(_read_json_rows(data_dir / "gsm8k" / "train.jsonl")):
+            yield f"gsm8k/{i}", r["question"]
+    elif source in ("codegen", "roleplay", "code_alpaca"):
+        path = {"codegen": "gpteacher_codegen/codegen-instruct.json",
+                "roleplay": "gpteacher_roleplay/roleplay-simple-deduped-roleplay-instruct.json",
+                "code_alpaca": "code_alpaca/code_alpaca_2k.json"}[source]
+        for i, r in enumerate(_read_json_rows(data_dir / path)):
+            msg = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+            yield f"{source}/{i}", msg
+    elif source == "self_instruct":
+        for r in _read_json_rows(data_dir / "self_instruct_seed" / "seed_tasks.jsonl"):
+            for j, inst in enumerate(r["instances"]):
+                msg = r["instruction"] + (f"\n\n{inst['input']}" if inst.get("input") else "")
+                yield f"self_instruct/{r['id']}/{j}", msg
+
+
+def _submodules(name: str) -> list[pkgutil.ModuleInfo]:
+    """Direct submodules of stdlib package ``name`` (empty for plain modules)."""
+    spec = importlib.util.find_spec(name) if "." not in name else None
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return list(pkgutil.iter_modules(spec.submodule_search_locations))
+
+
+def stdlib_functions(max_doc_chars: int = 900) -> list[tuple[str, str, str]]:
+    """(qualified name, ``def`` line, cleaned docstring) for documented stdlib Python functions.
+
+    Only pure-Python, public, module-level functions whose docstring has 40..max chars.
+    """
+    out: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    names = sorted(getattr(sys, "stdlib_module_names", ()))
+    names += [f"{n}.{m.name}" for n in list(names) if n not in _SKIP_MODULES and not n.startswith("_")
+              for m in _submodules(n) if not m.name.startswith("_") and m.name not in _SKIP_MODULES]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mod_name in names:
+            if mod_name.startswith("_") or mod_name.split(".")[0] in _SKIP_MODULES:
+                continue
+            try:
+                mod = importlib.import_module(mod_name)
+            except Exception:  # noqa: BLE001 - platform-specific modules fail in many ways
+                continue
+            for name, obj in sorted(vars(mod).items()):
+                if name.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != mod_name:
+                    continue
+                doc = inspect.getdoc(obj) or ""
+                if not 40 <= len(doc) <= max_doc_chars or f"{mod_name}.{name}" in seen:
+                    continue
+                try:
+                    sig = str(inspect.signature(obj))
+                except (TypeError, ValueError):
+                    continue
+                seen.add(f"{mod_name}.{name}")
+                out.append((f"{mod_name}.{name}", f"def {name}{sig}:", doc))
+    return out
+
+
+def _raw_code_prompt(mod: str, def_line: str, doc: str) -> str:
+    """HumanEval-style raw prompt: imports, signature, indented docstring, open body."""
+    body = "\n".join(("    " + ln) if ln else "" for ln in doc.splitlines())
+    with_import = int(hashlib.sha1(mod.encode()).hexdigest(), 16) % 2 == 0
+    header = f"import {mod.split('.')[0]}\n\n\n" if with_import else ""
+    return f'{header}{def_line}\n    """{body.lstrip()}\n    """\n'
+
+
+def load_prompts(sources: list[str], data_dir: Path, tokenizer: Any, max_prompt_chars: int = 2000,
+                 ) -> list[Prompt]:
+    """Build every prompt of ``sources``, interleaved by :data:`SOURCE_WEIGHTS`.
+
+    Raises:
+        InvalidArgumentError: a data file is missing or no prompt was produced.
+    """
+    per_source: dict[str, list[Prompt]] = {}
+
+    def chat(msg: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    std = stdlib_functions() if {"stdlib_code", "stdlib_chat"} & set(sources) else []
+    for src in sources:
+        items: list[Prompt] = []
+        if src == "stdlib_code":
+            for qn, def_line, doc in std:
+                items.append(Prompt(_raw_code_prompt(qn, def_line, doc), src, "raw", f"std/{qn}"))
+        elif src == "stdlib_chat":
+            for qn, def_line, doc in std:
+                first = doc.split("\n\n")[0]
+                msg = f"Write a Python function `{def_line[4:-1]}`.\n\n{first}"
+                items.append(Prompt(chat(msg), src, "chat", f"stdchat/{qn}"))
+        else:
+            for key, msg in _instruction_rows(src, data_dir):
+                if msg.strip() and len(msg) <= max_prompt_chars:
+                    items.append(Prompt(chat(msg), src, "chat", key))
+        # deterministic shuffle by key hash
+        items.sort(key=lambda p: hashlib.sha1(p.key.encode()).hexdigest())
+        per_source[src] = items
+    return interleave(per_source)
+
+
+def interleave(per_source: dict[str, list[Prompt]]) -> list[Prompt]:
+    """Weighted round-robin over sources so any prefix of the list is a balanced mix."""
+    out: list[Prompt] = []
+    pos = {s: 0 for s in per_source}
+    while any(pos[s] < len(v) for s, v in per_source.items()):
+        for s, v in per_source.items():
+            for _ in range(SOURCE_WEIGHTS.get(s, 1)):
+                if pos[s] < len(v):
+                    out.append(v[pos[s]])
+                    pos[s] += 1
+    if not out:
+        raise InvalidArgumentError("no training prompts: every selected data source is empty")
+    return out
+
+
+@dataclass
+class Example:
+    """One distillation example: ``prompt`` ids [P] then the target's greedy ``response`` ids [R]."""
+
+    prompt: list[int]
+    response: list[int]
+    source: str
+    key: str
+
+
+def load_shards(cache: Path) -> list[Example]:
+    """Read every ``shard_*.pt`` under ``cache`` (list of dicts) into :class:`Example` objects."""
+    out: list[Example] = []
+    for f in sorted(cache.glob("shard_*.pt")):
+        for d in torch.load(f, weights_only=True):
+            out.append(Example(d["prompt"], d["response"], d["source"], d["key"]))
+    return out
+
+
+@torch.no_grad()
+def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Path, *,
+                    batch_size: int = 48, max_new_tokens: int = 128, max_prompt_tokens: int = 384,
+                    deadline: float | None = None, log: Any = print) -> int:
+    """Write the target's greedy continuations of ``prompts`` as shards under ``cache``.
+
+    Batches are formed from chunks of ``4 * batch_size`` prompts sorted by length (less
+    padding); prompts are left-padded. Resumable: keys already in a shard are skipped.
+    Stops early at ``deadline`` (``time.time()`` value). Returns the number of new examples.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    done = {ex.key for ex in load_shards(cache)}
+    todo = [p for p in prompts if p.key not in done]
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    n_new, n_tok, t0 = 0, 0, time.time()
+    shard_id = len(list(cache.glob("shard_*.pt")))
+    chunk = 4 * batch_size
+    for c in range(0, len(todo), chunk):
+        group = sorted(todo[c:c + chunk], key=lambda p: len(p.text))
+        for b in range(0, len(group), batch_size):
+            if deadline is not None and time.time() > deadline:
+                return n_new
+            batch = group[b:b + batch_size]
+            enc = tokenizer([p.text for p in batch], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=eos, top_p=None, top_k=None, temperature=None)
+            plen = enc.input_ids.shape[1]
+            rows = []
+            for i, p in enumerate(batch):
+                prompt = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
+                resp = out[i, plen:].tolist()
+                if eos in resp:  # keep the EOS: predicting the end is part of drafting
+                    resp = resp[:resp.index(eos) + 1]
+                rows.append({"prompt": prompt, "response": resp, "source": p.source, "key": p.key})
+                n_tok += len(resp)
+            tmp = cache / f".shard_{shard_id:05d}.tmp"
+            torch.save(rows, tmp)
+            tmp.rename(cache / f"shard_{shard_id:05d}.pt")
+            shard_id += 1
+            n_new += len(rows)
+            dt = time.time() - t0
+            log(f"gen: {len(done) + n_new}/{len(prompts)} prompts, {n_tok} new tokens, "
+                f"{n_tok / max(dt, 1e-9):.0f} tok/s, {dt / 60:.1f} min")
+    return n_new

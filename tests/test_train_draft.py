@@ -1,0 +1,137 @@
+"""train-draft end to end on a tiny random target built in code, and its input errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaspec.errors import InvalidArgumentError, ModelLoadError
+from adaspec.models import load_model, vocab_fingerprint
+from adaspec.train.draft import add_train_draft_parser
+from adaspec.train.draft_model_init import agreement_stats, choose_subset
+
+WORDS = ("how many apples does tom have if he buys three and eats one of them then sells two more "
+         "each day the farmer collects eggs and ships them to market for five dollars").split()
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tiny_target(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS)) + ["user", "assistant", "\n", "?"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+
+
+def _data_dir(path: Path, rows: int = 60) -> Path:
+    (path / "gsm8k").mkdir(parents=True)
+    lines = [json.dumps({"question": " ".join(WORDS[i % 7: i % 7 + 6 + i % 5]) + f" {i}?", "answer": "x"})
+             for i in range(rows)]
+    (path / "gsm8k" / "train.jsonl").write_text("\n".join(lines))
+    return path
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    add_train_draft_parser(ap.add_subparsers(dest="cmd"))
+    return ap.parse_args(["train-draft", *argv])
+
+
+SMALL = ["--data", "gsm8k", "--gen-minutes", "1", "--max-new-tokens", "6", "--gen-batch", "8",
+         "--steps", "4", "--batch-size", "2", "--seq-len", "24", "--hidden", "32", "--layers", "1",
+         "--draft-vocab", "12", "--eval-prompts", "2", "--eval-every", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    _tiny_target(root / "target")
+    return root / "target", _data_dir(root / "data")
+
+
+def test_end_to_end_produces_loadable_draft(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    target, data = tiny
+    out = tmp_path / "draft"
+    args = _args("--target", str(target), "--out", str(out), "--data-dir", str(data),
+                 "--work-dir", str(tmp_path / "work"), *SMALL)
+    assert args.func(args) == 0
+    draft = load_model(str(out), role="draft")
+    meta = draft.model.config.adaspec_draft
+    tgt = load_model(str(target))
+    assert meta["target_vocab_sha256"] == vocab_fingerprint(tgt.tokenizer)
+    assert meta["draft_vocab_size"] == 12
+    logits = draft.model(torch.tensor([[3, 4, 5]])).logits
+    assert logits.shape == (1, 3, tgt.vocab_size)
+    assert (tmp_path / "work" / "train.log").read_text().count("eval step") >= 1
+    # resume continues from the checkpoint instead of starting over
+    args = _args("--target", str(target), "--out", str(out), "--data-dir", str(data),
+                 "--work-dir", str(tmp_path / "work"), *SMALL, "--resume", "--gen-minutes", "0")
+    args.steps = 6
+    assert args.func(args) == 0
+    assert "resumed at step 4" in (tmp_path / "work" / "train.log").read_text()
+
+
+def test_unknown_target(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
+    args = _args("--target", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                 "--data-dir", str(tiny[1]), "--work-dir", str(tmp_path / "w"), *SMALL)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        args.func(args)
+
+
+def test_unwritable_out(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = _args("--target", str(tiny[0]), "--out", str(blocker / "sub"), *SMALL)
+    with pytest.raises(InvalidArgumentError, match="not writable"):
+        args.func(args)
+
+
+def test_empty_data(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
+    data = _data_dir(tmp_path / "data", rows=0)
+    args = _args("--target", str(tiny[0]), "--out", str(tmp_path / "o"), "--data-dir", str(data),
+                 "--work-dir", str(tmp_path / "w"), *SMALL)
+    with pytest.raises(InvalidArgumentError, match="no training prompts"):
+        args.func(args)
+
+
+def test_unknown_source(tmp_path: Path) -> None:
+    args = _args("--out", str(tmp_path / "o"), "--data", "gsm8k,humaneval")
+    with pytest.raises(InvalidArgumentError, match="unknown data source"):
+        args.func(args)
+
+
+def test_subset_and_simulated_tau() -> None:
+    subset = choose_subset([([5, 5, 6, 7], 1.0)], 3, 10, always=[2])
+    assert subset.tolist() == [2, 5, 6]
+
+    class Oracle(torch.nn.Module):
+        """Predicts token (prev + 1) % V over a full subset: agrees wherever the data counts up."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.model = lambda x: type("O", (), {"last_hidden_state": torch.nn.functional.one_hot(
+                (x + 1) % 10, 10).float()})
+            self.lm_head = type("H", (), {"subset_logits": lambda s, h: h, "token_ids": torch.arange(10)})()
+
+    seq = ([0], [1, 2, 3, 4, 5, 6, 0, 1, 2])  # matches everywhere except the 0
+    st = agreement_stats(Oracle(), [seq], k=5)
+    assert st["agree"] == pytest.approx(8 / 9)
+    # rounds: accept 5 + bonus (6 tokens: 1..6), then mismatch at 0 -> 1 token, then 1,2 -> 2 tokens
+    assert st["tau"] == pytest.approx(9 / 3)

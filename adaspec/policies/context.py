@@ -1,0 +1,130 @@
+"""``context``: context-aware adaptive drafting (Accelerating Speculative Decoding via
+Efficient Context-Aware Draft Generation, ACL 2025) with a throughput-driven online threshold.
+
+A single-hidden-layer MLP reads the draft's hidden state h_i [d] plus scalar features
+(entropy, top-4 probabilities, last-layer attention concentration, position, recent
+acceptance; see :mod:`adaspec.predictors.features`) and predicts p_i = P(x_i accepted |
+x_<i accepted). With P_i = prod_{j<=i} p_j and the online thresholds of
+:class:`~adaspec.predictors.costs.OnlineTau`:
+
+- P_i < tau_keep  -> DROP x_i (not worth its marginal verify cost);
+- P_i * p_i < tau -> STOP after x_i (drafting x_{i+1}, whose acceptance is estimated by
+  p_i, would not pay for a draft step plus its verify cost);
+- otherwise CONTINUE.
+
+All features depend on the draft distribution at position i, not on the sampled token,
+so dropping is lossless under sampling too. The tau trace is reported in stats.extra.
+Ablations: ``adapt=false`` keeps tau fixed at ``tau``; ``mode=random`` drafts a uniformly
+random length in 1..k_max (no predictor).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ..drafters.base import DraftNeeds
+from ..errors import PolicyArgumentError
+from ..predictors.costs import OnlineTau
+from ..predictors.features import RecentAcceptance, scalar_features
+from ..predictors.models import Predictor, load_predictor
+from ..types import Action, DraftStep, RoundContext, RoundOutcome
+from . import register
+from .base import Policy
+
+
+@register
+@dataclass
+class ContextPolicy(Policy):
+    """Stop / drop by predicted cumulative acceptance against a cost-derived threshold.
+
+    Args:
+        predictor: predictor directory (default: the shipped ``assets/predictors/context``).
+        tau: initial (or, with adapt=false, fixed) continue threshold (default 0.5).
+        adapt: adapt tau online from measured draft / verify costs (default true).
+        tau_min / tau_max: bounds on tau (defaults 0.05 / 0.95).
+        k_max: upper bound on the draft length (default 16).
+        mode: "model" (default) or "random" (ablation: random length, no predictor).
+        seed: RNG seed of mode=random.
+    """
+
+    name = "context"
+    predictor: str | None = None
+    tau: float = 0.5
+    adapt: bool = True
+    tau_min: float = 0.05
+    tau_max: float = 0.95
+    k_max: int = 16
+    mode: str = "model"
+    seed: int = 0
+    _pred: Predictor | None = field(default=None, init=False, repr=False)
+    _costs: OnlineTau | None = field(default=None, init=False, repr=False)
+    _recent: RecentAcceptance = field(default_factory=RecentAcceptance, init=False, repr=False)
+    _prod: float = field(default=1.0, init=False, repr=False)
+    _rng: random.Random = field(default_factory=random.Random, init=False, repr=False)
+    _probs: list = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tau_min <= self.tau <= self.tau_max < 1 or self.k_max < 1:
+            raise PolicyArgumentError(
+                f"context: need 0 < tau_min <= tau <= tau_max < 1 and k_max >= 1; got {self}")
+        if self.mode not in ("model", "random"):
+            raise PolicyArgumentError(f"context: mode must be 'model' or 'random', got {self.mode!r}")
+        self._costs = OnlineTau(self.tau, self.tau_min, self.tau_max)
+        if self.mode == "model":
+            self._pred = load_predictor(self.predictor, "context")
+            attention = bool(self._pred.meta.get("features", {}).get("attention", False))
+            self.needs = DraftNeeds(hidden=True, attention=attention)
+        self.reset()
+
+    def reset(self) -> None:
+        self._costs.reset()
+        self._recent.reset()
+        self._rng = random.Random(self.seed)
+        self._probs = []
+
+    @property
+    def current_tau(self) -> float:
+        return self._costs.tau if self.adapt else self.tau
+
+    def begin_round(self, ctx: RoundContext) -> int:
+        self._prod = 1.0
+        if self.mode == "random":
+            return self._rng.randint(1, self.k_max)
+        return self.k_max
+
+    @torch.inference_mode()
+    def predict(self, step: DraftStep) -> float:
+        """Calibrated P(x_i accepted | x_<i accepted) for one drafted position."""
+        pred = self._pred
+        if step.hidden is None:
+            raise PolicyArgumentError("context: the drafter gave no hidden state")
+        if step.index == 1:
+            pred.check_dim("draft", step.hidden.shape[-1])
+        s = scalar_features(step, self._recent.value)
+        return float(pred.prob(pred.head(step.hidden.float(), s)))
+
+    def decide(self, step: DraftStep) -> Action:
+        if self.mode == "random":
+            return Action.CONTINUE
+        p = self.predict(step)
+        self._prod *= p
+        tau = self.current_tau
+        tau_keep = self._costs.tau_keep if self.adapt else 0.0
+        if self._prod < tau_keep:
+            return Action.DROP
+        if self._prod * p < tau:
+            return Action.STOP
+        return Action.CONTINUE
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        k, m = len(outcome.draft.tokens), outcome.verdict.accepted
+        self._recent.update(k, m)
+        self._costs.update(outcome.draft_s, outcome.draft.forwards, outcome.verify_s, k + 1, m + 1)
+
+    def report(self) -> dict:
+        c = self._costs
+        return {"tau_trace": list(c.trace), "tau": self.current_tau, "tau_keep": c.tau_keep,
+                "draft_step_s": c.c_d, "verify_slope_s": c.slope, "s_per_token": c.T}

@@ -1,0 +1,64 @@
+"""``specdecpp``: SpecDec++ adaptive draft length from a learned acceptance head.
+
+A residual MLP on the draft's last hidden state h_i ([d]) predicts p_i = P(x_i accepted |
+x_<i accepted). After drafting token K the draft stops when the probability that at
+least one of x_1..x_K is rejected exceeds h:  1 - prod_{i<=K} p_i > h  (SpecDec++, h = 0.3,
+K clamped to [k_min, k_max]). Stopping keeps the token, so the rule is lossless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..drafters.base import DraftNeeds
+from ..errors import PolicyArgumentError
+from ..predictors.models import Predictor, load_predictor
+from ..types import Action, DraftStep, RoundContext
+from . import register
+from .base import Policy
+
+
+@register
+@dataclass
+class SpecDecPPPolicy(Policy):
+    """Stop after token K once 1 - prod_{i<=K} p_hat_i > h.
+
+    Args:
+        predictor: predictor directory (default: the shipped one in
+            ``adaspec/assets/predictors/specdecpp``).
+        h: stop threshold on the probability of a rejection so far (default 0.3).
+        k_min / k_max: draft length bounds (defaults 2 and 20).
+    """
+
+    name = "specdecpp"
+    needs = DraftNeeds(hidden=True)
+    predictor: str | None = None
+    h: float = 0.3
+    k_min: int = 2
+    k_max: int = 20
+    _pred: Predictor | None = field(default=None, init=False, repr=False)
+    _prod: float = field(default=1.0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.h < 1.0 or not 1 <= self.k_min <= self.k_max:
+            raise PolicyArgumentError(f"specdecpp: need 0 < h < 1 and 1 <= k_min <= k_max; got {self}")
+        self._pred = load_predictor(self.predictor, "specdecpp")
+
+    def begin_round(self, ctx: RoundContext) -> int:
+        self._prod = 1.0
+        return self.k_max
+
+    @torch.inference_mode()
+    def decide(self, step: DraftStep) -> Action:
+        pred = self._pred
+        if step.hidden is None:
+            raise PolicyArgumentError("specdecpp: the drafter gave no hidden state")
+        if step.index == 1:
+            pred.check_dim("draft", step.hidden.shape[-1])
+        p = float(pred.prob(pred.head(step.hidden.float())))
+        self._prod *= p
+        if step.index >= self.k_min and 1.0 - self._prod > self.h:
+            return Action.STOP
+        return Action.CONTINUE

@@ -1,0 +1,74 @@
+"""Per-token features for the learned predictors, computed from a :class:`DraftStep`.
+
+Every feature here depends only on the draft's *distribution* at a position (its hidden
+state, entropy, top-k probabilities, attention) plus the position and the recent history,
+never on which token was sampled from it. A policy may therefore DROP a position based on
+them without changing the sampling distribution (deciding not to draft position i is the
+same as never having drawn x_i). A rule that reads the sampled token (e.g. q(x_i)) may only
+STOP (keep x_i, draft no further), which is lossless for any rule.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from ..types import DraftStep
+
+TOP_K = 4
+#: names of the scalar features, in order (the ``context`` head reads hidden ++ these)
+SCALAR_FEATURES: tuple[str, ...] = (
+    "entropy", *(f"top{i + 1}" for i in range(TOP_K)), "attn_concentration",
+    "position", "recent_acceptance",
+)
+POSITION_SCALE = 8.0  # position feature = index / POSITION_SCALE
+
+
+class RecentAcceptance:
+    """Smoothed per-token conditional acceptance rate over the last ``window`` rounds.
+
+    A round with m accepted of K drafted contributes m successes and, if m < K, one
+    failure (tokens after the first rejection were never tried conditionally), so the
+    estimate does not depend on the draft length K. Laplace-smoothed: (a + 1) / (n + 2).
+    """
+
+    def __init__(self, window: int = 8) -> None:
+        self.rounds: deque[tuple[int, int]] = deque(maxlen=window)
+
+    def reset(self) -> None:
+        self.rounds.clear()
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted > 0:
+            self.rounds.append((accepted, accepted + (1 if accepted < drafted else 0)))
+
+    @property
+    def value(self) -> float:
+        a = sum(r[0] for r in self.rounds)
+        n = sum(r[1] for r in self.rounds)
+        return (a + 1.0) / (n + 2.0)
+
+
+def scalar_features(step: DraftStep, recent: float) -> torch.Tensor:
+    """[len(SCALAR_FEATURES)] float32 features of one drafted position.
+
+    Order: entropy of softmax(logits) in nats (clipped to 10), the top-4 probabilities,
+    last-layer attention concentration (0 when not computed), index / 8, recent acceptance.
+    """
+    logp = torch.log_softmax(step.logits.float(), dim=-1)  # [V]; one softmax for all features
+    p = logp.exp()
+    top = p.topk(TOP_K).values  # [TOP_K]
+    ent = min(float(-(p * logp.clamp_min(-1e30)).sum()), 10.0)  # 0 * -inf terms -> 0
+    conc = step.attn_concentration if step.attn_concentration is not None else 0.0
+    head = torch.tensor([ent], dtype=torch.float32)
+    tail = torch.tensor([conc, step.index / POSITION_SCALE, recent], dtype=torch.float32)
+    return torch.cat([head, top.float(), tail])
+
+
+def soft_label(p: torch.Tensor, q: torch.Tensor, token: int) -> float:
+    """min(1, p(x) / q(x)): the acceptance probability of x under speculative sampling."""
+    qx = float(q[token])
+    if qx <= 0.0:
+        return 0.0
+    return min(1.0, float(p[token]) / qx)

@@ -1,0 +1,232 @@
+"""The predictor heads and their checkpoint format.
+
+A predictor directory holds ``model.safetensors`` (the head's weights) and
+``predictor.json``::
+
+    {"format": "adaspec-predictor/1", "kind": "specdecpp" | "context" | "ldlp",
+     "config": {...constructor arguments...},
+     "features": {"hidden": "draft_last_hidden", "scalars": [...]} ,
+     "pair": {"target": name, "draft": name, "target_hidden": d_t, "draft_hidden": d_d,
+              "vocab_sha256": "..."},
+     "calibration": {"a": 1.0, "b": 0.0},   # Platt scaling of the logit (binary heads)
+     "metrics": {...}}
+
+Heads:
+- ``specdecpp``: residual MLP on the draft's last hidden state h [d] -> logit of P(accept)
+  (SpecDec++).
+- ``context``: one hidden layer on [h, scalar features] -> logit of P(accept).
+- ``ldlp``: 3-layer MLP on [target hidden h_t, embedding of the last committed token]
+  -> logits over draft lengths 1..k_max (AdaEAGLE). The first layer's embedding half is
+  folded into a [V, width] table at save time (``emb_proj``) so that inference does not
+  need the target's embedding matrix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PolicyArgumentError
+
+FORMAT = "adaspec-predictor/1"
+KINDS = ("specdecpp", "context", "ldlp")
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "predictors"
+
+
+class ResidualHead(nn.Module):
+    """SpecDec++ acceptance head: x + MLP(x) blocks on [.., d], then Linear(d, 1).
+
+    forward: [..., d] -> [...] logits.
+    """
+
+    def __init__(self, d: int, blocks: int = 2, width: int = 0) -> None:
+        super().__init__()
+        width = width or d
+        self.norm = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, width), nn.SiLU(), nn.Linear(width, d)) for _ in range(blocks))
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(x).squeeze(-1)
+
+
+class ContextHead(nn.Module):
+    """Context-aware difficulty predictor: one hidden layer on [h, scalars].
+
+    forward(h [..., d], s [..., n_scalar]) -> [...] logits. The hidden state is first
+    normalised (LayerNorm without affine) and projected; scalars enter the hidden layer too.
+    """
+
+    def __init__(self, d: int, n_scalar: int, width: int = 64) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.hidden = nn.Linear(d + n_scalar, width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.norm(h), s], dim=-1)
+        return self.out(torch.relu(self.hidden(x))).squeeze(-1)
+
+
+class LengthHead(nn.Module):
+    """AdaEAGLE length predictor: 3-layer MLP on [h_t, e] -> [..., k_max] logits (lengths 1..k_max).
+
+    ``emb_proj`` ([V, width], optional) replaces ``first_e(e)`` by a row lookup at inference.
+    """
+
+    def __init__(self, d_t: int, d_e: int, k_max: int, width: int = 128) -> None:
+        super().__init__()
+        self.norm_h = nn.LayerNorm(d_t, elementwise_affine=False)
+        self.norm_e = nn.LayerNorm(d_e, elementwise_affine=False)
+        self.first_h = nn.Linear(d_t, width)
+        self.first_e = nn.Linear(d_e, width, bias=False)
+        self.mid = nn.Linear(width, width)
+        self.out = nn.Linear(width, k_max)
+        self.emb_proj: torch.Tensor | None = None
+
+    def trunk(self, first: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mid(torch.relu(first))))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.first_h(self.norm_h(h)) + self.first_e(self.norm_e(e)))
+
+    def forward_token(self, h: torch.Tensor, token: int) -> torch.Tensor:
+        """[d_t] hidden + committed token id -> [k_max] logits, using ``emb_proj``."""
+        if self.emb_proj is None:
+            raise PolicyArgumentError("ldlp predictor has no embedding table (emb_proj)")
+        return self.trunk(self.first_h(self.norm_h(h)) + self.emb_proj[token].float())
+
+    def fold_embeddings(self, embed: torch.Tensor, chunk: int = 8192) -> None:
+        """Precompute emb_proj = first_e(norm_e(E)) for E [V, d_e] (stored fp16)."""
+        rows = []
+        with torch.no_grad():
+            for i in range(0, embed.shape[0], chunk):
+                rows.append(self.first_e(self.norm_e(embed[i:i + chunk].float())).half())
+        self.emb_proj = torch.cat(rows)
+
+
+def build_head(kind: str, config: dict) -> nn.Module:
+    """Instantiate a head from its ``predictor.json`` config."""
+    if kind == "specdecpp":
+        return ResidualHead(config["d"], config.get("blocks", 2), config.get("width", 0))
+    if kind == "context":
+        return ContextHead(config["d"], config["n_scalar"], config.get("width", 64))
+    if kind == "ldlp":
+        return LengthHead(config["d_t"], config["d_e"], config["k_max"], config.get("width", 128))
+    raise PolicyArgumentError(f"unknown predictor kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+@dataclass
+class Predictor:
+    """A loaded head plus its metadata. ``calib_a``/``calib_b`` apply Platt scaling to logits."""
+
+    kind: str
+    head: nn.Module
+    meta: dict
+    path: Path | None = None
+    calib: tuple[float, float] = field(default=(1.0, 0.0))
+
+    def prob(self, logit: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(accept) from raw logits (binary heads)."""
+        a, b = self.calib
+        return torch.sigmoid(a * logit + b)
+
+    @property
+    def pair(self) -> dict:
+        return self.meta.get("pair", {})
+
+    def check_pair(self, target=None, draft=None) -> None:
+        """Raise PolicyArgumentError if this predictor was trained for another model pair.
+
+        ``target`` / ``draft`` are :class:`adaspec.models.LoadedModel` (either may be None).
+        """
+        pair = self.pair
+        where = f"predictor {self.path or ''} ({self.kind})"
+        if target is not None and target.tokenizer is not None and pair.get("vocab_sha256"):
+            from ..models import vocab_fingerprint
+
+            if vocab_fingerprint(target.tokenizer) != pair["vocab_sha256"]:
+                raise PolicyArgumentError(
+                    f"{where} was trained for target {pair.get('target')!r} with another vocabulary; "
+                    f"train one for {target.name!r} with `adaspec collect` + `adaspec train-predictor`")
+        for role, model, key in (("target", target, "target_hidden"), ("draft", draft, "draft_hidden")):
+            if model is None or pair.get(key) is None:
+                continue
+            d = int(getattr(model.model.config, "hidden_size", -1))
+            if d != pair[key]:
+                raise PolicyArgumentError(
+                    f"{where} was trained for {role} {pair.get(role)!r} (hidden size {pair[key]}), "
+                    f"but the {role} {model.name!r} has hidden size {d}; train a predictor for this pair")
+
+    def check_dim(self, role: str, d: int) -> None:
+        """Runtime guard: the hidden state handed to the head has the trained width."""
+        want = self.pair.get(f"{role}_hidden")
+        if want is not None and want != d:
+            raise PolicyArgumentError(
+                f"predictor {self.path or ''} ({self.kind}) expects {role} hidden size {want} "
+                f"(trained for {self.pair.get(role)!r}) but got {d}; train a predictor for this pair")
+
+
+def save_predictor(pred: Predictor, out: Path) -> None:
+    """Write ``model.safetensors`` + ``predictor.json`` under ``out``."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in pred.head.state_dict().items()}
+    if isinstance(pred.head, LengthHead) and pred.head.emb_proj is not None:
+        state["emb_proj"] = pred.head.emb_proj.contiguous().cpu()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT, "kind": pred.kind})
+    meta = dict(pred.meta, format=FORMAT, kind=pred.kind,
+                calibration={"a": pred.calib[0], "b": pred.calib[1]})
+    (out / "predictor.json").write_text(json.dumps(meta, indent=2))
+
+
+def default_predictor_dir(kind: str) -> Path:
+    return ASSETS / kind
+
+
+def load_predictor(path: str | Path | None, kind: str) -> Predictor:
+    """Load a predictor of ``kind`` from ``path`` (None: the shipped default).
+
+    Raises:
+        PolicyArgumentError: missing, corrupt, or of another kind (message says how to train one).
+    """
+    how = (f"train one with `adaspec collect --out TRACES` then "
+           f"`adaspec train-predictor --kind {kind} --traces TRACES --out DIR` and pass predictor=DIR")
+    p = Path(path).expanduser() if path else default_predictor_dir(kind)
+    if not (p / "predictor.json").is_file() or not (p / "model.safetensors").is_file():
+        what = "no shipped predictor" if not path else f"no predictor at {p}"
+        raise PolicyArgumentError(f"{kind}: {what} (needs predictor.json + model.safetensors); {how}")
+    try:
+        meta = json.loads((p / "predictor.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PolicyArgumentError(f"{kind}: corrupt predictor.json in {p}: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise PolicyArgumentError(f"{kind}: {p} is not an adaspec predictor (format {meta.get('format')!r})")
+    if meta.get("kind") != kind:
+        raise PolicyArgumentError(f"{kind}: {p} holds a {meta.get('kind')!r} predictor, not {kind!r}")
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(p / "model.safetensors"))
+        head = build_head(kind, meta["config"])
+        emb = state.pop("emb_proj", None)
+        head.load_state_dict(state, strict=True)
+    except PolicyArgumentError:
+        raise
+    except Exception as exc:  # safetensors raises several types on corrupt files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PolicyArgumentError(f"{kind}: corrupt or incompatible predictor in {p}: {first}") from None
+    if isinstance(head, LengthHead):
+        head.emb_proj = emb
+    head.eval()
+    cal = meta.get("calibration") or {}
+    return Predictor(kind, head, meta, p, (float(cal.get("a", 1.0)), float(cal.get("b", 0.0))))

@@ -1,0 +1,249 @@
+"""``adaspec collect``: verification traces for training the predictors.
+
+The engine runs each prompt with a recording policy that always drafts ``k`` tokens
+(default 8) and reads every feature the predictors use. Output directory::
+
+    meta.json                    format, model pair, k, sampling, feature schema, shard list
+    shard-00000.safetensors      one shard per ``shard_size`` prompts (written atomically)
+    target_embed.safetensors     the target's input embedding matrix "embed" [V, d_t] (fp16),
+                                 used to fold the ldlp head's embedding layer
+
+Per drafted token (N rows): ``tok_hidden`` [N, d_draft] fp16 (draft last hidden state),
+``tok_scalars`` [N, F] fp32 (``meta.features.scalars`` order), ``tok_match`` [N] uint8
+(x_i == argmax p_i: accepted under greedy given the draft prefix, the hard label),
+``tok_tried`` [N] uint8 (i <= accepted + 1: verified conditionally on an accepted prefix),
+``tok_soft`` [N] fp32 (min(1, p_i(x_i) / q_i(x_i)), the soft label), ``tok_qx`` [N] fp32
+(q_i(x_i)), ``tok_pos`` [N] int32 (1-based position), ``tok_round`` [N] int64 (row in
+the round arrays).
+
+Per round (R rows): ``round_prompt`` [R] int64 (prompt index), ``round_index`` [R] int32,
+``round_k`` / ``round_accepted`` [R] int32, ``round_draft_s`` / ``round_verify_s`` [R]
+fp32, ``round_draft_forwards`` [R] int32, ``round_hidden`` [R, d_t] fp16 (target hidden
+state that produced the committed extra token), ``round_token`` [R] int64 (that token).
+The ldlp label of a round is the next round's accepted length for the same prompt.
+
+Resumable: a restart with the same arguments skips the prompts of finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..drafters.base import DraftNeeds
+from ..errors import InvalidArgumentError
+from ..models import LoadedModel, vocab_fingerprint
+from ..policies.base import Policy
+from ..types import Action, DraftStep, RoundContext, RoundOutcome
+from .features import SCALAR_FEATURES, RecentAcceptance, scalar_features, soft_label
+
+TRACE_FORMAT = "adaspec-traces/1"
+
+
+@dataclass
+class RecorderPolicy(Policy):
+    """Drafts ``k`` tokens every round and records features and labels (collection only)."""
+
+    name = "recorder"
+    needs_target_hidden = True
+    k: int = 8
+    attention: bool = False
+    tok: dict = field(default_factory=dict)
+    rnd: dict = field(default_factory=dict)
+    prompt_index: int = 0
+    _recent: RecentAcceptance = field(default_factory=RecentAcceptance)
+    _scalars: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.needs = DraftNeeds(hidden=True, attention=self.attention)
+        self.clear()
+
+    def clear(self) -> None:
+        self.tok = {k: [] for k in ("hidden", "scalars", "match", "tried", "soft", "qx", "pos", "round")}
+        self.rnd = {k: [] for k in ("prompt", "index", "k", "accepted", "draft_s", "verify_s",
+                                    "draft_forwards", "hidden", "token")}
+
+    def reset(self) -> None:
+        self._recent.reset()
+
+    def begin_round(self, ctx: RoundContext) -> int:
+        self._scalars = []
+        return self.k
+
+    def decide(self, step: DraftStep) -> Action:
+        self._scalars.append(scalar_features(step, self._recent.value))
+        return Action.CONTINUE
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        steps, v = outcome.draft.steps, outcome.verdict
+        k, m = len(steps), v.accepted
+        p = torch.softmax(outcome.target_logits.float(), dim=-1)  # [K+1, V]
+        argmax = outcome.target_logits.argmax(dim=-1).tolist()
+        r = len(self.rnd["prompt"])
+        for i, step in enumerate(steps):
+            self.tok["hidden"].append(step.hidden.to(torch.float16))
+            self.tok["scalars"].append(self._scalars[i])
+            self.tok["match"].append(int(step.token == argmax[i]))
+            self.tok["tried"].append(int(i <= m))
+            self.tok["soft"].append(soft_label(p[i], step.probs, step.token))
+            self.tok["qx"].append(step.token_prob)
+            self.tok["pos"].append(step.index)
+            self.tok["round"].append(r)
+        self.rnd["prompt"].append(self.prompt_index)
+        self.rnd["index"].append(outcome.context.round_index if outcome.context else r)
+        self.rnd["k"].append(k)
+        self.rnd["accepted"].append(m)
+        self.rnd["draft_s"].append(outcome.draft_s)
+        self.rnd["verify_s"].append(outcome.verify_s)
+        self.rnd["draft_forwards"].append(outcome.draft.forwards)
+        self.rnd["hidden"].append(outcome.target_hidden[m].to(torch.float16))
+        self.rnd["token"].append(v.token)
+        self._recent.update(k, m)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The recorded rows as the shard's tensors (see the module docstring)."""
+        t, r = self.tok, self.rnd
+        d_d = t["hidden"][0].shape[-1] if t["hidden"] else 0
+        d_t = r["hidden"][0].shape[-1] if r["hidden"] else 0
+        f = len(SCALAR_FEATURES)
+        return {
+            "tok_hidden": _stack(t["hidden"], d_d),
+            "tok_scalars": torch.stack(t["scalars"]) if t["scalars"] else torch.zeros(0, f),
+            "tok_match": torch.tensor(t["match"], dtype=torch.uint8),
+            "tok_tried": torch.tensor(t["tried"], dtype=torch.uint8),
+            "tok_soft": torch.tensor(t["soft"], dtype=torch.float32),
+            "tok_qx": torch.tensor(t["qx"], dtype=torch.float32),
+            "tok_pos": torch.tensor(t["pos"], dtype=torch.int32),
+            "tok_round": torch.tensor(t["round"], dtype=torch.int64),
+            "round_prompt": torch.tensor(r["prompt"], dtype=torch.int64),
+            "round_index": torch.tensor(r["index"], dtype=torch.int32),
+            "round_k": torch.tensor(r["k"], dtype=torch.int32),
+            "round_accepted": torch.tensor(r["accepted"], dtype=torch.int32),
+            "round_draft_s": torch.tensor(r["draft_s"], dtype=torch.float32),
+            "round_verify_s": torch.tensor(r["verify_s"], dtype=torch.float32),
+            "round_draft_forwards": torch.tensor(r["draft_forwards"], dtype=torch.int32),
+            "round_hidden": _stack(r["hidden"], d_t),
+            "round_token": torch.tensor(r["token"], dtype=torch.int64),
+        }
+
+
+def _stack(rows: list[torch.Tensor], d: int) -> torch.Tensor:
+    """[n, d] fp16 stack of [d] rows (an empty [0, d] when there are none)."""
+    return torch.stack(rows) if rows else torch.zeros(0, d, dtype=torch.float16)
+
+
+def pair_info(target: LoadedModel, draft: LoadedModel) -> dict:
+    """Model-pair fingerprint stored with traces and predictors."""
+    return {
+        "target": target.name, "draft": draft.name,
+        "target_hidden": int(target.model.config.hidden_size),
+        "draft_hidden": int(draft.model.config.hidden_size),
+        "vocab_size": int(target.vocab_size),
+        "vocab_sha256": vocab_fingerprint(target.tokenizer) if target.tokenizer is not None else None,
+    }
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def collect(
+    target: LoadedModel,
+    draft: LoadedModel,
+    prompts: list[list[int]],
+    out: Path,
+    *,
+    k: int = 8,
+    max_new_tokens: int = 128,
+    shard_size: int = 16,
+    attention: bool = False,
+    source: str = "",
+    progress: bool = True,
+) -> dict:
+    """Run the engine over ``prompts`` (token ids) and write traces under ``out``.
+
+    Returns the final meta dict. Raises InvalidArgumentError when ``out`` holds traces of
+    another pair or other arguments.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from ..api import SpeculativeGenerator
+
+    if k < 1 or shard_size < 1 or max_new_tokens < 1:
+        raise InvalidArgumentError("collect: k, shard_size and max_new_tokens must be >= 1")
+    out.mkdir(parents=True, exist_ok=True)
+    args = {"k": k, "max_new_tokens": max_new_tokens, "shard_size": shard_size, "attention": attention,
+            "n_prompts": len(prompts), "source": source, "sampling": "greedy"}
+    meta = {"format": TRACE_FORMAT, "pair": pair_info(target, draft), "args": args,
+            "features": {"hidden": "draft_last_hidden", "scalars": list(SCALAR_FEATURES),
+                         "attention": attention},
+            "shards": [], "complete": False}
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if old.get("pair") != meta["pair"] or old.get("args") != args:
+            raise InvalidArgumentError(
+                f"{out} holds traces of another model pair or other arguments; use a new --out")
+        meta["shards"] = old.get("shards", [])
+    emb_path = out / "target_embed.safetensors"
+    if not emb_path.is_file():
+        emb = target.model.get_input_embeddings().weight.detach().to(torch.float16).cpu().contiguous()
+        save_file({"embed": emb}, str(emb_path))
+    done = sum(s["prompts"][1] - s["prompts"][0] for s in meta["shards"])
+    rec = RecorderPolicy(k=k, attention=attention)
+    gen = SpeculativeGenerator(target, draft, rec)
+    bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect", unit="prompt")
+    for start in range(done, len(prompts), shard_size):
+        end = min(start + shard_size, len(prompts))
+        rec.clear()
+        for i in range(start, end):
+            rec.prompt_index = i
+            gen.generate(prompts[i], max_new_tokens=max_new_tokens)
+            bar.update(1)
+        name = f"shard-{len(meta['shards']):05d}.safetensors"
+        tensors = rec.tensors()
+        save_file(tensors, str(out / (name + ".tmp")))
+        os.replace(out / (name + ".tmp"), out / name)
+        meta["shards"].append({"file": name, "prompts": [start, end],
+                               "tokens": int(tensors["tok_match"].numel()),
+                               "rounds": int(tensors["round_k"].numel())})
+        _atomic_json(meta_path, meta)
+    bar.close()
+    meta["complete"] = True
+    _atomic_json(meta_path, meta)
+    return meta
+
+
+def load_traces(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read every shard of a trace directory; returns (meta, concatenated tensors) with
+    ``tok_round`` re-indexed into the concatenated round arrays."""
+    from safetensors.torch import load_file
+
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise InvalidArgumentError(f"{path} has no meta.json: not a trace directory (run `adaspec collect`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"corrupt {meta_path}: {exc}") from None
+    if meta.get("format") != TRACE_FORMAT or not meta.get("shards"):
+        raise InvalidArgumentError(f"{path} holds no adaspec traces (format {meta.get('format')!r})")
+    parts: dict[str, list[torch.Tensor]] = {}
+    offset = 0
+    for s in meta["shards"]:
+        try:
+            t = load_file(str(path / s["file"]))
+        except Exception as exc:
+            raise InvalidArgumentError(f"cannot read trace shard {path / s['file']}: {exc}") from None
+        t["tok_round"] = t["tok_round"] + offset
+        offset += t["round_k"].numel()
+        for key, val in t.items():
+            parts.setdefault(key, []).append(val)
+    return meta, {k: torch.cat(v) for k, v in parts.items()}

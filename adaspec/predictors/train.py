@@ -1,0 +1,180 @@
+"""``adaspec train-predictor``: fit a predictor head on verification traces.
+
+- specdecpp / context: binary cross-entropy on the hard label (x_i == target argmax),
+  rejections weighted by ``rejection_weight`` (SpecDec++ uses ~6; default 6 for specdecpp,
+  1 for context, whose probabilities feed a cost model and must stay calibrated), then
+  optional Platt scaling fitted on the dev split.
+- ldlp: cross-entropy over lengths 1..k (k = the collection's draft length); the label
+  of a round is the next round's accepted length (clamped to 1..k).
+
+The dev split is every prompt whose index % 7 == 3 (prompt-level, so no leakage between
+rounds of one answer); training early-stops on the dev loss. Outputs in ``out``:
+model.safetensors, predictor.json (config, feature schema, model pair, metrics,
+calibration) and, for binary heads, calibration.json + reliability.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError
+from .calibration import binary_report, fit_platt, plot_reliability
+from .models import KINDS, LengthHead, Predictor, build_head, save_predictor
+from .traces import load_traces
+
+DEV_MOD, DEV_REM = 7, 3
+
+
+def _fit(model: nn.Module, loss_fn, train: tuple, dev: tuple, *, epochs: int, lr: float, batch: int,
+         patience: int, seed: int) -> dict:
+    """Adam with early stopping on the dev loss; restores the best weights. Returns a log."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    n = len(train[0])
+    best, best_state, bad, log = math.inf, None, 0, []
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            loss = loss_fn(model, *(t[idx] for t in train))
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            dev_loss = float(loss_fn(model, *dev))
+        log.append(round(dev_loss, 5))
+        if dev_loss < best - 1e-5:
+            best, bad = dev_loss, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"epochs": len(log), "dev_loss": log, "best_dev_loss": best}
+
+
+def _split(prompt_of: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows whose prompt is in the dev split."""
+    return prompt_of % DEV_MOD == DEV_REM
+
+
+def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr: float = 1e-3,
+                    batch: int = 256, patience: int = 5, rejection_weight: float | None = None,
+                    calibrate: str | None = None, width: int = 0, seed: int = 0) -> Predictor:
+    """Fit a ``kind`` head on the traces in ``traces`` and write it to ``out``."""
+    if kind not in KINDS:
+        raise InvalidArgumentError(f"unknown predictor kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if calibrate not in (None, "platt", "none"):
+        raise InvalidArgumentError(f"calibrate must be 'platt' or 'none', got {calibrate!r}")
+    torch.manual_seed(seed)
+    meta, t = load_traces(traces)
+    pair, features = meta["pair"], meta["features"]
+    base = {"kind": kind, "pair": pair, "traces": {"path": str(traces), "args": meta["args"]}}
+    if kind == "ldlp":
+        pred = _train_ldlp(traces, meta, t, epochs=epochs, lr=lr, batch=batch, patience=patience,
+                           width=width or 128, seed=seed, base=base)
+        save_predictor(pred, out)
+        return pred
+    rw = rejection_weight if rejection_weight is not None else (6.0 if kind == "specdecpp" else 1.0)
+    calibrate = calibrate or ("none" if kind == "specdecpp" else "platt")
+    h = t["tok_hidden"].float()
+    s = t["tok_scalars"].float()
+    y = t["tok_match"].float()
+    tried = t["tok_tried"].bool()
+    dev = _split(t["round_prompt"][t["tok_round"]])
+    if dev.all() or not dev.any():
+        raise InvalidArgumentError(f"{traces}: too few prompts for a dev split (need >= {DEV_MOD})")
+    d = h.shape[-1]
+    if kind == "specdecpp":
+        config = {"d": d, "blocks": 2, "width": width or d}
+        feats = {"hidden": "draft_last_hidden", "scalars": [], "attention": False}
+    else:
+        config = {"d": d, "n_scalar": s.shape[-1], "width": width or 64}
+        feats = dict(features)
+    head = build_head(kind, config)
+
+    def logits_of(model: nn.Module, hh: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+        return model(hh) if kind == "specdecpp" else model(hh, ss)
+
+    def loss_fn(model: nn.Module, hh: torch.Tensor, ss: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        w = torch.where(yy > 0.5, 1.0, rw)
+        return nn.functional.binary_cross_entropy_with_logits(logits_of(model, hh, ss), yy, weight=w)
+
+    tr = ~dev
+    log = _fit(head, loss_fn, (h[tr], s[tr], y[tr]), (h[dev], s[dev], y[dev]),
+               epochs=epochs, lr=lr, batch=batch, patience=patience, seed=seed)
+    with torch.no_grad():
+        z = logits_of(head, h[dev], s[dev])
+    ev = dev & tried  # held-out tokens verified after an accepted prefix (what a policy faces)
+    zt, yt = z[tried[dev]], y[ev]
+    raw = torch.sigmoid(zt)
+    calib = (1.0, 0.0)
+    if calibrate == "platt":
+        # fit on half of the dev prompts, report on the other half (no peeking)
+        half = (t["round_prompt"][t["tok_round"]][ev] // DEV_MOD) % 2 == 0
+        calib = fit_platt(zt[half], yt[half])
+        cal = torch.sigmoid(calib[0] * zt + calib[1])
+        metrics = {"raw": binary_report(raw[~half], yt[~half]),
+                   "calibrated": binary_report(cal[~half], yt[~half]),
+                   "note": "Platt (a, b) fitted on half of the dev prompts; metrics on the other half"}
+        curves = {"raw": (raw[~half], yt[~half]), "platt": (cal[~half], yt[~half])}
+    else:
+        metrics = {"raw": binary_report(raw, yt)}
+        curves = {"raw": (raw, yt)}
+    metrics.update(train_tokens=int(tr.sum()), dev_tokens=int(dev.sum()), dev_tried_tokens=int(ev.sum()),
+                   rejection_weight=rw, calibrate=calibrate, fit=log)
+    pred = Predictor(kind, head, dict(base, config=config, features=feats, metrics=metrics), out, calib)
+    save_predictor(pred, out)
+    (out / "calibration.json").write_text(json.dumps(metrics, indent=2))
+    plot_reliability(curves, out / "reliability.png", f"{kind}: held-out tokens (dev prompts)")
+    return pred
+
+
+def _train_ldlp(traces: Path, meta: dict, t: dict, *, epochs: int, lr: float, batch: int, patience: int,
+                width: int, seed: int, base: dict) -> Predictor:
+    from safetensors.torch import load_file
+
+    k = int(meta["args"]["k"])
+    prompt, acc = t["round_prompt"], t["round_accepted"].long()
+    same = prompt[1:] == prompt[:-1]  # round r has a successor in the same answer
+    idx = torch.nonzero(same).squeeze(-1)
+    label = acc[idx + 1].clamp(1, k) - 1  # class c <-> length c + 1
+    emb = load_file(str(traces / "target_embed.safetensors"))["embed"]
+    h = t["round_hidden"][idx].float()
+    e = emb[t["round_token"][idx]].float()
+    dev = _split(prompt[idx])
+    if dev.all() or not dev.any():
+        raise InvalidArgumentError(f"{traces}: too few prompts for a dev split (need >= {DEV_MOD})")
+    config = {"d_t": h.shape[-1], "d_e": e.shape[-1], "k_max": k, "width": width}
+    head = build_head("ldlp", config)
+
+    def loss_fn(model: nn.Module, hh: torch.Tensor, ee: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(hh, ee), yy)
+
+    log = _fit(head, loss_fn, (h[~dev], e[~dev], label[~dev]), (h[dev], e[dev], label[dev]),
+               epochs=epochs, lr=lr, batch=batch, patience=patience, seed=seed)
+    with torch.no_grad():
+        pl = head(h[dev], e[dev]).argmax(-1)
+    yd = label[dev]
+    prior = torch.bincount(label[~dev], minlength=k).argmax()
+    metrics = {"dev_rounds": int(dev.sum()), "train_rounds": int((~dev).sum()),
+               "accuracy": float((pl == yd).float().mean()),
+               "within_1": float(((pl - yd).abs() <= 1).float().mean()),
+               "mae": float((pl - yd).abs().float().mean()),
+               "majority_accuracy": float((yd == prior).float().mean()),
+               "mean_label_len": float(yd.float().mean() + 1), "mean_pred_len": float(pl.float().mean() + 1),
+               "fit": log}
+    assert isinstance(head, LengthHead)
+    head.fold_embeddings(emb)
+    feats = {"hidden": "target_last_hidden_at_committed", "embedding": "target_input_embedding"}
+    pred = Predictor("ldlp", head, dict(base, config=config, features=feats, metrics=metrics), None)
+    return pred

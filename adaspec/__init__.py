@@ -20,3 +20,16 @@ __all__ = [
     "VocabMismatchError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """Lazy top-level access to the API (keeps ``import adaspec`` cheap)."""
+    if name in ("SpeculativeGenerator", "GenerationResult"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    raise AttributeError(name)

@@ -1,0 +1,201 @@
+"""Public Python API: :class:`SpeculativeGenerator`.
+
+>>> gen = SpeculativeGenerator(target="default", draft="default", policy="fixed",
+...                            policy_args={"k": 5})
+>>> result = gen.generate("def fib(n):", max_new_tokens=64)
+>>> result.text, result.stats.tau
+>>> for chunk in gen.stream("Tell me a joke.", chat=True):
+...     print(chunk, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .drafters import ModelDrafter
+from .engine import Engine, StopRules
+from .errors import InvalidArgumentError
+from .models import LoadedModel, check_vocab_compat, load_model
+from .policies import Policy, make_policy
+from .sampling import SamplingConfig
+from .types import GenerationStats
+
+
+@dataclass
+class GenerationResult:
+    """text: decoded new text (special tokens skipped); token_ids: new ids (EOS included)."""
+
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+
+
+class TextStream:
+    """Iterator of text chunks as they are committed; ``.result`` is set once exhausted."""
+
+    def __init__(self, chunks: Iterator[str]) -> None:
+        self._chunks = chunks
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._chunks
+
+
+class SpeculativeGenerator:
+    """Lossless speculative generation with a target, an optional draft and a policy.
+
+    Args:
+        target: ``"default"``, a local directory, an HF id, or a :class:`LoadedModel`.
+        draft: same, or ``None`` / ``"none"`` for plain autoregressive decoding of the
+            target through the same code path (the baseline).
+        policy: a policy name (see ``adaspec.policies.POLICIES``) or a :class:`Policy`.
+        policy_args: ``key -> value`` arguments for a policy given by name.
+        dtype: ``"auto"`` | ``"fp32"`` | ``"bf16"`` for models given by name.
+        device: torch device for models given by name.
+        threads: torch intra-op threads (None leaves torch's default).
+    """
+
+    def __init__(
+        self,
+        target: str | LoadedModel = "default",
+        draft: str | LoadedModel | None = "default",
+        policy: str | Policy = "fixed",
+        policy_args: Mapping[str, Any] | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.target = target if isinstance(target, LoadedModel) else load_model(
+            target, dtype=dtype, device=device, role="target")
+        if draft is None or draft == "none":
+            self.draft = None
+        else:
+            self.draft = draft if isinstance(draft, LoadedModel) else load_model(
+                draft, dtype=dtype, device=device, role="draft")
+            check_vocab_compat(self.target, self.draft)
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
+        drafter = ModelDrafter(self.draft, self.target.vocab_size) if self.draft else None
+        self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
+                             drafter, self.policy)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.target.tokenizer
+
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Prompt text (or ids) -> ids; ``chat`` wraps it in the target's chat template."""
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise InvalidArgumentError("prompt is empty")
+            return ids
+        if not prompt.strip():
+            raise InvalidArgumentError("prompt is empty")
+        tok = self._need_tokenizer()
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise InvalidArgumentError(f"target {self.target.name!r} has no chat template")
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+            return list(tok(prompt, add_special_tokens=False)["input_ids"])
+        return list(tok(prompt)["input_ids"])
+
+    def _need_tokenizer(self) -> Any:
+        if self.target.tokenizer is None:
+            raise InvalidArgumentError(f"target {self.target.name!r} has no tokenizer; pass token ids")
+        return self.target.tokenizer
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.target.model, "generation_config", None), self.target.tokenizer):
+            eos = getattr(src, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(int(e) for e in eos)
+        return frozenset(ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.target.tokenizer is None:
+            return ""
+        return self.target.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _start(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat):
+        ids = self.encode(prompt, chat=chat)
+        stops = tuple([stop] if isinstance(stop, str) else (stop or ()))
+        rules = StopRules(max_new_tokens, self._eos_ids(), stops,
+                          self._decode if stops else None)
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        stats = GenerationStats()
+        return self.engine.run(ids, sampling, rules, stats), stats, stops
+
+    def _finish(self, new: list[int], stats: GenerationStats, stops: tuple[str, ...]) -> GenerationResult:
+        text = self._decode(new)
+        if stats.stop_reason == "stop_string":
+            cut = min((text.find(s) + len(s) for s in stops if s in text), default=len(text))
+            text = text[:cut]
+        return GenerationResult(text, new, stats)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+    ) -> GenerationResult:
+        """Generate a continuation of ``prompt``; greedy unless ``temperature > 0``.
+
+        Raises:
+            InvalidArgumentError: empty prompt, max_new_tokens <= 0, bad sampling values.
+            PromptTooLongError: the prompt does not fit the target's context.
+        """
+        rounds, stats, stops = self._start(prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                           stop, chat)
+        new: list[int] = []
+        for chunk in rounds:
+            new.extend(chunk)
+        return self._finish(new, stats, stops)
+
+    def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> TextStream:
+        """Like :meth:`generate`, but yields text chunks as rounds commit them."""
+        rounds, stats, stops = self._start(
+            prompt, kwargs.pop("max_new_tokens", 128), kwargs.pop("temperature", 0.0),
+            kwargs.pop("top_k", 0), kwargs.pop("top_p", 1.0), kwargs.pop("seed", None),
+            kwargs.pop("stop", None), kwargs.pop("chat", False))
+        if kwargs:
+            raise InvalidArgumentError(f"unknown arguments: {', '.join(kwargs)}")
+        stream = TextStream(iter(()))
+
+        def chunks() -> Iterator[str]:
+            new: list[int] = []
+            prefix = read = 0  # incremental detokenisation offsets (as in TGI / vLLM)
+            for chunk in rounds:
+                new.extend(chunk)
+                before = self._decode(new[prefix:read])
+                after = self._decode(new[prefix:])
+                if len(after) > len(before) and not after.endswith("\ufffd"):
+                    yield after[len(before):]
+                    prefix, read = read, len(new)
+            result = self._finish(new, stats, stops)
+            emitted = self._decode(new[:read])
+            if len(result.text) > len(emitted):
+                yield result.text[len(emitted):]
+            stream.result = result
+
+        stream._chunks = chunks()
+        return stream

@@ -1,0 +1,48 @@
+"""The drafter protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..sampling import SamplingConfig
+from ..types import Action, Draft, DraftStep
+
+DecideFn = Callable[[DraftStep], Action]
+
+
+@dataclass(frozen=True)
+class DraftNeeds:
+    """Which optional draft outputs the policy reads (each costs something to compute)."""
+
+    hidden: bool = False
+    attention: bool = False
+
+
+class Drafter(Protocol):
+    """Proposes up to ``budget`` tokens after ``context``, asking ``decide`` after each."""
+
+    max_context: int
+
+    def reset(self) -> None:
+        """Start of a generate call: drop all state."""
+
+    def prefill(self, context: list[int]) -> None:
+        """Optionally pre-compute state for ``context`` (prompt minus its last token)."""
+
+    def rollback(self, committed: list[int]) -> None:
+        """Drop state for tokens that were not committed (after verification)."""
+
+    def propose(
+        self,
+        context: list[int],
+        budget: int,
+        decide: DecideFn,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        needs: DraftNeeds,
+    ) -> Draft:
+        """Draft up to ``budget`` tokens after ``context`` (committed ids)."""

@@ -1,0 +1,79 @@
+"""A small causal LM as the drafter (the standard speculative-decoding draft)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kv import ModelRunner
+from ..models import LoadedModel
+from ..sampling import SamplingConfig, processed_probs, sample
+from ..types import Action, Draft, DraftStep
+from .base import DecideFn, DraftNeeds
+
+
+class ModelDrafter:
+    """Drafts with an HF causal LM that shares the target's vocabulary.
+
+    ``vocab_size`` is the target's logits size: a draft with a smaller output layer is
+    padded with -inf (q = 0), one with padding rows beyond it is truncated.
+    """
+
+    def __init__(self, draft: LoadedModel, vocab_size: int) -> None:
+        self.loaded = draft
+        self.runner = ModelRunner(draft.model)
+        self.vocab_size = vocab_size
+        self.max_context = draft.max_context
+
+    def reset(self) -> None:
+        self.runner.reset()
+
+    def prefill(self, context: list[int]) -> None:
+        self.runner.prefill(context)
+
+    def rollback(self, committed: list[int]) -> None:
+        self.runner.rollback(committed)
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """[V_draft] -> [V_target] logits."""
+        v = logits.shape[-1]
+        if v == self.vocab_size:
+            return logits
+        if v > self.vocab_size:
+            return logits[: self.vocab_size]
+        pad = logits.new_full((self.vocab_size - v,), float("-inf"))
+        return torch.cat([logits, pad])
+
+    def propose(
+        self,
+        context: list[int],
+        budget: int,
+        decide: DecideFn,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        needs: DraftNeeds,
+    ) -> Draft:
+        tokens: list[int] = []
+        steps: list[DraftStep] = []
+        start_forwards = self.runner.forwards
+        for i in range(1, budget + 1):
+            out = self.runner.forward(context + tokens, 1, hidden=needs.hidden, attentions=needs.attention)
+            logits = self._fit_vocab(out.logits[0])  # [V]
+            probs = processed_probs(logits, sampling)  # [V]
+            token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)
+            conc = None
+            if out.attentions is not None:
+                conc = float(out.attentions[:, -1].max(dim=-1).values.mean())
+            step = DraftStep(i, token, logits, probs,
+                             hidden=None if out.hidden is None else out.hidden[0],
+                             attn_concentration=conc, context_len=len(context))
+            action = decide(step)
+            if action is Action.DROP:
+                break
+            tokens.append(token)
+            steps.append(step)
+            if action is Action.STOP:
+                break
+        probs_kq = None
+        if not sampling.greedy and steps:
+            probs_kq = torch.stack([s.probs for s in steps])  # [K, V]
+        return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards)

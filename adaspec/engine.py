@@ -1,0 +1,195 @@
+"""The only decoding loop: prefill, then policy -> draft -> verify -> commit -> observe.
+
+No model-specific code lives here: models are behind :class:`~adaspec.kv.ModelRunner`,
+drafting behind the drafter protocol, decisions behind the policy protocol, and the
+maths of acceptance in :mod:`adaspec.verify`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .drafters.base import Drafter, DraftNeeds
+from .errors import InvalidArgumentError, PromptTooLongError
+from .kv import ModelRunner
+from .policies.base import Policy
+from .sampling import SamplingConfig, processed_probs
+from .types import Action, Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome
+from .verify import verify_greedy, verify_sampling
+
+
+@dataclass
+class StopRules:
+    """When to end generation: token budget, EOS ids, stop strings (checked on decoded text).
+
+    ``decode`` turns ids into text; it is needed only when ``stop_strings`` is not empty.
+    """
+
+    max_new_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None
+    _window: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise InvalidArgumentError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise InvalidArgumentError("stop strings must not be empty")
+        if self.stop_strings and self.decode is None:
+            raise InvalidArgumentError("stop strings need a tokenizer to decode with")
+        # a stop string of L characters ends within the last L + 2 tokens
+        self._window = max((len(s) for s in self.stop_strings), default=0) + 2
+
+    def hit_stop_string(self, new_ids: list[int]) -> bool:
+        if not self.stop_strings:
+            return False
+        tail = self.decode(new_ids[-self._window:])
+        return any(s in tail for s in self.stop_strings)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Speculative decoding of one target with one drafter under one policy (batch size 1)."""
+
+    def __init__(self, target: torch.nn.Module, vocab_size: int, max_context: int,
+                 drafter: Drafter | None, policy: Policy) -> None:
+        self.target = ModelRunner(target)
+        self.vocab_size = vocab_size
+        self.max_context = max_context
+        self.drafter = drafter
+        self.policy = policy
+
+    def reference_greedy(self, prompt: list[int], rules: StopRules) -> list[int]:
+        """The target's own greedy continuation (plain decoding, untimed; for the oracle)."""
+        from .policies.fixed import FixedPolicy
+
+        plain = Engine(self.target.model, self.vocab_size, self.max_context, None, FixedPolicy(1))
+        ids: list[int] = []
+        for chunk in plain.run(prompt, SamplingConfig(), rules, GenerationStats()):
+            ids.extend(chunk)
+        return ids
+
+    def run(
+        self,
+        prompt: list[int],
+        sampling: SamplingConfig,
+        rules: StopRules,
+        stats: GenerationStats,
+    ) -> Iterator[list[int]]:
+        """Generate after ``prompt``; yields the ids committed by each round.
+
+        ``stats`` is filled in place (final once the iterator is exhausted).
+        """
+        if not prompt:
+            raise InvalidArgumentError("prompt is empty (no tokens)")
+        if len(prompt) >= self.max_context:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt)} tokens but the model's context is {self.max_context}")
+        policy, drafter, device = self.policy, self.drafter, self.target.device
+        if policy.needs_reference:
+            policy.set_reference(self.reference_greedy(prompt, rules))
+        gen = None
+        if not sampling.greedy:
+            gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None
+                                                else int(torch.seed() % 2**63))
+        needs: DraftNeeds = policy.needs
+        max_new = min(rules.max_new_tokens, self.max_context - len(prompt))
+        ctx_limit = min(self.max_context, drafter.max_context if drafter else self.max_context)
+
+        stats.prompt_tokens = len(prompt)
+        _sync(device)
+        t_start = time.perf_counter()
+        self.target.reset()
+        policy.reset()
+        if drafter is not None:
+            drafter.reset()
+            drafter.prefill(prompt[:-1])
+        self.target.prefill(prompt[:-1])
+        _sync(device)
+        stats.prefill_s = time.perf_counter() - t_start
+
+        ids = list(prompt)
+        new: list[int] = []
+        policy_s = 0.0  # begin_round + observe + per-token decisions
+        decide_s = 0.0  # the per-token part, spent inside drafting
+
+        def timed_decide(step: DraftStep) -> Action:
+            nonlocal decide_s
+            t = time.perf_counter()
+            action = policy.decide(step)
+            decide_s += time.perf_counter() - t
+            return action
+
+        while True:
+            # 1. budget: never draft past max_new_tokens (a round commits K + 1) or the context
+            room = min(max_new - len(new) - 1, ctx_limit - len(ids))
+            ctx = RoundContext(ids, len(prompt), stats.rounds, max(room, 0))
+            t0 = time.perf_counter()
+            budget = min(policy.begin_round(ctx), room) if drafter is not None else 0
+            policy_s += time.perf_counter() - t0
+            # 2. draft
+            t1, decide_before = time.perf_counter(), decide_s
+            if budget > 0:
+                draft = drafter.propose(ids, budget, timed_decide, sampling, gen, needs)
+            else:
+                draft = Draft([], None, [], 0)
+            _sync(device)
+            t2 = time.perf_counter()
+            # 3. verify: one target forward over [last committed, x1..xK] -> p1..p(K+1)
+            k = len(draft.tokens)
+            out = self.target.forward(ids + draft.tokens, k + 1, hidden=policy.needs_target_hidden)
+            logits = out.logits[:, : self.vocab_size]  # [K+1, V]
+            if sampling.greedy:
+                verdict = verify_greedy(draft.tokens, logits)
+            else:
+                p = processed_probs(logits, sampling).cpu()
+                verdict = verify_sampling(draft.tokens, draft.probs.cpu() if k else p[:0], p, gen)
+            _sync(device)
+            t3 = time.perf_counter()
+            # 4. commit the accepted prefix plus one token, honouring EOS / stop / budget
+            proposal = draft.tokens[: verdict.accepted] + [verdict.token]
+            committed, reason = [], ""
+            for tok in proposal:
+                committed.append(tok)
+                new.append(tok)
+                if tok in rules.eos_ids:
+                    reason = "eos"
+                elif rules.hit_stop_string(new):
+                    reason = "stop_string"
+                elif len(new) >= max_new:
+                    reason = "max_new_tokens" if max_new == rules.max_new_tokens else "context"
+                if reason:
+                    break
+            ids.extend(committed)
+            # 5. roll both caches back to the committed prefix (a crop, never a recompute);
+            # a fully accepted draft's last token is fed with the next round's first forward
+            self.target.rollback(ids)
+            if drafter is not None:
+                drafter.rollback(ids)
+            stats.draft_s += (t2 - t1) - (decide_s - decide_before)
+            stats.verify_s += t3 - t2
+            stats.target_forwards += 1
+            stats.draft_forwards += draft.forwards
+            stats.record_round(k, verdict.accepted)
+            # 6. observe
+            t4 = time.perf_counter()
+            policy.observe(RoundOutcome(draft, verdict, logits, out.hidden, t2 - t1, t3 - t2, ctx))
+            policy_s += time.perf_counter() - t4
+            stats.new_tokens = len(new)
+            yield committed
+            if reason:
+                stats.stop_reason = reason
+                break
+        _sync(device)
+        stats.wall_s = time.perf_counter() - t_start
+        stats.policy_s = policy_s + decide_s
+        stats.extra.update(policy.report())

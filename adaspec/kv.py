@@ -1,0 +1,139 @@
+"""One model plus its KV cache, and the token ids that cache currently holds.
+
+Rollback is implicit and exact: before each forward the cache is cropped to the longest
+common prefix of what it holds and the sequence asked for, then only the rest is fed.
+After a rejected draft this crops the rejected tokens away; after a fully accepted
+draft it feeds the last draft token together with the bonus token, so the drafter's
+cache is completed without a separate forward (DESIGN §1 step 5). A crop never
+recomputes anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def cache_length(cache) -> int:
+    """Number of positions held by an HF cache (0 for None)."""
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def crop_cache(cache, length: int) -> None:
+    """Keep the first ``length`` positions of every layer of an HF cache, in place."""
+    cur = cache_length(cache)
+    if length < cur:
+        # transformers >= 5 takes a negative count of positions to remove.
+        cache.crop(length - cur)
+
+
+def select_cache(cache, keep: torch.Tensor) -> None:
+    """Keep only positions ``keep`` ([n] int64, ascending) of every layer, in place.
+
+    Used after a tree verification to keep the accepted path.
+    """
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            idx = keep.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(-2, idx)
+            layer.values = layer.values.index_select(-2, idx)
+
+
+@dataclass
+class ForwardOut:
+    """Outputs for the last n positions of a forward.
+
+    logits: [n, V] float32; hidden: [n, d] last-layer hidden states or None;
+    attentions: [heads, n, S] last-layer attention weights or None.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
+    attentions: torch.Tensor | None = None
+
+
+class ModelRunner:
+    """Feeds token sequences to one causal LM, reusing its KV cache across calls."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.tokens: list[int] = []  # ids whose keys / values are in the cache
+        self.cache = None
+        self.forwards = 0
+        params = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def reset(self) -> None:
+        """Forget the cache (start of a generate call)."""
+        from transformers import DynamicCache
+
+        self.tokens = []
+        self.cache = DynamicCache(config=getattr(self.model, "config", None))
+        self.forwards = 0
+
+    def _sync_prefix(self, seq: list[int], keep_out: int) -> int:
+        """Crop the cache to the common prefix of self.tokens and seq, leaving at least
+        ``keep_out`` tokens of seq to feed. Returns the cropped length."""
+        n = 0
+        limit = min(len(self.tokens), len(seq) - keep_out)
+        while n < limit and self.tokens[n] == seq[n]:
+            n += 1
+        if n < len(self.tokens):
+            crop_cache(self.cache, n)
+            del self.tokens[n:]
+        return n
+
+    def rollback(self, committed: list[int]) -> None:
+        """Crop the cache to its longest common prefix with ``committed`` (DESIGN §1 step 5)."""
+        self._sync_prefix(committed, 0)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        seq: list[int],
+        n_out: int,
+        *,
+        hidden: bool = False,
+        attentions: bool = False,
+    ) -> ForwardOut:
+        """Bring the cache to ``seq`` and return outputs for its last ``n_out`` positions.
+
+        Args:
+            seq: the full token sequence (prompt + committed + any proposed tokens).
+            n_out: >= 1, positions whose outputs are needed (they are always re-fed
+                if cached, so at least n_out tokens are fed).
+        """
+        start = self._sync_prefix(seq, n_out)
+        feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)  # [1, T]
+        kwargs = {"past_key_values": self.cache, "use_cache": True}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = n_out
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        if attentions:
+            kwargs["output_attentions"] = True
+        out = self.model(feed, **kwargs)
+        self.forwards += 1
+        self.tokens.extend(seq[start:])
+        logits = out.logits[0, -n_out:].float()
+        hid = out.hidden_states[-1][0, -n_out:] if hidden else None
+        att = out.attentions[-1][0, :, -n_out:] if attentions else None
+        return ForwardOut(logits, hid, att)
+
+    @torch.inference_mode()
+    def prefill(self, seq: list[int]) -> None:
+        """Put ``seq`` into the cache without asking for outputs (no-op when empty)."""
+        start = self._sync_prefix(seq, 0)
+        if start == len(seq):
+            return
+        feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)
+        kwargs = {"past_key_values": self.cache, "use_cache": True}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        self.model(feed, **kwargs)
+        self.tokens.extend(seq[start:])

@@ -1,0 +1,42 @@
+"""The policy protocol: how long to draft, token by token, and what to learn after verify."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..drafters.base import DraftNeeds
+from ..types import Action, DraftStep, RoundContext, RoundOutcome
+
+
+class Policy:
+    """Base class. Subclasses override what they need; state is reset per generate call.
+
+    Lifecycle per generate(): ``reset()``, then per round ``begin_round(ctx) -> budget``,
+    ``decide(step)`` after every drafted token, ``observe(outcome)`` after verification.
+    """
+
+    name: ClassVar[str] = "base"
+    needs: DraftNeeds = DraftNeeds()
+    needs_target_hidden: bool = False
+    needs_reference: bool = False  # oracle only: wants the target's own greedy output
+
+    def reset(self) -> None:
+        """Forget per-call state."""
+
+    def begin_round(self, ctx: RoundContext) -> int:
+        """Upper bound on the number of tokens to draft this round (before ctx.max_budget)."""
+        raise NotImplementedError
+
+    def decide(self, step: DraftStep) -> Action:
+        """Keep drafting, stop after this token, or drop it."""
+        return Action.CONTINUE
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        """Learn from a verified round."""
+
+    def report(self) -> dict:
+        """Policy-specific statistics for GenerationStats.extra (e.g. threshold trace)."""
+        return {}
+
+    def set_reference(self, token_ids: list[int]) -> None:
+        """Oracle only: the target's own greedy continuation of the prompt."""

@@ -1,0 +1,215 @@
+"""Contracts that cross module borders: what a drafter proposes, what verification decides,
+what a policy sees per drafted token and per round, and the per-call statistics.
+
+Shapes: V = vocabulary size (logits' last dim), d = hidden size, K = drafted tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+
+class Action(enum.Enum):
+    """A policy's verdict on the token just drafted."""
+
+    CONTINUE = "continue"  # keep the token and draft another
+    STOP = "stop"          # keep the token, end the draft here
+    DROP = "drop"          # discard the token, end the draft before it
+
+
+@dataclass
+class DraftStep:
+    """One drafted position, as a policy sees it before deciding.
+
+    Attributes:
+        index: 1-based position of this token in the current draft.
+        token: proposed token id (argmax of q under greedy, a sample of q otherwise).
+        logits: [V] raw draft logits at this position (float32).
+        probs: [V] draft distribution q after temperature / top-k / top-p (float32);
+            under greedy this is softmax(logits).
+        hidden: [d] draft last-layer hidden state that produced ``logits``, if requested.
+        attn_concentration: scalar in [0, 1], max attention weight of the draft's last
+            layer averaged over heads, if requested.
+        context_len: committed tokens before this draft (prompt + generated).
+    """
+
+    index: int
+    token: int
+    logits: torch.Tensor
+    probs: torch.Tensor
+    hidden: torch.Tensor | None = None
+    attn_concentration: float | None = None
+    context_len: int = 0
+
+    @cached_property
+    def token_prob(self) -> float:
+        """q(token)."""
+        return float(self.probs[self.token])
+
+    @cached_property
+    def entropy(self) -> float:
+        """Shannon entropy of softmax(logits) in nats (zero-probability tokens contribute 0)."""
+        logp = torch.log_softmax(self.logits.float(), dim=-1)
+        p = logp.exp()
+        return float(-(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum())
+
+    def top_probs(self, k: int) -> torch.Tensor:
+        """[k] largest probabilities of softmax(logits), descending."""
+        return torch.softmax(self.logits.float(), dim=-1).topk(k).values
+
+
+@dataclass
+class Draft:
+    """Tokens proposed in one round.
+
+    Attributes:
+        tokens: K proposed token ids (K may be 0).
+        probs: [K, V] draft distributions q_i the tokens were drawn from (needed by
+            sampling verification), or None under greedy.
+        steps: the K kept :class:`DraftStep` s (features for policies / traces).
+        forwards: draft-model forward calls spent on this draft (dropped tokens included).
+    """
+
+    tokens: list[int]
+    probs: torch.Tensor | None
+    steps: list[DraftStep]
+    forwards: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of verifying K draft tokens.
+
+    Attributes:
+        accepted: m, number of draft tokens accepted (prefix of the draft).
+        token: the extra token committed after them: the target's correction at the first
+            rejection (greedy), the recovered sample (sampling), or the bonus token when
+            all K were accepted.
+        kind: "bonus" (all accepted) or "recovered" (a rejection happened).
+    """
+
+    accepted: int
+    token: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a policy knows before drafting a round."""
+
+    committed: Sequence[int]  # prompt + generated ids so far
+    prompt_len: int
+    round_index: int
+    max_budget: int  # hard cap from max_new_tokens / context length
+
+
+@dataclass
+class RoundOutcome:
+    """What a policy learns after verification (DESIGN §1 step 6).
+
+    Attributes:
+        draft: the draft that was verified.
+        verdict: accepted length and the committed extra token.
+        target_logits: [K+1, V] target logits at the verified positions.
+        target_hidden: [K+1, d] target last-layer hidden states, if a policy asked for them.
+        draft_s / verify_s: measured seconds of this round's drafting and verification.
+    """
+
+    draft: Draft
+    verdict: Verdict
+    target_logits: torch.Tensor
+    target_hidden: torch.Tensor | None
+    draft_s: float
+    verify_s: float
+    context: RoundContext | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Per-call statistics with the DESIGN §2 definitions."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    policy_s: float = 0.0
+    target_forwards: int = 0  # verification forwards (prefill excluded)
+    draft_forwards: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    rounds: int = 0
+    accept_hist: list[int] = field(default_factory=list)  # accept_hist[m] = rounds with m accepted
+    pos_drafted: list[int] = field(default_factory=list)  # pos_drafted[i] = drafts reaching position i+1
+    pos_accepted: list[int] = field(default_factory=list)  # pos_accepted[i] = of those, accepted
+    stop_reason: str = ""
+    extra: dict = field(default_factory=dict)  # policy / drafter specific (e.g. tau trace)
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        _bump(self.accept_hist, accepted)
+        for i in range(drafted):
+            _bump(self.pos_drafted, i)
+            if i < accepted:
+                _bump(self.pos_accepted, i)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target (verification) forward; plain decoding = 1."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        """P(token i accepted | tokens < i accepted), i = 1..len."""
+        return [a / d if d else 0.0 for a, d in zip(self.pos_accepted + [0] * len(self.pos_drafted),
+                                                    self.pos_drafted)]
+
+    def to_dict(self) -> dict:
+        wall = self.wall_s or float("nan")
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "wall_s": self.wall_s,
+            "tokens_per_s": self.tokens_per_s,
+            "tau": self.tau,
+            "acceptance_rate": self.acceptance_rate,
+            "target_forwards": self.target_forwards,
+            "draft_forwards": self.draft_forwards,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "wasted_draft_tokens": self.drafted_tokens - self.accepted_tokens,
+            "rounds": self.rounds,
+            "accept_hist": list(self.accept_hist),
+            "per_position_acceptance": self.per_position_acceptance,
+            "prefill_s": self.prefill_s,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "policy_s": self.policy_s,
+            "draft_pct": 100 * self.draft_s / wall,
+            "verify_pct": 100 * self.verify_s / wall,
+            "policy_pct": 100 * self.policy_s / wall,
+            "stop_reason": self.stop_reason,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+def _bump(hist: list[int], i: int) -> None:
+    while len(hist) <= i:
+        hist.append(0)
+    hist[i] += 1

@@ -8,7 +8,7 @@ from ..kv import ModelRunner
 from ..models import LoadedModel
 from ..sampling import SamplingConfig, processed_probs, sample
 from ..types import Action, Draft, DraftStep
-from .base import DecideFn, DraftNeeds
+from .base import BranchFn, DecideFn, DraftNeeds
 
 
 class ModelDrafter:
@@ -23,6 +23,19 @@ class ModelDrafter:
         self.runner = ModelRunner(draft.model)
         self.vocab_size = vocab_size
         self.max_context = draft.max_context
+        self._probe = None  # AttentionProbe, created on first need (see _attention)
+
+    def _attention(self) -> bool:
+        """Attach the cheap last-layer attention probe; False if the model family lacks one
+        (then attentions come from output_attentions, which needs eager attention)."""
+        if self._probe is None:
+            from ..predictors.attention import AttentionProbe
+
+            try:
+                self._probe = AttentionProbe(self.loaded.model)
+            except NotImplementedError:
+                self._probe = False
+        return bool(self._probe)
 
     def reset(self) -> None:
         self.runner.reset()
@@ -51,17 +64,23 @@ class ModelDrafter:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
         needs: DraftNeeds,
+        branch: BranchFn | None = None,
     ) -> Draft:
         tokens: list[int] = []
         steps: list[DraftStep] = []
+        branches: dict[int, list[int]] = {}
         start_forwards = self.runner.forwards
+        probe = needs.attention and self._attention()
         for i in range(1, budget + 1):
-            out = self.runner.forward(context + tokens, 1, hidden=needs.hidden, attentions=needs.attention)
+            out = self.runner.forward(context + tokens, 1, hidden=needs.hidden,
+                                      attentions=needs.attention and not probe)
             logits = self._fit_vocab(out.logits[0])  # [V]
             probs = processed_probs(logits, sampling)  # [V]
             token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)
             conc = None
-            if out.attentions is not None:
+            if probe:
+                conc = self._probe.concentration(self.runner.cache)
+            elif out.attentions is not None:
                 conc = float(out.attentions[:, -1].max(dim=-1).values.mean())
             step = DraftStep(i, token, logits, probs,
                              hidden=None if out.hidden is None else out.hidden[0],
@@ -71,9 +90,19 @@ class ModelDrafter:
                 break
             tokens.append(token)
             steps.append(step)
+            n_extra = branch(step) if branch is not None else 0
+            if n_extra > 0:
+                branches[i] = top_candidates(probs, token, n_extra)
             if action is Action.STOP:
                 break
         probs_kq = None
         if not sampling.greedy and steps:
             probs_kq = torch.stack([s.probs for s in steps])  # [K, V]
-        return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards)
+        return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards,
+                     {i: c for i, c in branches.items() if c})
+
+
+def top_candidates(probs: torch.Tensor, chosen: int, n: int) -> list[int]:
+    """The ``n`` most likely tokens of a [V] distribution other than ``chosen`` (q > 0 only)."""
+    vals, idx = probs.topk(min(n + 1, probs.shape[-1]))
+    return [int(t) for v, t in zip(vals.tolist(), idx.tolist()) if v > 0 and t != chosen][:n]

@@ -1,0 +1,293 @@
+"""results.jsonl -> summary.json, report.md (and plots via :mod:`adaspec.bench.plots`).
+
+Metric definitions (DESIGN §2), per method, overall and per category:
+
+- tokens_per_s: mean over prompts of the prompt's tokens/s (median over repeats);
+  a prompt's tokens/s = new tokens / wall time of its generate calls (prefill included).
+- speedup_vs_ar: Spec-Bench formula, mean over prompts of
+  tokens/s(method, prompt) / tokens/s(ar, prompt), over the prompts both have.
+- tau: new tokens / target forwards (pooled); plain decoding = 1.
+- acceptance_rate: accepted / drafted draft tokens (pooled; depends on K).
+- target_forwards_per_token, draft_forwards_per_token: pooled per new token.
+- overhead_pct: policy (and predictor) time / wall time, in percent (pooled);
+  draft_pct / verify_pct likewise.
+- identical_to_ar_rate: share of prompts whose output ids equal ``ar``'s token for token
+  (greedy only; None when sampling or without ``ar``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .datasets import DatasetError
+
+_REQUIRED = ("prompt_id", "category", "method", "repeat", "new_tokens", "wall_s")
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results.jsonl file.
+
+    Raises:
+        DatasetError: missing file, or a malformed / incomplete line (with its number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"results file {str(path)!r} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: malformed results line ({exc.msg})") from None
+            missing = [k for k in _REQUIRED if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise DatasetError(f"{path}:{lineno}: results line lacks {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def _tps(row: dict[str, Any]) -> float:
+    if "tokens_per_s" in row:
+        return float(row["tokens_per_s"])
+    return row["new_tokens"] / row["wall_s"] if row["wall_s"] else 0.0
+
+
+def per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """method -> prompt_id -> aggregate over repeats (median tokens/s, summed counts)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["prompt_id"])].append(r)
+    out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (method, pid), rs in groups.items():
+        rs.sort(key=lambda r: r["repeat"])
+        agg: dict[str, Any] = {"category": rs[0]["category"], "repeats": len(rs),
+                               "tokens_per_s": statistics.median(_tps(r) for r in rs),
+                               "token_ids": rs[0].get("token_ids"),
+                               "temperature": (rs[0].get("cfg") or {}).get("temperature", 0.0)}
+        for k in ("new_tokens", "wall_s", "target_forwards", "draft_forwards", "drafted_tokens",
+                  "accepted_tokens", "policy_s", "draft_s", "verify_s"):
+            agg[k] = sum(r.get(k, 0) or 0 for r in rs)
+        for k in ("accept_hist", "pos_drafted", "pos_accepted"):
+            acc: list[int] = []
+            for r in rs:
+                v = r.get(k) or []
+                acc = [(acc[i] if i < len(acc) else 0) + (v[i] if i < len(v) else 0)
+                       for i in range(max(len(acc), len(v)))]
+            agg[k] = acc
+        agg["calibration"] = [c for r in rs for c in (r.get("calibration") or [])]
+        out[method][pid] = agg
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] | None,
+             is_ar: bool) -> dict[str, Any]:
+    ps = list(prompts.values())
+    new = sum(p["new_tokens"] for p in ps)
+    wall = sum(p["wall_s"] for p in ps)
+    tf = sum(p["target_forwards"] for p in ps)
+    speedups, same = [], []
+    greedy = all(not p["temperature"] for p in ps)
+    if ar is not None:
+        for pid, p in prompts.items():
+            if pid in ar:
+                if ar[pid]["tokens_per_s"] > 0:
+                    speedups.append(p["tokens_per_s"] / ar[pid]["tokens_per_s"])
+                if greedy and p["token_ids"] is not None:
+                    same.append(p["token_ids"] == ar[pid]["token_ids"])
+    hist: list[int] = []
+    pos_d: list[int] = []
+    pos_a: list[int] = []
+    for p in ps:
+        for name, acc in (("accept_hist", hist), ("pos_drafted", pos_d), ("pos_accepted", pos_a)):
+            v = p[name]
+            acc.extend([0] * (len(v) - len(acc)))
+            for i, x in enumerate(v):
+                acc[i] += x
+    return {
+        "n": len(ps),
+        "tokens_per_s": statistics.fmean(p["tokens_per_s"] for p in ps) if ps else 0.0,
+        "speedup_vs_ar": 1.0 if is_ar and ps else (statistics.fmean(speedups) if speedups else None),
+        "speedup_n": len(speedups),
+        "tau": _ratio(new, tf),
+        "acceptance_rate": _ratio(sum(p["accepted_tokens"] for p in ps),
+                                  sum(p["drafted_tokens"] for p in ps)),
+        "target_forwards_per_token": _ratio(tf, new),
+        "draft_forwards_per_token": _ratio(sum(p["draft_forwards"] for p in ps), new),
+        "overhead_pct": 100 * sum(p["policy_s"] for p in ps) / wall if wall else None,
+        "draft_pct": 100 * sum(p["draft_s"] for p in ps) / wall if wall else None,
+        "verify_pct": 100 * sum(p["verify_s"] for p in ps) / wall if wall else None,
+        "identical_to_ar_rate": (statistics.fmean(same) if same else None) if greedy else None,
+        "new_tokens": new,
+        "accept_hist": hist,
+        "per_position_acceptance": [a / d if d else 0.0
+                                    for a, d in zip(pos_a + [0] * len(pos_d), pos_d, strict=False)],
+    }
+
+
+def _mismatches(pp: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Where a greedy method's output differs from ar: first differing token per turn."""
+    ar = pp.get("ar", {})
+    out = []
+    for method, prompts in pp.items():
+        if method == "ar":
+            continue
+        for pid, p in prompts.items():
+            ref = ar.get(pid)
+            if (ref is None or p["temperature"] or p["token_ids"] is None
+                    or p["token_ids"] == ref["token_ids"]):
+                continue
+            for turn, (a, b) in enumerate(zip(p["token_ids"], ref["token_ids"], strict=False)):
+                if a != b:
+                    i = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                             min(len(a), len(b)))
+                    out.append({"method": method, "prompt_id": pid, "turn": turn, "first_diff": i,
+                                "len": len(a), "ar_len": len(b)})
+                    break
+    return out
+
+
+def method_order(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> list[str]:
+    seen = list(dict.fromkeys(r["method"] for r in rows))
+    order = [m for m in (meta or {}).get("methods", []) if m in seen]
+    order += [m for m in seen if m not in order]
+    return sorted(order, key=lambda m: m != "ar")  # ar first, the rest as given
+
+
+def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary.json dict: ``methods.<name>.{...}`` and ``.per_category.<cat>``."""
+    pp = per_prompt(rows)
+    ar = pp.get("ar")
+    methods: dict[str, Any] = {}
+    for m in method_order(rows, meta):
+        prompts = pp[m]
+        entry = _metrics(prompts, ar, m == "ar")
+        cats = sorted({p["category"] for p in prompts.values()})
+        entry["per_category"] = {
+            c: _metrics({k: v for k, v in prompts.items() if v["category"] == c},
+                        {k: v for k, v in ar.items() if v["category"] == c} if ar else None, m == "ar")
+            for c in cats}
+        methods[m] = entry
+    return {"methods": methods, "categories": sorted({r["category"] for r in rows}),
+            "n_rows": len(rows), "mismatches": _mismatches(pp), "meta": meta or {}}
+
+
+def running_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """method -> speed-up so far (for the progress bar)."""
+    pp = per_prompt(rows)
+    ar = pp.get("ar", {})
+    out = {}
+    for m, prompts in pp.items():
+        vals = [p["tokens_per_s"] / ar[k]["tokens_per_s"] for k, p in prompts.items()
+                if k in ar and ar[k]["tokens_per_s"] > 0]
+        if vals:
+            out[m] = statistics.fmean(vals)
+    return out
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """Overall table: method, speed-up, tokens/s, tau, acceptance, identical, overhead."""
+    lines = ["| method | speed-up vs ar | tokens/s | τ | acceptance | draft fwd/token | "
+             "policy overhead | identical to ar | n |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, e in summary["methods"].items():
+        lines.append(f"| `{m}` | {_f(e['speedup_vs_ar'], '.2f')}× | {_f(e['tokens_per_s'], '.1f')} | "
+                     f"{_f(e['tau'], '.2f')} | {_pct(e['acceptance_rate'])} | "
+                     f"{_f(e['draft_forwards_per_token'], '.2f')} | {_f(e['overhead_pct'], '.1f')}% | "
+                     f"{_pct(e['identical_to_ar_rate'])} | {e['n']} |")
+    return "\n".join(lines)
+
+
+def category_table(summary: dict[str, Any]) -> str:
+    """Speed-up (and tau) per method and category."""
+    cats = summary["categories"]
+    lines = ["| method | " + " | ".join(cats) + " |", "|---|" + "---:|" * len(cats)]
+    for m, e in summary["methods"].items():
+        cells = []
+        for c in cats:
+            x = e["per_category"].get(c)
+            cells.append("–" if x is None else f"{_f(x['speedup_vs_ar'], '.2f')}× (τ {_f(x['tau'], '.2f')})")
+        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(summary: dict[str, Any], plots: list[str]) -> str:
+    meta = summary.get("meta", {})
+    cfg = meta.get("config", {})
+    out = ["# adaspec benchmark", ""]
+    if meta:
+        out += [f"- target: `{meta.get('target')}`, draft: `{meta.get('draft')}`",
+                f"- dataset: `{cfg.get('dataset')}` split `{cfg.get('split')}`, {meta.get('n_prompts')} "
+                f"prompts, {cfg.get('max_new_tokens')} new tokens max, temperature {cfg.get('temperature')}, "
+                f"repeats {cfg.get('repeats')}, warm-up {cfg.get('warmup')}",
+                f"- {meta.get('dtype')} on {meta.get('device')}, {meta.get('threads')} threads, "
+                f"{meta.get('cpu')}; torch {meta.get('torch')}, transformers {meta.get('transformers')}",
+                "", "Command:", "", "```", str(meta.get("command", "")), "```", ""]
+    out += ["## Overall", "", markdown_table(summary), "",
+            "Speed-up: mean over prompts of tokens/s(method) / tokens/s(ar) on the same prompt "
+            "(Spec-Bench). τ: tokens per target forward. Acceptance: accepted / drafted "
+            "(depends on the draft length). Identical: share of prompts whose greedy output equals "
+            "`ar` token for token.", "", "## Per category", "", category_table(summary), ""]
+    mism = summary.get("mismatches") or []
+    if mism:
+        out += ["## Outputs that differ from `ar`", "",
+                "| method | prompt | turn | first differing token | length | ar length |",
+                "|---|---|---:|---:|---:|---:|"]
+        out += [f"| `{x['method']}` | {x['prompt_id']} | {x['turn']} | {x['first_diff']} | {x['len']} | "
+                f"{x['ar_len']} |" for x in mism[:50]]
+        out += ["", "In bf16 a verify over k+1 tokens can round differently from a one-token step, "
+                "so a near-tie argmax can flip (DESIGN §4); compare with `--dtype fp32`.", ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def write_outputs(out: str | Path, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict:
+    """Write summary.json, report.md and the plots into ``out``; returns the summary."""
+    from .plots import write_plots
+
+    out = Path(out)
+    summary = summarize(rows, meta)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = write_plots(out, summary, per_prompt(rows))
+    (out / "report.md").write_text(render_report(summary, plots))
+    return summary
+
+
+def report_only(out: str | Path) -> dict[str, Any]:
+    """Regenerate summary / report / plots from ``out/results.jsonl`` (keeps the old metadata)."""
+    out = Path(out)
+    rows = read_results(out / "results.jsonl")
+    if not rows:
+        raise DatasetError(f"{out / 'results.jsonl'} has no rows")
+    meta = None
+    old = out / "summary.json"
+    if old.is_file():
+        try:
+            meta = json.loads(old.read_text()).get("meta")
+        except json.JSONDecodeError:
+            meta = None
+    return write_outputs(out, rows, meta)
+
+
+__all__ = ["category_table", "markdown_table", "per_prompt", "read_results", "render_report",
+           "report_only", "running_speedups", "summarize", "write_outputs"]

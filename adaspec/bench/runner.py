@@ -1,0 +1,298 @@
+"""Run every method on the same prompts, interleaved, appending one JSON line per result.
+
+Protocol (DESIGN §5): models are loaded once and shared by all methods; ``warmup``
+untimed generations per method first; then for each prompt every method runs
+``repeats`` times, the method order rotated by one per prompt so that machine drift
+hits all methods alike. Each finished (prompt, method, repeat) is appended to
+``results.jsonl`` and flushed; a rerun with the same ``out`` skips what is there, so
+an interrupted run loses nothing. Every row carries the run settings (``cfg``); a rerun
+with different settings into the same folder is refused rather than mixed.
+
+Row fields: prompt_id, category, method, repeat, turns, new_tokens, wall_s,
+tokens_per_s, prefill_s / draft_s / verify_s / policy_s, target_forwards,
+draft_forwards, drafted_tokens, accepted_tokens, rounds, accept_hist, pos_drafted,
+pos_accepted, tau, acceptance_rate, stop_reason (per turn), token_ids (per turn), extra
+(per turn, policy reports), calibration (optional: ``[[p_hat, accepted], ...]`` taken
+from a policy's ``report()["calibration"]``), cfg, ts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgumentError
+from ..models import LoadedModel, load_model
+from .datasets import Prompt, load_dataset
+from .methods import MethodSpec, build_runner, parse_methods
+from .report import read_results, running_speedups, write_outputs
+
+
+class ResumeMismatchError(InvalidArgumentError):
+    """``--out`` already holds results of a run with different settings."""
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark run (the CLI options, one to one)."""
+
+    methods: str = "ar,hf,fixed:3,fixed:5"
+    dataset: str = "humaneval"
+    split: str = "test"
+    limit: int | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int | None = 0
+    dtype: str = "bf16"
+    threads: int | None = None
+    warmup: int = 1
+    repeats: int = 1
+    out: str = "runs/bench"
+    target: str = "default"
+    draft: str = "default"
+    chat: bool | None = None  # None: by dataset (humaneval raw, others chat)
+    progress: bool = True
+    command: str = field(default_factory=lambda: " ".join(sys.argv))
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings that must match for rows to be comparable (and resumable)."""
+        return {"dataset": self.dataset, "split": self.split, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "seed": self.seed, "dtype": self.dtype,
+                "target": self.target, "draft": self.draft, "chat": self.chat}
+
+
+def eos_ids(target: LoadedModel) -> frozenset[int]:
+    """EOS ids as adaspec's generator uses them: generation_config's plus the tokenizer's."""
+    ids: set[int] = set()
+    for src in (getattr(target.model, "generation_config", None), target.tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return frozenset(ids)
+
+
+def encode_turn(tokenizer: Any, prompt: Prompt, turn: int, answers: list[str], chat: bool) -> list[int]:
+    """Token ids for turn ``turn`` of ``prompt`` given the model's own earlier ``answers``."""
+    if tokenizer is None:
+        raise InvalidArgumentError("the target has no tokenizer; the benchmark needs one")
+    if not chat:
+        text = "".join(t + a for t, a in zip(prompt.turns[:turn], answers, strict=False)) + prompt.turns[turn]
+        return list(tokenizer(text)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgumentError("the target has no chat template; use --no-chat")
+    messages: list[dict[str, str]] = []
+    for t, a in zip(prompt.turns[:turn], answers, strict=False):
+        messages += [{"role": "user", "content": t}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": prompt.turns[turn]})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+
+def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat: bool) -> dict[str, Any]:
+    """All turns of ``prompt`` with one method -> the summed statistics of one results row."""
+    row: dict[str, Any] = {k: 0 for k in ("new_tokens", "target_forwards", "draft_forwards",
+                                          "drafted_tokens", "accepted_tokens", "rounds")}
+    row.update({k: 0.0 for k in ("wall_s", "prefill_s", "draft_s", "verify_s", "policy_s")})
+    row.update(accept_hist=[], pos_drafted=[], pos_accepted=[], stop_reason=[], token_ids=[], extra=[])
+    answers: list[str] = []
+    calibration: list[Any] = []
+    for turn in range(len(prompt.turns)):
+        ids = encode_turn(tokenizer, prompt, turn, answers, chat)
+        res = runner.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        s = res.stats
+        for k in ("new_tokens", "target_forwards", "draft_forwards", "drafted_tokens",
+                  "accepted_tokens", "rounds", "wall_s", "prefill_s", "draft_s", "verify_s", "policy_s"):
+            row[k] += getattr(s, k)
+        for k in ("accept_hist", "pos_drafted", "pos_accepted"):
+            row[k] = _add(row[k], getattr(s, k))
+        row["stop_reason"].append(s.stop_reason)
+        row["token_ids"].append(res.token_ids)
+        extra = dict(s.extra)
+        calibration += list(extra.pop("calibration", []) or [])
+        row["extra"].append(extra)
+        answers.append(tokenizer.decode(res.token_ids, skip_special_tokens=True))
+    row["tokens_per_s"] = row["new_tokens"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
+    row["tau"] = row["new_tokens"] / row["target_forwards"] if row["target_forwards"] else 0.0
+    row["acceptance_rate"] = row["accepted_tokens"] / row["drafted_tokens"] if row["drafted_tokens"] else 0.0
+    if not any(row["extra"]):
+        del row["extra"]
+    if calibration:
+        row["calibration"] = calibration
+    return row
+
+
+def run_metadata(cfg: BenchConfig, target: LoadedModel, draft: LoadedModel | None) -> dict[str, Any]:
+    """Models, dtype, threads, versions, CPU and command line of this run."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"target": target.name, "draft": draft.name if draft else None,
+            "draft_vocab": getattr(getattr(draft.model, "config", None), "adaspec_draft", None)
+            if draft else None,
+            "dtype": cfg.dtype, "threads": torch.get_num_threads(), "device": str(target.device),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "command": cfg.command, "config": asdict(cfg)}
+
+
+def _prepare_file(path: Path) -> None:
+    """Drop a partial last line (a run killed mid-write) so appends start on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with path.open("r+b") as fh:
+        fh.truncate(cut)
+
+
+def run_benchmark(
+    cfg: BenchConfig,
+    *,
+    prompts: list[Prompt] | None = None,
+    target: LoadedModel | None = None,
+    draft: LoadedModel | None = None,
+    stop_after: int | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a benchmark and write results.jsonl, summary.json, report.md, plots.
+
+    Args:
+        cfg: run settings.
+        prompts: use these instead of ``cfg.dataset`` / ``cfg.split`` / ``cfg.limit``.
+        target, draft: already loaded models (else loaded from ``cfg``).
+        stop_after: stop after this many new rows (simulates an interruption; tests).
+        on_row: called with every new row.
+
+    Returns:
+        the summary dict (also written to ``summary.json``).
+    """
+    specs = parse_methods(cfg.methods)
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.max_new_tokens < 1 or (cfg.limit is not None
+                                                                          and cfg.limit < 1):
+        raise InvalidArgumentError("--repeats, --max-new-tokens and --limit must be >= 1, --warmup >= 0")
+    if prompts is None:
+        prompts = load_dataset(cfg.dataset, cfg.split)
+    if cfg.limit:
+        prompts = prompts[: cfg.limit]
+    if not prompts:
+        raise InvalidArgumentError(f"no prompts in {cfg.dataset!r} split {cfg.split!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    _prepare_file(results)
+    rows = read_results(results) if results.is_file() else []
+    key = cfg.resume_key()
+    for r in rows:
+        if r.get("cfg") != key:
+            diff = {k: (r.get("cfg", {}).get(k), v) for k, v in key.items() if r.get("cfg", {}).get(k) != v}
+            raise ResumeMismatchError(
+                f"{results} holds results of a run with other settings (was, now: {diff}); "
+                "use another --out")
+    done = {(r["prompt_id"], r["method"], r["repeat"]) for r in rows}
+    todo = [(p, s, rep) for i, p in enumerate(prompts)
+            for rep in range(cfg.repeats)
+            for s in specs[i % len(specs):] + specs[: i % len(specs)]
+            if (p.id, s.key, rep) not in done]
+
+    if target is None:
+        target = load_model(cfg.target, dtype=cfg.dtype, role="target")
+    if draft is None and any(s.needs_draft for s in specs):
+        draft = load_model(cfg.draft, dtype=cfg.dtype, role="draft")
+    eos = eos_ids(target)
+    runners = {s.key: build_runner(s, target, draft, eos) for s in specs}
+    meta = run_metadata(cfg, target, draft)
+    meta["methods"] = [s.key for s in specs]
+    meta["n_prompts"] = len(prompts)
+
+    def chat_for(p: Prompt) -> bool:  # --chat / --no-chat win; by default raw rows stay raw
+        return (not p.raw) if cfg.chat is None else cfg.chat
+
+    if todo and cfg.warmup:
+        warm = Prompt(prompts[0].id, prompts[0].category, prompts[0].turns[:1], prompts[0].raw)
+        wcfg = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(cfg.max_new_tokens, 32)})
+        for _ in range(cfg.warmup):
+            for s in specs:
+                run_one(runners[s.key], warm, target.tokenizer, wcfg, chat_for(warm))
+
+    bar = _progress(len(todo), cfg.progress)
+    new_rows = 0
+    try:
+        with results.open("a", encoding="utf-8") as fh:
+            for prompt, spec, rep in todo:
+                row = {"prompt_id": prompt.id, "category": prompt.category, "method": spec.key,
+                       "repeat": rep, "turns": len(prompt.turns)}
+                row.update(run_one(runners[spec.key], prompt, target.tokenizer, cfg,
+                                   chat_for(prompt)))
+                row["cfg"] = key
+                row["ts"] = time.time()
+                fh.write(json.dumps(row, default=_jsonable) + "\n")
+                fh.flush()
+                rows.append(row)
+                new_rows += 1
+                if on_row:
+                    on_row(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(_postfix(rows, specs), refresh=False)
+                if stop_after is not None and new_rows >= stop_after:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        if rows:
+            write_outputs(out, rows, meta)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _postfix(rows: list[dict[str, Any]], specs: list[MethodSpec]) -> str:
+    sp = running_speedups(rows)
+    return " ".join(f"{s.key}={sp[s.key]:.2f}x" for s in specs if s.key != "ar" and s.key in sp)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="gen", dynamic_ncols=True, desc="bench")
+
+
+__all__ = ["BenchConfig", "ResumeMismatchError", "encode_turn", "eos_ids", "run_benchmark", "run_one"]

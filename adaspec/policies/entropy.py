@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PolicyArgumentError
+from ..predictors.features import entropy_and_top
 from ..types import Action, DraftStep, RoundContext
 from . import register
 from .base import Policy
@@ -40,6 +41,6 @@ class EntropyPolicy(Policy):
         return self.k_max
 
     def decide(self, step: DraftStep) -> Action:
-        if step.index > self.min_k and step.entropy > self.h:
+        if step.index > self.min_k and entropy_and_top(step.logits, 1)[0] > self.h:
             return Action.DROP
         return Action.CONTINUE

@@ -71,7 +71,7 @@ PROMPTS = [
     Prompt("q2", "math", ["What is 2+2?", "And times 3?"]),
     Prompt("HumanEval/8", "code", ["def add(a, b):\n"], raw=True),
 ]
-METHODS = "ar,hf,hf-heuristic,fixed:2,fixed:4"
+METHODS = "ar,hf,hf-heuristic,fixed:2,fixed:4,heuristic,confidence,entropy,oracle"
 
 
 def _cfg(out: Path, **kw) -> BenchConfig:
@@ -84,9 +84,10 @@ def _cfg(out: Path, **kw) -> BenchConfig:
 
 def test_run_writes_all_outputs(pair, tmp_path):
     target, draft = pair
-    summary = run_benchmark(_cfg(tmp_path, repeats=2), prompts=PROMPTS, target=target, draft=draft)
+    summary = run_benchmark(_cfg(tmp_path, repeats=2, max_new_tokens=16), prompts=PROMPTS,
+                            target=target, draft=draft)
     rows = read_results(tmp_path / "results.jsonl")
-    assert len(rows) == len(PROMPTS) * 5 * 2
+    assert len(rows) == len(PROMPTS) * len(METHODS.split(",")) * 2
     for name in ("summary.json", "report.md", "speedup.png", "accept_hist.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     methods = summary["methods"]
@@ -99,9 +100,11 @@ def test_run_writes_all_outputs(pair, tmp_path):
         assert e["n"] == 3
     assert methods["ar"]["speedup_vs_ar"] == 1.0 and methods["ar"]["tau"] == 1.0
     # fp32 greedy: every adaspec policy and HF reproduce plain decoding token for token
-    for m in ("fixed:2", "fixed:4", "hf", "hf-heuristic"):
+    for m in METHODS.split(",")[1:]:
         assert methods[m]["identical_to_ar_rate"] == 1.0, (m, summary["mismatches"])
         assert methods[m]["tau"] > 1.0
+    assert methods["oracle"]["acceptance_rate"] == 1.0
+    assert methods["hf"]["overhead_pct"] is None and methods["fixed:2"]["overhead_pct"] is not None
     # the multi-turn prompt ran two turns
     q2 = [r for r in rows if r["prompt_id"] == "q2"]
     assert all(len(r["token_ids"]) == 2 for r in q2)
@@ -146,3 +149,19 @@ def test_results_rows_are_json(pair, tmp_path):
         row = json.loads(line)
         assert row["cfg"]["max_new_tokens"] == 24
         assert row["new_tokens"] == sum(len(t) for t in row["token_ids"])
+
+
+def test_mismatch_margins(pair, tmp_path):
+    from adaspec.bench.report import write_outputs
+    from adaspec.bench.runner import explain_mismatches
+
+    target, _ = pair
+    base = {"category": "c", "repeat": 0, "new_tokens": 3, "wall_s": 1.0, "target_forwards": 3}
+    rows = [{**base, "prompt_id": "q1", "method": "ar", "token_ids": [[40, 41, 42]]},
+            {**base, "prompt_id": "q1", "method": "m", "token_ids": [[40, 43, 42]]}]
+    explain_mismatches(tmp_path, rows, {"q1": PROMPTS[0]}, target, lambda p: True)
+    summary = write_outputs(tmp_path, rows)
+    (m,) = summary["mismatches"]
+    assert m["first_diff"] == 1 and m["ar_token"] == 41 and m["method_token"] == 43
+    assert m["top2_gap"] >= 0 and isinstance(m["logit_gap"], float)
+    assert "top-2 logit gap" in (tmp_path / "report.md").read_text()

@@ -122,16 +122,24 @@ def _command() -> str:
     return shlex.join(argv)
 
 
+def _policy_ready(name: str) -> bool:
+    """True when policy ``name`` is registered and builds with its defaults (e.g. has a predictor)."""
+    from ..policies import make_policy
+
+    try:
+        make_policy(name)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
 def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "bf16") -> int:
     """``make run``: a few mixed test prompts on the default pair; prints the table.
 
     Methods: ar, hf, fixed:3, fixed:5, and ``context`` when that policy is registered.
     Writes into a fresh ``runs/quick-YYYYmmdd-HHMMSS`` folder (or ``out``).
     """
-    from ..policies import POLICIES, make_policy
-
-    make_policy("fixed")  # imports every policy module, so POLICIES is complete
-    methods = "ar,hf,fixed:3,fixed:5" + (",context" if "context" in POLICIES else "")
+    methods = "ar,hf,fixed:3,fixed:5" + (",context" if _policy_ready("context") else "")
     folder = Path(out or time.strftime("runs/quick-%Y%m%d-%H%M%S"))
     cfg = BenchConfig(methods=methods, dataset="mix", split="test", limit=QUICK_LIMIT,
                       max_new_tokens=QUICK_MAX_NEW, dtype=dtype, threads=threads, warmup=1, repeats=1,

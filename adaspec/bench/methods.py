@@ -224,7 +224,7 @@ class HFRunner:
             stats.record_round(drafted, accepted)
             committed = after
         stats.stop_reason = "eos" if new and new[-1] in self.eos_ids else "max_new_tokens"
-        stats.extra["stats_source"] = "forward hooks"
+        stats.extra["stats_source"] = "forward hooks; no stage times"
         return TurnResult(new, stats)
 
 

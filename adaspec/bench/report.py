@@ -83,6 +83,7 @@ def per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
                        for i in range(max(len(acc), len(v)))]
             agg[k] = acc
         agg["calibration"] = [c for r in rs for c in (r.get("calibration") or [])]
+        agg["stage_times"] = all(r.get("stage_times", True) for r in rs)
         out[method][pid] = agg
     return out
 
@@ -106,6 +107,7 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
                     speedups.append(p["tokens_per_s"] / ar[pid]["tokens_per_s"])
                 if greedy and p["token_ids"] is not None:
                     same.append(p["token_ids"] == ar[pid]["token_ids"])
+    staged = all(p["stage_times"] for p in ps)
     hist: list[int] = []
     pos_d: list[int] = []
     pos_a: list[int] = []
@@ -125,9 +127,9 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
                                   sum(p["drafted_tokens"] for p in ps)),
         "target_forwards_per_token": _ratio(tf, new),
         "draft_forwards_per_token": _ratio(sum(p["draft_forwards"] for p in ps), new),
-        "overhead_pct": 100 * sum(p["policy_s"] for p in ps) / wall if wall else None,
-        "draft_pct": 100 * sum(p["draft_s"] for p in ps) / wall if wall else None,
-        "verify_pct": 100 * sum(p["verify_s"] for p in ps) / wall if wall else None,
+        "overhead_pct": 100 * sum(p["policy_s"] for p in ps) / wall if wall and staged else None,
+        "draft_pct": 100 * sum(p["draft_s"] for p in ps) / wall if wall and staged else None,
+        "verify_pct": 100 * sum(p["verify_s"] for p in ps) / wall if wall and staged else None,
         "identical_to_ar_rate": (statistics.fmean(same) if same else None) if greedy else None,
         "new_tokens": new,
         "accept_hist": hist,
@@ -136,7 +138,14 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
     }
 
 
-def _mismatches(pp: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+MARGINS_FILE = "mismatch_margins.json"
+
+
+def margin_key(m: dict[str, Any]) -> str:
+    return f"{m['method']}|{m['prompt_id']}|{m['turn']}"
+
+
+def mismatches(pp: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Where a greedy method's output differs from ar: first differing token per turn."""
     ar = pp.get("ar", {})
     out = []
@@ -180,7 +189,7 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
             for c in cats}
         methods[m] = entry
     return {"methods": methods, "categories": sorted({r["category"] for r in rows}),
-            "n_rows": len(rows), "mismatches": _mismatches(pp), "meta": meta or {}}
+            "n_rows": len(rows), "mismatches": mismatches(pp), "meta": meta or {}}
 
 
 def running_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -196,8 +205,8 @@ def running_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _f(x: Any, fmt: str) -> str:
-    return "–" if x is None else format(x, fmt)
+def _f(x: Any, fmt: str, unit: str = "") -> str:
+    return "–" if x is None else format(x, fmt) + unit
 
 
 def _pct(x: Any) -> str:
@@ -212,7 +221,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for m, e in summary["methods"].items():
         lines.append(f"| `{m}` | {_f(e['speedup_vs_ar'], '.2f')}× | {_f(e['tokens_per_s'], '.1f')} | "
                      f"{_f(e['tau'], '.2f')} | {_pct(e['acceptance_rate'])} | "
-                     f"{_f(e['draft_forwards_per_token'], '.2f')} | {_f(e['overhead_pct'], '.1f')}% | "
+                     f"{_f(e['draft_forwards_per_token'], '.2f')} | {_f(e['overhead_pct'], '.1f', '%')} | "
                      f"{_pct(e['identical_to_ar_rate'])} | {e['n']} |")
     return "\n".join(lines)
 
@@ -250,12 +259,16 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
     mism = summary.get("mismatches") or []
     if mism:
         out += ["## Outputs that differ from `ar`", "",
-                "| method | prompt | turn | first differing token | length | ar length |",
-                "|---|---|---:|---:|---:|---:|"]
+                "| method | prompt | turn | first differing token | length | ar length | "
+                "target top-2 logit gap | logit(ar token) − logit(method token) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
         out += [f"| `{x['method']}` | {x['prompt_id']} | {x['turn']} | {x['first_diff']} | {x['len']} | "
-                f"{x['ar_len']} |" for x in mism[:50]]
+                f"{x['ar_len']} | {_f(x.get('top2_gap'), '.3f')} | {_f(x.get('logit_gap'), '.3f')} |"
+                for x in mism[:50]]
         out += ["", "In bf16 a verify over k+1 tokens can round differently from a one-token step, "
-                "so a near-tie argmax can flip (DESIGN §4); compare with `--dtype fp32`.", ""]
+                "so a near-tie argmax can flip (DESIGN §4). The gaps come from one extra target "
+                "forward over the shared prefix (same dtype): a gap near the bf16 resolution "
+                "(a few hundredths of a logit) is such a tie; compare with `--dtype fp32`.", ""]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)
@@ -267,6 +280,9 @@ def write_outputs(out: str | Path, rows: list[dict[str, Any]], meta: dict[str, A
 
     out = Path(out)
     summary = summarize(rows, meta)
+    margins = json.loads((out / MARGINS_FILE).read_text()) if (out / MARGINS_FILE).is_file() else {}
+    for m in summary["mismatches"]:
+        m.update(margins.get(margin_key(m), {}))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots = write_plots(out, summary, per_prompt(rows))
     (out / "report.md").write_text(render_report(summary, plots))

@@ -33,8 +33,16 @@ import torch
 from ..errors import InvalidArgumentError
 from ..models import LoadedModel, load_model
 from .datasets import Prompt, load_dataset
-from .methods import MethodSpec, build_runner, parse_methods
-from .report import read_results, running_speedups, write_outputs
+from .methods import HFRunner, MethodSpec, build_runner, parse_methods
+from .report import (
+    MARGINS_FILE,
+    margin_key,
+    mismatches,
+    per_prompt,
+    read_results,
+    running_speedups,
+    write_outputs,
+)
 
 
 class ResumeMismatchError(InvalidArgumentError):
@@ -140,6 +148,8 @@ def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat:
     row["tokens_per_s"] = row["new_tokens"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
     row["tau"] = row["new_tokens"] / row["target_forwards"] if row["target_forwards"] else 0.0
     row["acceptance_rate"] = row["accepted_tokens"] / row["drafted_tokens"] if row["drafted_tokens"] else 0.0
+    # transformers exposes no draft / verify / policy split: say so instead of reporting 0 %
+    row["stage_times"] = not isinstance(runner, HFRunner)
     if not any(row["extra"]):
         del row["extra"]
     if calibration:
@@ -271,15 +281,50 @@ def run_benchmark(
                     on_row(row)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(_postfix(rows, specs), refresh=False)
+                    bar.set_postfix_str(_postfix(rows, specs))
                 if stop_after is not None and new_rows >= stop_after:
                     break
     finally:
         if bar is not None:
             bar.close()
         if rows:
+            if not cfg.temperature:
+                explain_mismatches(out, rows, {p.id: p for p in prompts}, target, chat_for)
             write_outputs(out, rows, meta)
     return json.loads((out / "summary.json").read_text())
+
+
+def explain_mismatches(out: Path, rows: list[dict[str, Any]], prompts: dict[str, Prompt],
+                       target: LoadedModel, chat_for: Callable[[Prompt], bool], cap: int = 50) -> None:
+    """Tie margins of greedy outputs that differ from ``ar`` -> ``out/mismatch_margins.json``.
+
+    For each mismatch, one target forward over the shared prefix gives the gap between
+    the target's two best logits at the first differing position and the logit gap
+    between ar's token and the method's token. A small gap is a near-tie that bf16
+    rounding can flip (DESIGN §4); a large one would point at a bug.
+    """
+    path = out / MARGINS_FILE
+    known: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    pp = per_prompt(rows)
+    tok = target.tokenizer
+    todo = [m for m in mismatches(pp) if margin_key(m) not in known and m["prompt_id"] in prompts]
+    for m in todo[:cap]:
+        ar_ids = pp["ar"][m["prompt_id"]]["token_ids"]
+        other = pp[m["method"]][m["prompt_id"]]["token_ids"]
+        turn, i = m["turn"], m["first_diff"]
+        prompt = prompts[m["prompt_id"]]
+        answers = [tok.decode(t, skip_special_tokens=True) for t in ar_ids[:turn]]
+        ids = encode_turn(tok, prompt, turn, answers, chat_for(prompt)) + ar_ids[turn][:i]
+        with torch.inference_mode():
+            logits = target.model(torch.tensor([ids], device=target.device)).logits[0, -1].float()
+        top = logits.topk(2).values
+        a = ar_ids[turn][i] if i < len(ar_ids[turn]) else None
+        b = other[turn][i] if i < len(other[turn]) else None
+        known[margin_key(m)] = {
+            "top2_gap": float(top[0] - top[1]), "ar_token": a, "method_token": b,
+            "logit_gap": float(logits[a] - logits[b]) if a is not None and b is not None else None}
+    if todo:
+        path.write_text(json.dumps(known, indent=1) + "\n")
 
 
 def _postfix(rows: list[dict[str, Any]], specs: list[MethodSpec]) -> str:

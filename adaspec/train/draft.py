@@ -8,10 +8,12 @@ Pipeline (each stage resumable):
    answers 0.2) plus EOS and common code tokens; embedding and head initialised from a PCA
    projection of the target's embedding (:mod:`.draft_model_init`); the input embedding stays
    frozen (most rows never see a gradient on small data, and decay would erode them);
-4. cross-entropy on next-token prediction over the subset (response positions weight 1,
-   prompt positions ``--prompt-weight``, default 0; targets outside the subset are ignored), AdamW with
-   warm-up and cosine decay, held-out agreement / simulated tau every ``--eval-every`` steps,
-   best checkpoint written to ``--out`` as a draft directory ``load_model(out, role="draft")`` reads.
+4. cross-entropy on next-token prediction over the subset (targets outside it are ignored;
+   response positions weight 1, prompt positions ``--prompt-weight``, default 0); part of each
+   batch (``--ref-fraction``, loss weight ``--ref-weight``) is the data sets' own answers and
+   stdlib source code, plain LM text that costs no target compute; AdamW with warm-up and
+   cosine decay; held-out agreement / simulated tau every ``--eval-every`` steps; the best
+   checkpoint is written to ``--out`` as a draft directory ``load_model(out, role="draft")`` reads.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .draft_data import (
     load_prompts,
     load_shards,
     parse_sources,
+    reference_examples,
     resolve_data_dir,
 )
 from .draft_model_init import CODE_STRINGS, agreement_stats, choose_subset, coverage, init_draft
@@ -74,7 +77,8 @@ def add_train_draft_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-cache", default=None, help="generated-continuation shards (default WORK/data)")
     p.add_argument("--max-prompts", type=int, default=0, help="use at most N training prompts (0: all)")
     p.add_argument("--gen-minutes", type=float, default=60.0, help="time budget for generating data")
-    p.add_argument("--gen-batch", type=int, default=48)
+    p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--max-prompt-tokens", type=int, default=160, help="skip longer prompts when generating")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of target continuations")
     p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per category (code, chat)")
     p.add_argument("--steps", type=int, default=4000)
@@ -83,6 +87,10 @@ def add_train_draft_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--prompt-weight", type=float, default=0.0,
                    help="loss weight of prompt positions (real text, not target output)")
+    p.add_argument("--ref-fraction", type=float, default=0.5,
+                   help="share of each batch drawn from the data sets' own answers and stdlib source "
+                        "(plain LM text, no target compute)")
+    p.add_argument("--ref-weight", type=float, default=0.5, help="loss weight of that reference text")
     p.add_argument("--hidden", type=int, default=320)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--draft-vocab", type=int, default=8192)
@@ -107,37 +115,44 @@ def _check_writable(path: Path, what: str) -> None:
         raise InvalidArgumentError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from None
 
 
-def _sequences(examples: list[Example], seq_len: int) -> list[tuple[list[int], int]]:
-    """(ids, index of the first response token) with prompts cut from the left to fit ``seq_len``."""
+Seq = tuple[list[int], int, float]
+
+
+def _sequences(examples: list[Example], seq_len: int, weight: float = 1.0) -> list[Seq]:
+    """(ids, index of the first response token, loss weight of the response) per example.
+
+    Prompts are cut from the left to fit ``seq_len``.
+    """
     out = []
     for ex in examples:
         resp = ex.response[: seq_len - 1]
         room = seq_len - len(resp)
         prompt = ex.prompt[-room:] if room > 0 else []
         if resp:
-            out.append((prompt + resp, len(prompt)))
+            out.append((prompt + resp, len(prompt), weight))
     return out
 
 
-def make_batch(seqs: list[tuple[list[int], int]], remap: torch.Tensor, prompt_weight: float,
+def make_batch(seqs: list[Seq], remap: torch.Tensor, prompt_weight: float,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded batch.
 
     Returns:
         ids [B, T] int64 inputs; labels [B, T] index into the subset (-100 = ignore);
-        weights [B, T] float loss weight (1 on response, ``prompt_weight`` on prompt targets).
+        weights [B, T] float loss weight (the sequence's weight on response targets,
+        ``prompt_weight`` on prompt targets, 0 on padding and targets outside the subset).
     """
-    t = max(len(s) for s, _ in seqs) - 1
+    t = max(len(s) for s, _, _ in seqs) - 1
     ids = torch.zeros(len(seqs), t, dtype=torch.long)
     labels = torch.full((len(seqs), t), -100, dtype=torch.long)
     weights = torch.zeros(len(seqs), t)
-    for i, (s, start) in enumerate(seqs):
+    for i, (s, start, resp_w) in enumerate(seqs):
         x = torch.tensor(s)
         n = len(s) - 1
         ids[i, :n] = x[:-1]
         labels[i, :n] = remap[x[1:]]
         w = torch.full((n,), prompt_weight)
-        w[max(start - 1, 0):] = 1.0  # position start-1 predicts the first response token
+        w[max(start - 1, 0):] = resp_w  # position start-1 predicts the first response token
         weights[i, :n] = w
     weights[labels < 0] = 0.0
     labels[labels < 0] = -100
@@ -157,7 +172,7 @@ def _heldout(target: Any, tok: Any, prompts: list, cache: Path, n: int, args: An
     code = [p for p in prompts if p.heldout and p.source in CODE_SOURCES][:n]
     chat = [p for p in prompts if p.heldout and p.source not in CODE_SOURCES and p.style == "chat"][:n]
     generate_shards(target, tok, code + chat, cache, batch_size=args.gen_batch,
-                    max_new_tokens=args.max_new_tokens, log=log)
+                    max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, log=log)
     exs = {e.key: e for e in load_shards(cache)}
     return {"code": [(exs[p.key].prompt, exs[p.key].response) for p in code if p.key in exs],
             "chat": [(exs[p.key].prompt, exs[p.key].response) for p in chat if p.key in exs]}
@@ -206,7 +221,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
         log(f"generating target continuations for up to {args.gen_minutes} min "
             f"({len(train_prompts)} prompts)")
         generate_shards(target.model, tok, train_prompts, cache, batch_size=args.gen_batch,
-                        max_new_tokens=args.max_new_tokens, deadline=time.time() + 60 * args.gen_minutes,
+                        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                        deadline=time.time() + 60 * args.gen_minutes,
                         log=log)
     allowed = {p.key for p in train_prompts}
     examples = [e for e in load_shards(cache) if e.key in allowed]
@@ -246,6 +262,11 @@ def run_train_draft(args: argparse.Namespace) -> int:
     remap = torch.full((vocab,), -100, dtype=torch.long)
     remap[subset] = torch.arange(len(subset))
     seqs = _sequences(examples, args.seq_len)
+    refs = _sequences(reference_examples(sources, data_dir, tok, {p.key for p in prompts if p.heldout}),
+                      args.seq_len, args.ref_weight) if args.ref_fraction > 0 else []
+    n_ref = round(args.batch_size * args.ref_fraction) if refs else 0
+    log(f"reference text: {len(refs)} sequences, {sum(len(s) for s, _, _ in refs)} tokens, "
+        f"{n_ref} per batch")
     n_resp = sum(len(e.response) for e in examples)
     n_all, n_train = (sum(p.numel() for p in ps) / 1e6 for ps in (list(draft.parameters()), params))
     log(f"data: {len(examples)} examples, {n_resp} response tokens; draft {args.layers}x{args.hidden}, "
@@ -276,7 +297,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
             log(f"reloaded data: {len(examples)} examples")
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args.steps, args.lr)
-        batch = random.sample(seqs, min(args.batch_size, len(seqs)))
+        batch = random.sample(seqs, min(args.batch_size - n_ref, len(seqs))) + random.sample(refs, n_ref)
         ids, labels, weights = (t.to(args.device) for t in make_batch(batch, remap, args.prompt_weight))
         hidden = draft.model(ids).last_hidden_state  # [B, T, d]
         keep = weights > 0  # score only positions that carry loss (the head dominates the cost)

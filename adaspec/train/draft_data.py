@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import pkgutil
+import re
 import sys
 import time
 import warnings
@@ -137,12 +138,12 @@ def _submodules(name: str) -> list[pkgutil.ModuleInfo]:
     return list(pkgutil.iter_modules(spec.submodule_search_locations))
 
 
-def stdlib_functions(max_doc_chars: int = 900) -> list[tuple[str, str, str]]:
-    """(qualified name, ``def`` line, cleaned docstring) for documented stdlib Python functions.
+def stdlib_functions(max_source_chars: int = 4000) -> list[tuple[str, str, str, str]]:
+    """(qualified name, ``def`` line, cleaned docstring, source) for public stdlib functions.
 
-    Only pure-Python, public, module-level functions whose docstring has 40..max chars.
+    Only pure-Python, public, module-level functions with a source under ``max_source_chars``.
     """
-    out: list[tuple[str, str, str]] = []
+    out: list[tuple[str, str, str, str]] = []
     seen: set[str] = set()
     names = sorted(getattr(sys, "stdlib_module_names", ()))
     names += [f"{n}.{m.name}" for n in list(names) if n not in _SKIP_MODULES and not n.startswith("_")
@@ -159,16 +160,22 @@ def stdlib_functions(max_doc_chars: int = 900) -> list[tuple[str, str, str]]:
             for name, obj in sorted(vars(mod).items()):
                 if name.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != mod_name:
                     continue
-                doc = inspect.getdoc(obj) or ""
-                if not 40 <= len(doc) <= max_doc_chars or f"{mod_name}.{name}" in seen:
+                if f"{mod_name}.{name}" in seen:
                     continue
                 try:
                     sig = str(inspect.signature(obj))
-                except (TypeError, ValueError):
+                    src = inspect.getsource(obj)
+                except (TypeError, ValueError, OSError):
+                    continue
+                if len(src) > max_source_chars:
                     continue
                 seen.add(f"{mod_name}.{name}")
-                out.append((f"{mod_name}.{name}", f"def {name}{sig}:", doc))
+                out.append((f"{mod_name}.{name}", f"def {name}{sig}:", inspect.getdoc(obj) or "", src))
     return out
+
+
+def _doc_ok(doc: str, max_doc_chars: int = 900) -> bool:
+    return 40 <= len(doc) <= max_doc_chars
 
 
 def _raw_code_prompt(mod: str, def_line: str, doc: str) -> str:
@@ -196,10 +203,13 @@ def load_prompts(sources: list[str], data_dir: Path, tokenizer: Any, max_prompt_
     for src in sources:
         items: list[Prompt] = []
         if src == "stdlib_code":
-            for qn, def_line, doc in std:
-                items.append(Prompt(_raw_code_prompt(qn, def_line, doc), src, "raw", f"std/{qn}"))
+            for qn, def_line, doc, _ in std:
+                if _doc_ok(doc):
+                    items.append(Prompt(_raw_code_prompt(qn, def_line, doc), src, "raw", f"std/{qn}"))
         elif src == "stdlib_chat":
-            for qn, def_line, doc in std:
+            for qn, def_line, doc, _ in std:
+                if not _doc_ok(doc):
+                    continue
                 first = doc.split("\n\n")[0]
                 msg = f"Write a Python function `{def_line[4:-1]}`.\n\n{first}"
                 items.append(Prompt(chat(msg), src, "chat", f"stdchat/{qn}"))
@@ -228,6 +238,58 @@ def interleave(per_source: dict[str, list[Prompt]]) -> list[Prompt]:
     return out
 
 
+_CALC = re.compile(r"<<[^>]*>>")
+
+
+def reference_examples(sources: list[str], data_dir: Path, tokenizer: Any, exclude: set[str],
+                       ) -> list[Example]:
+    """The data sets' own answers (and stdlib function sources) as plain LM text.
+
+    Cheap auxiliary data: no target compute. Chat sets become chat prompt + reference
+    answer + EOS; ``stdlib_code`` becomes the source code of stdlib functions whose
+    prompt key is not in ``exclude`` (the held-out ones). ``code_alpaca`` is included
+    only if it is in ``sources``.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    out: list[Example] = []
+    for src in sources:
+        if src == "stdlib_code":
+            for qn, _, _, code in stdlib_functions():
+                if f"std/{qn}" not in exclude and f"stdchat/{qn}" not in exclude:
+                    out.append(Example([], enc(code), "ref:stdlib_code", f"ref/std/{qn}"))
+            continue
+        if src == "stdlib_chat":
+            continue
+        answers = _reference_answers(src, data_dir)
+        for key, msg in _instruction_rows(src, data_dir):
+            if key in exclude or key not in answers or not answers[key].strip():
+                continue
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                                   add_generation_prompt=True)
+            out.append(Example(enc(prompt), enc(answers[key]) + eos, f"ref:{src}", f"ref/{key}"))
+    return out
+
+
+def _reference_answers(source: str, data_dir: Path) -> dict[str, str]:
+    """key -> reference answer text, keyed like :func:`_instruction_rows`."""
+    if source == "gsm8k":
+        rows = _read_json_rows(data_dir / "gsm8k" / "train.jsonl")
+        return {f"gsm8k/{i}": _CALC.sub("", r["answer"]).replace("####", "The answer is")
+                for i, r in enumerate(rows)}
+    if source in ("codegen", "roleplay", "code_alpaca"):
+        path = {"codegen": "gpteacher_codegen/codegen-instruct.json",
+                "roleplay": "gpteacher_roleplay/roleplay-simple-deduped-roleplay-instruct.json",
+                "code_alpaca": "code_alpaca/code_alpaca_2k.json"}[source]
+        field = "output" if source == "code_alpaca" else "response"
+        return {f"{source}/{i}": r[field] for i, r in enumerate(_read_json_rows(data_dir / path))}
+    if source == "self_instruct":
+        rows = _read_json_rows(data_dir / "self_instruct_seed" / "seed_tasks.jsonl")
+        return {f"self_instruct/{r['id']}/{j}": inst["output"] for r in rows
+                for j, inst in enumerate(r["instances"])}
+    return {}
+
+
 @dataclass
 class Example:
     """One distillation example: ``prompt`` ids [P] then the target's greedy ``response`` ids [R]."""
@@ -249,17 +311,22 @@ def load_shards(cache: Path) -> list[Example]:
 
 @torch.no_grad()
 def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Path, *,
-                    batch_size: int = 48, max_new_tokens: int = 128, max_prompt_tokens: int = 384,
+                    batch_size: int = 32, max_new_tokens: int = 128, max_prompt_tokens: int = 160,
                     deadline: float | None = None, log: Any = print) -> int:
     """Write the target's greedy continuations of ``prompts`` as shards under ``cache``.
 
     Batches are formed from chunks of ``4 * batch_size`` prompts sorted by length (less
-    padding); prompts are left-padded. Resumable: keys already in a shard are skipped.
+    padding); prompts are left-padded; prompts longer than ``max_prompt_tokens`` are skipped.
+    Resumable: keys already in a shard are skipped.
     Stops early at ``deadline`` (``time.time()`` value). Returns the number of new examples.
     """
     cache.mkdir(parents=True, exist_ok=True)
     done = {ex.key for ex in load_shards(cache)}
     todo = [p for p in prompts if p.key not in done]
+    # Long prompts cost as much per token as generated ones; skip them (never truncate:
+    # a cut chat prompt would lose its generation prompt).
+    lens = [len(ids) for ids in tokenizer([p.text for p in todo], add_special_tokens=False)["input_ids"]]
+    todo = [p for p, n in zip(todo, lens, strict=True) if n <= max_prompt_tokens]
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -273,7 +340,7 @@ def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Pa
                 return n_new
             batch = group[b:b + batch_size]
             enc = tokenizer([p.text for p in batch], return_tensors="pt", padding=True,
-                            truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
+                            add_special_tokens=False)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                  eos_token_id=eos, top_p=None, top_k=None, temperature=None)
             plen = enc.input_ids.shape[1]

@@ -92,7 +92,8 @@ def _print_tables(summary: dict[str, Any], out: Path) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Entry point of ``adaspec bench``; returns the exit code (user errors raise)."""
     if args.quick:
-        return run_quick_demo(threads=args.threads, dtype=args.dtype)
+        return run_quick_demo(out=args.out, threads=args.threads, dtype=args.dtype, target=args.target,
+                              draft=args.draft)
     out = Path(args.out or f"runs/bench-{args.dataset.replace(':', '_').replace('/', '_')}-{args.split}")
     if args.report_only:
         if not (out / "results.jsonl").is_file():
@@ -133,7 +134,8 @@ def _policy_ready(name: str) -> bool:
     return True
 
 
-def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "bf16") -> int:
+def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "bf16",
+                   target: str = "default", draft: str = "default") -> int:
     """``make run``: a few mixed test prompts on the default pair; prints the table.
 
     Methods: ar, hf, fixed:3, fixed:5, and ``context`` when that policy is registered.
@@ -143,7 +145,8 @@ def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: st
     folder = Path(out or time.strftime("runs/quick-%Y%m%d-%H%M%S"))
     cfg = BenchConfig(methods=methods, dataset="mix", split="test", limit=QUICK_LIMIT,
                       max_new_tokens=QUICK_MAX_NEW, dtype=dtype, threads=threads, warmup=1, repeats=1,
-                      out=str(folder), command=f"adaspec bench --quick  # = adaspec bench --dataset mix "
+                      out=str(folder), target=target, draft=draft,
+                      command=f"adaspec bench --quick  # = adaspec bench --dataset mix "
                       f"--split test --limit {QUICK_LIMIT} --max-new-tokens {QUICK_MAX_NEW} "
                       f"--methods {methods} --out {folder}")
     print(f"quick benchmark: {QUICK_LIMIT} test prompts (one per category), methods {methods}")

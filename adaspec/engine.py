@@ -19,7 +19,7 @@ from .kv import ModelRunner
 from .policies.base import Policy
 from .sampling import SamplingConfig, processed_probs
 from .types import Action, Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome
-from .verify import verify_greedy, verify_sampling
+from .verify import verify_greedy, verify_sampling, verify_tree
 
 
 @dataclass
@@ -129,6 +129,13 @@ class Engine:
             decide_s += time.perf_counter() - t
             return action
 
+        def timed_branch(step: DraftStep) -> int:
+            nonlocal decide_s
+            t = time.perf_counter()
+            n = policy.branch(step)
+            decide_s += time.perf_counter() - t
+            return n
+
         while True:
             # 1. budget: never draft past max_new_tokens (a round commits K + 1) or the context
             room = min(max_new - len(new) - 1, ctx_limit - len(ids))
@@ -139,24 +146,34 @@ class Engine:
             # 2. draft
             t1, decide_before = time.perf_counter(), decide_s
             if budget > 0:
-                draft = drafter.propose(ids, budget, timed_decide, sampling, gen, needs)
+                draft = drafter.propose(ids, budget, timed_decide, sampling, gen, needs, timed_branch)
             else:
                 draft = Draft([], None, [], 0)
             _sync(device)
             t2 = time.perf_counter()
             # 3. verify: one target forward over [last committed, x1..xK] -> p1..p(K+1)
             k = len(draft.tokens)
-            out = self.target.forward(ids + draft.tokens, k + 1, hidden=policy.needs_target_hidden)
-            logits = out.logits[:, : self.vocab_size]  # [K+1, V]
-            if sampling.greedy:
-                verdict = verify_greedy(draft.tokens, logits)
+            if draft.branches:
+                verdict, logits, out = self._verify_tree(ids, draft, sampling, gen)
+                stats.branch_rounds += 1
+                stats.branch_accepts += verdict.branch_rank > 0
             else:
-                p = processed_probs(logits, sampling).cpu()
-                verdict = verify_sampling(draft.tokens, draft.probs.cpu() if k else p[:0], p, gen)
+                out = self.target.forward(ids + draft.tokens, k + 1, hidden=policy.needs_target_hidden)
+                logits = out.logits[:, : self.vocab_size]  # [K+1, V]
+                if sampling.greedy:
+                    verdict = verify_greedy(draft.tokens, logits)
+                else:
+                    p = processed_probs(logits, sampling).cpu()
+                    verdict = verify_sampling(draft.tokens, draft.probs.cpu() if k else p[:0], p, gen)
+            stats.tree_nodes += draft.tree_size
             _sync(device)
             t3 = time.perf_counter()
             # 4. commit the accepted prefix plus one token, honouring EOS / stop / budget
-            proposal = draft.tokens[: verdict.accepted] + [verdict.token]
+            if verdict.branch_rank:  # an extra candidate replaced the chain token at `accepted`
+                alt = draft.branches[verdict.accepted][verdict.branch_rank - 1]
+                proposal = draft.tokens[: verdict.accepted - 1] + [alt, verdict.token]
+            else:
+                proposal = draft.tokens[: verdict.accepted] + [verdict.token]
             committed, reason = [], ""
             for tok in proposal:
                 committed.append(tok)
@@ -182,7 +199,8 @@ class Engine:
             stats.record_round(k, verdict.accepted)
             # 6. observe
             t4 = time.perf_counter()
-            policy.observe(RoundOutcome(draft, verdict, logits, out.hidden, t2 - t1, t3 - t2, ctx))
+            hidden = None if out.hidden is None else out.hidden[: k + 1]  # root + chain rows
+            policy.observe(RoundOutcome(draft, verdict, logits, hidden, t2 - t1, t3 - t2, ctx))
             policy_s += time.perf_counter() - t4
             stats.new_tokens = len(new)
             yield committed
@@ -193,3 +211,27 @@ class Engine:
         stats.wall_s = time.perf_counter() - t_start
         stats.policy_s = policy_s + decide_s
         stats.extra.update(policy.report())
+
+    def _verify_tree(self, ids: list[int], draft: Draft, sampling: SamplingConfig,
+                     gen: torch.Generator | None):
+        """Verify the chain plus extra candidates in one target forward (tree attention),
+        then keep only the accepted path in the target's cache.
+
+        Returns (verdict, chain logits [K+1, V], forward output over all tree rows).
+        """
+        k = len(draft.tokens)
+        nodes, parents = list(draft.tokens), list(range(-1, k - 1))
+        sib_nodes: dict[tuple[int, int], int] = {}
+        for pos, cands in sorted(draft.branches.items()):
+            for c in cands:
+                sib_nodes[(pos, c)] = len(nodes)
+                nodes.append(c)
+                parents.append(pos - 2)  # same parent as chain node pos-1
+        out = self.target.forward_tree(ids, nodes, parents, hidden=self.policy.needs_target_hidden)
+        logits = out.logits[:, : self.vocab_size]  # [1 + T, V]
+        probs = None
+        if not sampling.greedy:
+            probs = (draft.probs.cpu(), processed_probs(logits, sampling).cpu())
+        verdict, path = verify_tree(draft.tokens, draft.branches, logits, sib_nodes, probs, gen)
+        self.target.keep_path(len(ids), nodes, path)
+        return verdict, logits[: k + 1], out

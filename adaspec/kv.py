@@ -126,6 +126,60 @@ class ModelRunner:
         return ForwardOut(logits, hid, att)
 
     @torch.inference_mode()
+    def forward_tree(self, committed: list[int], nodes: list[int], parents: list[int], *,
+                     hidden: bool = False) -> ForwardOut:
+        """One forward over the committed tail plus a token tree, with a tree attention mask.
+
+        Args:
+            committed: committed ids; its last token is the tree's root.
+            nodes: T tree tokens; node j's parent is ``parents[j]`` (-1 = the root,
+                else an earlier node index).
+
+        Returns outputs for [root, node 0..T-1] (1 + T rows). The cache then holds the
+        whole tree; call :meth:`keep_path` to keep only the accepted branch.
+        """
+        start = self._sync_prefix(committed, 1)
+        linear = committed[start:]  # fed causally, ends with the root
+        n_lin, n_tree = len(linear), len(nodes)
+        fed = n_lin + n_tree
+        depth: list[int] = []
+        mask = torch.zeros(fed, start + fed, dtype=torch.bool)
+        mask[:, :start] = True
+        mask[:n_lin, start:start + n_lin] = torch.ones(n_lin, n_lin, dtype=torch.bool).tril()
+        mask[n_lin:, start:start + n_lin] = True
+        for j, par in enumerate(parents):
+            row = n_lin + j
+            mask[row, start + row] = True
+            if par >= 0:
+                mask[row] |= mask[n_lin + par]
+                depth.append(depth[par] + 1)
+            else:
+                depth.append(1)
+        pos = list(range(start, start + n_lin)) + [start + n_lin - 1 + d for d in depth]
+        feed = torch.tensor([linear + nodes], dtype=torch.long, device=self.device)
+        kwargs = {"past_key_values": self.cache, "use_cache": True,
+                  "attention_mask": mask[None, None].to(self.device),
+                  "position_ids": torch.tensor([pos], device=self.device)}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = n_tree + 1
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        out = self.model(feed, **kwargs)
+        self.forwards += 1
+        self.tokens.extend(linear + nodes)  # provisional: not a linear sequence until keep_path
+        logits = out.logits[0, -(n_tree + 1):].float()
+        hid = out.hidden_states[-1][0, -(n_tree + 1):] if hidden else None
+        return ForwardOut(logits, hid)
+
+    def keep_path(self, committed_len: int, nodes: list[int], path: list[int]) -> None:
+        """After :meth:`forward_tree`: keep the cached prefix (committed ids) plus the tree
+        nodes in ``path`` (node indices, root to leaf), dropping every other branch."""
+        base = committed_len  # cache positions 0..committed_len-1 hold the committed ids
+        keep = list(range(base)) + [base + j for j in path]
+        select_cache(self.cache, torch.tensor(keep, dtype=torch.long))
+        self.tokens = self.tokens[:base] + [nodes[j] for j in path]
+
+    @torch.inference_mode()
     def prefill(self, seq: list[int]) -> None:
         """Put ``seq`` into the cache without asking for outputs (no-op when empty)."""
         start = self._sync_prefix(seq, 0)

@@ -73,12 +73,22 @@ class Draft:
             sampling verification), or None under greedy.
         steps: the K kept :class:`DraftStep` s (features for policies / traces).
         forwards: draft-model forward calls spent on this draft (dropped tokens included).
+        branches: extra candidates per position, ``{i: [c1, c2, ...]}`` for 1-based
+            position i: alternatives to ``tokens[i-1]`` drawn from the same q_i (most
+            likely first), verified together with the chain as a token tree. They are
+            leaves: drafting continues along ``tokens`` only.
     """
 
     tokens: list[int]
     probs: torch.Tensor | None
     steps: list[DraftStep]
     forwards: int
+    branches: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def tree_size(self) -> int:
+        """Draft tokens verified this round: chain plus extra candidates."""
+        return len(self.tokens) + sum(len(c) for c in self.branches.values())
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class Verdict:
     accepted: int
     token: int
     kind: str
+    branch_rank: int = 0  # 0: the chain token was accepted last; r >= 1: extra candidate r
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,9 @@ class GenerationStats:
     accept_hist: list[int] = field(default_factory=list)  # accept_hist[m] = rounds with m accepted
     pos_drafted: list[int] = field(default_factory=list)  # pos_drafted[i] = drafts reaching position i+1
     pos_accepted: list[int] = field(default_factory=list)  # pos_accepted[i] = of those, accepted
+    tree_nodes: int = 0  # draft tokens verified, extra candidates included
+    branch_rounds: int = 0  # rounds that verified a tree (some extra candidates)
+    branch_accepts: int = 0  # rounds where an extra candidate (not the chain token) was accepted
     stop_reason: str = ""
     extra: dict = field(default_factory=dict)  # policy / drafter specific (e.g. tau trace)
 
@@ -195,6 +209,9 @@ class GenerationStats:
             "accepted_tokens": self.accepted_tokens,
             "wasted_draft_tokens": self.drafted_tokens - self.accepted_tokens,
             "rounds": self.rounds,
+            "tree_nodes": self.tree_nodes,
+            "branch_rounds": self.branch_rounds,
+            "branch_accepts": self.branch_accepts,
             "accept_hist": list(self.accept_hist),
             "per_position_acceptance": self.per_position_acceptance,
             "prefill_s": self.prefill_s,

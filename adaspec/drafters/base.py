@@ -12,6 +12,7 @@ from ..sampling import SamplingConfig
 from ..types import Action, Draft, DraftStep
 
 DecideFn = Callable[[DraftStep], Action]
+BranchFn = Callable[[DraftStep], int]
 
 
 @dataclass(frozen=True)
@@ -44,5 +45,9 @@ class Drafter(Protocol):
         sampling: SamplingConfig,
         generator: torch.Generator | None,
         needs: DraftNeeds,
+        branch: BranchFn | None = None,
     ) -> Draft:
-        """Draft up to ``budget`` tokens after ``context`` (committed ids)."""
+        """Draft up to ``budget`` tokens after ``context`` (committed ids).
+
+        ``branch(step)`` (optional) returns how many extra candidates to add at a kept
+        position (``Draft.branches``)."""

@@ -31,6 +31,14 @@ class Policy:
         """Keep drafting, stop after this token, or drop it."""
         return Action.CONTINUE
 
+    def branch(self, step: DraftStep) -> int:
+        """Extra candidates to verify beside ``step.token`` at this position (0 = none).
+
+        The drafter adds the next most likely tokens of q at this position as leaves of
+        a token tree verified in the same target forward. Default: never branch.
+        """
+        return 0
+
     def observe(self, outcome: RoundOutcome) -> None:
         """Learn from a verified round."""
 

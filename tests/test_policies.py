@@ -80,6 +80,7 @@ def policy_specs(preds: dict[str, Path]) -> list[tuple[str, dict]]:
         ("specdecpp", {"predictor": str(preds["specdecpp"]), "h": "0.5", "k_max": "6"}),
         ("context", {"predictor": str(preds["context"])}),
         ("context", {"predictor": str(preds["context"]), "adapt": "false", "tau": "0.3"}),
+        ("context", {"predictor": str(preds["context"]), "branch": "on", "max_branch": "2"}),
         ("context", {"mode": "random", "k_max": "5"}),
         ("ldlp", {"predictor": str(preds["ldlp"]), "stop_q": "0.2"}),
     ]

@@ -14,6 +14,12 @@ x_<i accepted). With P_i = prod_{j<=i} p_j and the online thresholds of
 
 All features depend on the draft distribution at position i, not on the sampled token,
 so dropping is lossless under sampling too. The tau trace is reported in stats.extra.
+
+Extra compute at difficult positions (``branch=on``, verified as a token tree by the
+engine): an extra candidate j (the next most likely draft tokens) at kept position i pays
+when the chain reaches i, x_i is rejected and j is accepted instead, weighed against its
+verify cost:  P_{i-1} * (1 - p_i) * q_j / (1 - q_top) * T > max(b, node_floor * T).
+Up to ``max_branch`` candidates pass; the fewer, the more confident the model.
 Ablations: ``adapt=false`` keeps tau fixed at ``tau``; ``mode=random`` drafts a uniformly
 random length in 1..k_max (no predictor).
 """
@@ -28,7 +34,7 @@ import torch
 from ..drafters.base import DraftNeeds
 from ..errors import PolicyArgumentError
 from ..predictors.costs import OnlineTau
-from ..predictors.features import RecentAcceptance, scalar_features
+from ..predictors.features import RecentAcceptance, entropy_and_top, scalar_features
 from ..predictors.models import Predictor, load_predictor
 from ..types import Action, DraftStep, RoundContext, RoundOutcome
 from . import register
@@ -48,6 +54,9 @@ class ContextPolicy(Policy):
         k_max: upper bound on the draft length (default 16).
         mode: "model" (default) or "random" (ablation: random length, no predictor).
         seed: RNG seed of mode=random.
+        branch: propose extra candidates at difficult positions (default off).
+        max_branch: at most this many extra candidates per position (default 3).
+        node_floor: minimum verify cost of a tree node as a fraction of T (default 0.05).
     """
 
     name = "context"
@@ -59,19 +68,30 @@ class ContextPolicy(Policy):
     k_max: int = 16
     mode: str = "model"
     seed: int = 0
+    branch: bool = False  # replaced by the hook in __post_init__ (see there)
+    max_branch: int = 3
+    node_floor: float = 0.05
     _pred: Predictor | None = field(default=None, init=False, repr=False)
     _costs: OnlineTau | None = field(default=None, init=False, repr=False)
     _recent: RecentAcceptance = field(default_factory=RecentAcceptance, init=False, repr=False)
     _prod: float = field(default=1.0, init=False, repr=False)
     _rng: random.Random = field(default_factory=random.Random, init=False, repr=False)
     _probs: list = field(default_factory=list, init=False, repr=False)
+    _last: tuple = field(default=(1.0, 1.0), init=False, repr=False)  # (P_{i-1}, p_i)
+    _branch_on: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.tau_min <= self.tau <= self.tau_max < 1 or self.k_max < 1:
             raise PolicyArgumentError(
                 f"context: need 0 < tau_min <= tau <= tau_max < 1 and k_max >= 1; got {self}")
+        if self.max_branch < 0 or self.node_floor < 0:
+            raise PolicyArgumentError("context: max_branch and node_floor must be >= 0")
         if self.mode not in ("model", "random"):
             raise PolicyArgumentError(f"context: mode must be 'model' or 'random', got {self.mode!r}")
+        # The argument is called ``branch`` (``--policy-arg branch=on``) and so is the engine's
+        # hook Policy.branch(step); keep the flag and expose the hook under that name.
+        self._branch_on = bool(self.branch)
+        self.branch = self.extra_candidates  # type: ignore[assignment]
         self._costs = OnlineTau(self.tau, self.tau_min, self.tau_max)
         if self.mode == "model":
             self._pred = load_predictor(self.predictor, "context")
@@ -110,6 +130,7 @@ class ContextPolicy(Policy):
         if self.mode == "random":
             return Action.CONTINUE
         p = self.predict(step)
+        self._last = (self._prod, p)
         self._prod *= p
         tau = self.current_tau
         tau_keep = self._costs.tau_keep if self.adapt else 0.0
@@ -118,6 +139,24 @@ class ContextPolicy(Policy):
         if self._prod * p < tau:
             return Action.STOP
         return Action.CONTINUE
+
+    def extra_candidates(self, step: DraftStep) -> int:
+        """Extra candidates beside ``step.token`` at this kept position (rule in the module doc)."""
+        if not self._branch_on or self.mode != "model" or self.max_branch == 0:
+            return 0
+        c = self._costs
+        if c.T <= 0:
+            return 0
+        prev, p = self._last
+        top = entropy_and_top(step.logits, self.max_branch + 1)[1].tolist()  # q_top, q_2, ...
+        rest = max(1e-6, 1.0 - top[0])
+        node_cost = max(c.slope, self.node_floor * c.T)
+        n = 0
+        for q in top[1:]:
+            if prev * (1.0 - p) * (q / rest) * c.T <= node_cost:
+                break
+            n += 1
+        return n
 
     def observe(self, outcome: RoundOutcome) -> None:
         k, m = len(outcome.draft.tokens), outcome.verdict.accepted

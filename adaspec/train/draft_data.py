@@ -325,6 +325,8 @@ def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Pa
     todo = [p for p in prompts if p.key not in done]
     # Long prompts cost as much per token as generated ones; skip them (never truncate:
     # a cut chat prompt would lose its generation prompt).
+    if not todo:
+        return 0
     lens = [len(ids) for ids in tokenizer([p.text for p in todo], add_special_tokens=False)["input_ids"]]
     todo = [p for p, n in zip(todo, lens, strict=True) if n <= max_prompt_tokens]
     tokenizer.padding_side = "left"

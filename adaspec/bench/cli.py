@@ -91,9 +91,18 @@ def _print_tables(summary: dict[str, Any], out: Path) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Entry point of ``adaspec bench``; returns the exit code (user errors raise)."""
+    try:
+        return _run_bench(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished rows are kept in results.jsonl (rerun the same command with "
+              "the same --out to resume)", file=sys.stderr)
+        return 130
+
+
+def _run_bench(args: argparse.Namespace) -> int:
     if args.quick:
         return run_quick_demo(out=args.out, threads=args.threads, dtype=args.dtype, target=args.target,
-                              draft=args.draft)
+                              draft=args.draft, progress=not args.no_progress)
     out = Path(args.out or f"runs/bench-{args.dataset.replace(':', '_').replace('/', '_')}-{args.split}")
     if args.report_only:
         if not (out / "results.jsonl").is_file():
@@ -106,12 +115,7 @@ def run_bench(args: argparse.Namespace) -> int:
                       dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                       out=str(out), target=args.target, draft=args.draft, chat=args.chat,
                       progress=not args.no_progress, command=_command())
-    try:
-        summary = run_benchmark(cfg)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished rows are in {out / 'results.jsonl'} (rerun the same command "
-              "to resume)", file=sys.stderr)
-        return 130
+    summary = run_benchmark(cfg)
     _print_tables(summary, out)
     return 0
 
@@ -135,7 +139,7 @@ def _policy_ready(name: str) -> bool:
 
 
 def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "bf16",
-                   target: str = "default", draft: str = "default") -> int:
+                   target: str = "default", draft: str = "default", progress: bool = True) -> int:
     """``make run``: a few mixed test prompts on the default pair; prints the table.
 
     Methods: ar, hf, fixed:3, fixed:5, and ``context`` when that policy is registered.
@@ -145,7 +149,7 @@ def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: st
     folder = Path(out or time.strftime("runs/quick-%Y%m%d-%H%M%S"))
     cfg = BenchConfig(methods=methods, dataset="mix", split="test", limit=QUICK_LIMIT,
                       max_new_tokens=QUICK_MAX_NEW, dtype=dtype, threads=threads, warmup=1, repeats=1,
-                      out=str(folder), target=target, draft=draft,
+                      out=str(folder), target=target, draft=draft, progress=progress,
                       command=f"adaspec bench --quick  # = adaspec bench --dataset mix "
                       f"--split test --limit {QUICK_LIMIT} --max-new-tokens {QUICK_MAX_NEW} "
                       f"--methods {methods} --out {folder}")

@@ -165,3 +165,13 @@ def test_mismatch_margins(pair, tmp_path):
     assert m["first_diff"] == 1 and m["ar_token"] == 41 and m["method_token"] == 43
     assert m["top2_gap"] >= 0 and isinstance(m["logit_gap"], float)
     assert "top-2 logit gap" in (tmp_path / "report.md").read_text()
+
+
+def test_sampling_run_reports_no_identity(pair, tmp_path):
+    target, draft = pair
+    summary = run_benchmark(_cfg(tmp_path, methods="ar,fixed:2,hf", temperature=0.8, warmup=0,
+                                 max_new_tokens=12), prompts=PROMPTS[:2], target=target, draft=draft)
+    for m, e in summary["methods"].items():
+        assert e["identical_to_ar_rate"] is None, m
+        assert e["n"] == 2 and e["tokens_per_s"] > 0
+    assert summary["mismatches"] == []

@@ -132,6 +132,8 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
         "verify_pct": 100 * sum(p["verify_s"] for p in ps) / wall if wall and staged else None,
         "identical_to_ar_rate": (statistics.fmean(same) if same else None) if greedy else None,
         "new_tokens": new,
+        "wasted_draft_tokens_per_token": _ratio(sum(p["drafted_tokens"] - p["accepted_tokens"] for p in ps),
+                                                new),
         "accept_hist": hist,
         "per_position_acceptance": [a / d if d else 0.0
                                     for a, d in zip(pos_a + [0] * len(pos_d), pos_d, strict=False)],
@@ -239,6 +241,22 @@ def category_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def details_table(summary: dict[str, Any], positions: int = 8) -> str:
+    """Stage times, wasted draft tokens and per-position acceptance per method."""
+    head = " | ".join(f"p{i + 1}" for i in range(positions))
+    lines = [f"| method | draft % | verify % | policy % | wasted draft tokens / token | {head} |",
+             "|---|---:|---:|---:|---:|" + "---:|" * positions]
+    for m, e in summary["methods"].items():
+        if m == "ar":
+            continue
+        ppa = e.get("per_position_acceptance") or []
+        cells = " | ".join(_pct(ppa[i]) if i < len(ppa) else "–" for i in range(positions))
+        wasted = _f(e.get("wasted_draft_tokens_per_token"), ".2f")
+        lines.append(f"| `{m}` | {_f(e.get('draft_pct'), '.0f')} | {_f(e.get('verify_pct'), '.0f')} | "
+                     f"{_f(e.get('overhead_pct'), '.1f')} | {wasted} | {cells} |")
+    return "\n".join(lines)
+
+
 def render_report(summary: dict[str, Any], plots: list[str]) -> str:
     meta = summary.get("meta", {})
     cfg = meta.get("config", {})
@@ -255,7 +273,10 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
             "Speed-up: mean over prompts of tokens/s(method) / tokens/s(ar) on the same prompt "
             "(Spec-Bench). τ: tokens per target forward. Acceptance: accepted / drafted "
             "(depends on the draft length). Identical: share of prompts whose greedy output equals "
-            "`ar` token for token.", "", "## Per category", "", category_table(summary), ""]
+            "`ar` token for token.", "", "## Per category", "", category_table(summary), "",
+            "## Details", "", details_table(summary), "",
+            "Stage times are shares of wall time (`–` for `hf`: transformers does not expose them). "
+            "pN: P(draft token N accepted | tokens before it accepted).", ""]
     mism = summary.get("mismatches") or []
     if mism:
         out += ["## Outputs that differ from `ar`", "",
@@ -305,5 +326,5 @@ def report_only(out: str | Path) -> dict[str, Any]:
     return write_outputs(out, rows, meta)
 
 
-__all__ = ["category_table", "markdown_table", "per_prompt", "read_results", "render_report",
+__all__ = ["category_table", "details_table", "markdown_table", "per_prompt", "read_results", "render_report",
            "report_only", "running_speedups", "summarize", "write_outputs"]

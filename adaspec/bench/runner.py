@@ -264,6 +264,7 @@ def run_benchmark(
 
     bar = _progress(len(todo), cfg.progress)
     new_rows = 0
+    finished = False
     try:
         with results.open("a", encoding="utf-8") as fh:
             for prompt, spec, rep in todo:
@@ -284,11 +285,12 @@ def run_benchmark(
                     bar.set_postfix_str(_postfix(rows, specs))
                 if stop_after is not None and new_rows >= stop_after:
                     break
+        finished = True
     finally:
         if bar is not None:
             bar.close()
         if rows:
-            if not cfg.temperature:
+            if finished and not cfg.temperature:  # extra target forwards: not on Ctrl-C
                 explain_mismatches(out, rows, {p.id: p for p in prompts}, target, chat_for)
             write_outputs(out, rows, meta)
     return json.loads((out / "summary.json").read_text())

@@ -61,8 +61,11 @@ class ResidualHead(nn.Module):
 class ContextHead(nn.Module):
     """Context-aware difficulty predictor: one hidden layer on [h, scalars].
 
-    forward(h [..., d], s [..., n_scalar]) -> [...] logits. The hidden state is first
-    normalised (LayerNorm without affine) and projected; scalars enter the hidden layer too.
+    forward(h [..., d], s [..., n_scalar]) -> [...] logits. The hidden state is
+    normalised (LayerNorm without affine); the scalars are standardised with the training
+    set's statistics (buffers ``s_mean`` / ``s_std``) and feed both the hidden layer and
+    a linear skip to the output, so that a few strong scalar features (entropy, top-1
+    probability) are not drowned by the d hidden dimensions.
     """
 
     def __init__(self, d: int, n_scalar: int, width: int = 64) -> None:
@@ -70,10 +73,19 @@ class ContextHead(nn.Module):
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
         self.hidden = nn.Linear(d + n_scalar, width)
         self.out = nn.Linear(width, 1)
+        self.skip = nn.Linear(n_scalar, 1, bias=False)
+        self.register_buffer("s_mean", torch.zeros(n_scalar))
+        self.register_buffer("s_std", torch.ones(n_scalar))
+
+    def set_scalar_stats(self, s: torch.Tensor) -> None:
+        """Standardise scalars with the mean / std of ``s`` [N, n_scalar] (training rows)."""
+        self.s_mean.copy_(s.mean(0))
+        self.s_std.copy_(s.std(0).clamp_min(1e-3))
 
     def forward(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.norm(h), s], dim=-1)
-        return self.out(torch.relu(self.hidden(x))).squeeze(-1)
+        z = (s - self.s_mean) / self.s_std
+        x = torch.cat([self.norm(h), z], dim=-1)
+        return (self.out(torch.relu(self.hidden(x))) + self.skip(z)).squeeze(-1)
 
 
 class LengthHead(nn.Module):

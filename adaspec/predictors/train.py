@@ -3,7 +3,7 @@
 - specdecpp / context: binary cross-entropy on the hard label (x_i == target argmax),
   rejections weighted by ``rejection_weight`` (SpecDec++ uses ~6; default 6 for specdecpp,
   1 for context, whose probabilities feed a cost model and must stay calibrated), then
-  optional Platt scaling fitted on the dev split.
+  optional Platt scaling fitted on the dev split (``--calibrate platt``; off by default).
 - ldlp: cross-entropy over lengths 1..k (k = the collection's draft length); the label
   of a round is the next round's accepted length (clamped to 1..k).
 
@@ -31,10 +31,10 @@ DEV_MOD, DEV_REM = 7, 3
 
 
 def _fit(model: nn.Module, loss_fn, train: tuple, dev: tuple, *, epochs: int, lr: float, batch: int,
-         patience: int, seed: int) -> dict:
+         patience: int, seed: int, weight_decay: float = 1e-2) -> dict:
     """Adam with early stopping on the dev loss; restores the best weights. Returns a log."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(train[0])
     best, best_state, bad, log = math.inf, None, 0, []
     for _ in range(epochs):
@@ -69,7 +69,8 @@ def _split(prompt_of: torch.Tensor) -> torch.Tensor:
 
 def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr: float = 1e-3,
                     batch: int = 256, patience: int = 5, rejection_weight: float | None = None,
-                    calibrate: str | None = None, width: int = 0, seed: int = 0) -> Predictor:
+                    calibrate: str | None = None, width: int = 0, seed: int = 0,
+                    weight_decay: float = 0.5) -> Predictor:
     """Fit a ``kind`` head on the traces in ``traces`` and write it to ``out``."""
     if kind not in KINDS:
         raise InvalidArgumentError(f"unknown predictor kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -81,11 +82,11 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
     base = {"kind": kind, "pair": pair, "traces": {"path": str(traces), "args": meta["args"]}}
     if kind == "ldlp":
         pred = _train_ldlp(traces, meta, t, epochs=epochs, lr=lr, batch=batch, patience=patience,
-                           width=width or 128, seed=seed, base=base)
+                           width=width or 32, seed=seed, base=base)
         save_predictor(pred, out)
         return pred
     rw = rejection_weight if rejection_weight is not None else (6.0 if kind == "specdecpp" else 1.0)
-    calibrate = calibrate or ("none" if kind == "specdecpp" else "platt")
+    calibrate = calibrate or "none"
     h = t["tok_hidden"].float()
     s = t["tok_scalars"].float()
     y = t["tok_match"].float()
@@ -98,9 +99,11 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
         config = {"d": d, "blocks": 2, "width": width or d}
         feats = {"hidden": "draft_last_hidden", "scalars": [], "attention": False}
     else:
-        config = {"d": d, "n_scalar": s.shape[-1], "width": width or 64}
+        config = {"d": d, "n_scalar": s.shape[-1], "width": width or 8}
         feats = dict(features)
     head = build_head(kind, config)
+    if kind == "context":
+        head.set_scalar_stats(s[~dev])
 
     def logits_of(model: nn.Module, hh: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
         return model(hh) if kind == "specdecpp" else model(hh, ss)
@@ -111,7 +114,7 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
 
     tr = ~dev
     log = _fit(head, loss_fn, (h[tr], s[tr], y[tr]), (h[dev], s[dev], y[dev]),
-               epochs=epochs, lr=lr, batch=batch, patience=patience, seed=seed)
+               epochs=epochs, lr=lr, batch=batch, patience=patience, seed=seed, weight_decay=weight_decay)
     with torch.no_grad():
         z = logits_of(head, h[dev], s[dev])
     ev = dev & tried  # held-out tokens verified after an accepted prefix (what a policy faces)
@@ -119,14 +122,18 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
     raw = torch.sigmoid(zt)
     calib = (1.0, 0.0)
     if calibrate == "platt":
-        # fit on half of the dev prompts, report on the other half (no peeking)
+        # two-fold cross-fit over dev prompts: each half is scored with (a, b) fitted on the
+        # other half, so the reported metrics never see their own calibration data; the
+        # shipped (a, b) is fitted on the whole dev split
         half = (t["round_prompt"][t["tok_round"]][ev] // DEV_MOD) % 2 == 0
-        calib = fit_platt(zt[half], yt[half])
-        cal = torch.sigmoid(calib[0] * zt + calib[1])
-        metrics = {"raw": binary_report(raw[~half], yt[~half]),
-                   "calibrated": binary_report(cal[~half], yt[~half]),
-                   "note": "Platt (a, b) fitted on half of the dev prompts; metrics on the other half"}
-        curves = {"raw": (raw[~half], yt[~half]), "platt": (cal[~half], yt[~half])}
+        cal = torch.empty_like(raw)
+        for part in (half, ~half):
+            a, b = fit_platt(zt[~part], yt[~part]) if (~part).any() else (1.0, 0.0)
+            cal[part] = torch.sigmoid(a * zt[part] + b)
+        calib = fit_platt(zt, yt)
+        metrics = {"raw": binary_report(raw, yt), "calibrated": binary_report(cal, yt),
+                   "note": "Platt (a, b) cross-fitted over two halves of the dev prompts"}
+        curves = {"raw": (raw, yt), "platt": (cal, yt)}
     else:
         metrics = {"raw": binary_report(raw, yt)}
         curves = {"raw": (raw, yt)}

@@ -105,6 +105,7 @@ def test_oracle_accepts_everything_it_drafts(pair):
     for p in prompts(3):
         st = gen.generate(p, max_new_tokens=40).stats
         assert st.accepted_tokens == st.drafted_tokens
+        assert st.extra["oracle_diverged_at"] is None  # fp32: never leaves the reference
         assert st.tau > 1.0
 
 

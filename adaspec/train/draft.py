@@ -288,6 +288,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
 
     draft.train()
     tokens_seen = state["tokens_seen"] if state else 0
+    tokens_start = tokens_seen  # for this process's tokens/s after a resume
     t_start, t_ckpt = time.time(), time.time()
     bar = tqdm(total=args.steps, initial=step, file=sys.stderr, dynamic_ncols=True, desc="train-draft")
     while step < args.steps:
@@ -312,7 +313,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
         tokens_seen += int((labels >= 0).sum())
         el = time.time() - t_start
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / max(el, 1e-9):.0f}")
+        rate = (tokens_seen - tokens_start) / max(el, 1e-9)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
         if step % 50 == 0:
             eta = el / max(step - (state["step"] if state else 0), 1) * (args.steps - step)
             log(f"step {step}/{args.steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "

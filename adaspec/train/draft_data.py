@@ -343,13 +343,14 @@ def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Pa
             batch = group[b:b + batch_size]
             enc = tokenizer([p.text for p in batch], return_tensors="pt", padding=True,
                             add_special_tokens=False)
+            enc = enc.to(next(model.parameters()).device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                  eos_token_id=eos, top_p=None, top_k=None, temperature=None)
             plen = enc.input_ids.shape[1]
             rows = []
             for i, p in enumerate(batch):
-                prompt = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
-                resp = out[i, plen:].tolist()
+                prompt = enc.input_ids[i][enc.attention_mask[i].bool()].cpu().tolist()
+                resp = out[i, plen:].cpu().tolist()
                 if eos in resp:  # keep the EOS: predicting the end is part of drafting
                     resp = resp[:resp.index(eos) + 1]
                 rows.append({"prompt": prompt, "response": resp, "source": p.source, "key": p.key})

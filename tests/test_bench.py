@@ -105,6 +105,12 @@ def test_run_writes_all_outputs(pair, tmp_path):
         assert methods[m]["tau"] > 1.0
     assert methods["oracle"]["acceptance_rate"] == 1.0
     assert methods["hf"]["overhead_pct"] is None and methods["fixed:2"]["overhead_pct"] is not None
+    # hf statistics rebuilt from forward hooks add up: a round commits accepted + 1 tokens
+    for r in rows:
+        if r["method"].startswith("hf"):
+            assert r["accepted_tokens"] <= r["drafted_tokens"] == r["draft_forwards"]
+            assert r["new_tokens"] <= r["accepted_tokens"] + r["rounds"] <= r["new_tokens"] + r["turns"]
+            assert sum(r["accept_hist"]) == r["rounds"] == r["target_forwards"]
     # the multi-turn prompt ran two turns
     q2 = [r for r in rows if r["prompt_id"] == "q2"]
     assert all(len(r["token_ids"]) == 2 for r in q2)

@@ -297,13 +297,14 @@ def run_benchmark(
 
 
 def explain_mismatches(out: Path, rows: list[dict[str, Any]], prompts: dict[str, Prompt],
-                       target: LoadedModel, chat_for: Callable[[Prompt], bool], cap: int = 50) -> None:
+                       target: LoadedModel, chat_for: Callable[[Prompt], bool], cap: int = 20) -> None:
     """Tie margins of greedy outputs that differ from ``ar`` -> ``out/mismatch_margins.json``.
 
     For each mismatch, one target forward over the shared prefix gives the gap between
     the target's two best logits at the first differing position and the logit gap
     between ar's token and the method's token. A small gap is a near-tie that bf16
-    rounding can flip (DESIGN §4); a large one would point at a bug.
+    rounding can flip (DESIGN §4); a large one would point at a bug. At most ``cap`` new
+    mismatches per call (each costs a full forward without cache); a rerun adds more.
     """
     path = out / MARGINS_FILE
     known: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}

@@ -68,9 +68,10 @@ def engine_run(draft: str, sets: dict[str, list[tuple[list[int], list[int]]]], n
             taus.append(b.stats.tau)
             speedups.append(b.stats.tokens_per_s / max(a.stats.tokens_per_s, 1e-9))
             same += int(a.token_ids == b.token_ids)
-            for i, p in enumerate(b.stats.per_position_acceptance[:5]):
-                pos_acc[i] += p
-                pos_n[i] += 1
+            # pool the counts over prompts (a per-prompt rate is 0/0 where a position never came up)
+            for i in range(5):
+                pos_acc[i] += b.stats.pos_accepted[i] if i < len(b.stats.pos_accepted) else 0
+                pos_n[i] += b.stats.pos_drafted[i] if i < len(b.stats.pos_drafted) else 0
         out[cat] = {"prompts": len(taus), "tau": round(statistics.mean(taus), 3),
                     "speedup": round(statistics.mean(speedups), 3), "identical": same,
                     "per_position": [round(a / max(c, 1), 3) for a, c in zip(pos_acc, pos_n, strict=True)]}

@@ -120,6 +120,10 @@ def test_online_tau_bounds_and_direction():
     assert max(dear.trace[-12:]) - min(dear.trace[-12:]) < 0.05
     fresh = OnlineTau(tau0=0.4)
     assert fresh.tau == 0.4
+    # once identified, the slope survives a stretch of constant draft lengths
+    for _ in range(40):
+        dear.update(0.010 * 2, 2, 0.03 + 0.001 * 3, 3, 2)
+    assert abs(dear.slope - 0.001) < 2e-4
 
 
 def test_calibration_metrics():

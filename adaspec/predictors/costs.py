@@ -3,7 +3,8 @@
 Cost model, refreshed after every round with exponential moving averages (rate ``alpha``):
 - c_d: seconds per draft forward (draft_s / draft forwards; includes the predictor);
 - v(n) = a + b n: seconds of a verify forward over n tokens, b fitted by least squares on
-  decayed sufficient statistics of (n, verify_s) (b = 0 until n has varied);
+  decayed sufficient statistics of (n, verify_s) (b = 0 until n has varied; when the
+  policy settles on one length and n stops varying, the last identified b is kept);
 - T: seconds per committed token = EMA(draft_s + verify_s) / EMA(tokens committed).
 
 Drafting one more token i pays when P(x_1..x_i all accepted) * T > c_d + b, so the
@@ -33,11 +34,13 @@ class OnlineTau:
     _round_s: float = 0.0
     _committed: float = 0.0
     _rounds: int = 0
+    _last_slope: float = 0.0
 
     def reset(self) -> None:
         self.c_d = self.T = self._round_s = self._committed = 0.0
         self._s = [0.0] * 5
         self._rounds = 0
+        self._last_slope = 0.0
         self.trace = []
 
     def _ema(self, old: float, new: float) -> float:
@@ -61,6 +64,7 @@ class OnlineTau:
         self._s = [decay * s for s in self._s]
         for i, x in enumerate((1.0, n, n * n, v, n * v)):
             self._s[i] += x
+        self._last_slope = self.slope
         self.trace.append(round(self.tau, 4))
 
     @property
@@ -70,8 +74,8 @@ class OnlineTau:
         if w <= 0:
             return 0.0
         var = snn / w - (sn / w) ** 2
-        if var < 0.25:  # n has hardly varied: no slope information yet
-            return 0.0
+        if var < 0.25:  # n has hardly varied lately: keep the last identified slope
+            return self._last_slope
         cov = snv / w - (sn / w) * (sv / w)
         return max(0.0, cov / var)
 

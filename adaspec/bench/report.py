@@ -276,7 +276,8 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
             "`ar` token for token.", "", "## Per category", "", category_table(summary), "",
             "## Details", "", details_table(summary), "",
             "Stage times are shares of wall time (`–` for `hf`: transformers does not expose them). "
-            "pN: P(draft token N accepted | tokens before it accepted).", ""]
+            "pN: of the drafts that reached position N, the share whose first N tokens were all "
+            "accepted (pos_accepted / pos_drafted from GenerationStats).", ""]
     mism = summary.get("mismatches") or []
     if mism:
         out += ["## Outputs that differ from `ar`", "",

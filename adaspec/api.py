@@ -115,16 +115,6 @@ class SpeculativeGenerator:
             raise InvalidArgumentError(f"target {self.target.name!r} has no tokenizer; pass token ids")
         return self.target.tokenizer
 
-    def _eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        for src in (getattr(self.target.model, "generation_config", None), self.target.tokenizer):
-            eos = getattr(src, "eos_token_id", None)
-            if isinstance(eos, int):
-                ids.add(eos)
-            elif isinstance(eos, (list, tuple)):
-                ids.update(int(e) for e in eos)
-        return frozenset(ids)
-
     def _decode(self, ids: list[int]) -> str:
         if self.target.tokenizer is None:
             return ""
@@ -133,7 +123,7 @@ class SpeculativeGenerator:
     def _start(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat):
         ids = self.encode(prompt, chat=chat)
         stops = tuple([stop] if isinstance(stop, str) else (stop or ()))
-        rules = StopRules(max_new_tokens, self._eos_ids(), stops,
+        rules = StopRules(max_new_tokens, self.target.eos_ids, stops,
                           self._decode if stops else None)
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
         stats = GenerationStats()

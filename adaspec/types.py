@@ -157,8 +157,10 @@ class GenerationStats:
     accepted_tokens: int = 0
     rounds: int = 0
     accept_hist: list[int] = field(default_factory=list)  # accept_hist[m] = rounds with m accepted
-    pos_drafted: list[int] = field(default_factory=list)  # pos_drafted[i] = drafts reaching position i+1
-    pos_accepted: list[int] = field(default_factory=list)  # pos_accepted[i] = of those, accepted
+    # pos_tested[i]: rounds whose draft reached position i+1 with positions 1..i all accepted,
+    # so that token i+1 was actually put to the test; pos_accepted[i]: of those, accepted.
+    pos_tested: list[int] = field(default_factory=list)
+    pos_accepted: list[int] = field(default_factory=list)
     tree_nodes: int = 0  # draft tokens verified, extra candidates included
     branch_rounds: int = 0  # rounds that verified a tree (some extra candidates)
     branch_accepts: int = 0  # rounds where an extra candidate (not the chain token) was accepted
@@ -170,8 +172,8 @@ class GenerationStats:
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         _bump(self.accept_hist, accepted)
-        for i in range(drafted):
-            _bump(self.pos_drafted, i)
+        for i in range(min(drafted, accepted + 1)):
+            _bump(self.pos_tested, i)
             if i < accepted:
                 _bump(self.pos_accepted, i)
 
@@ -191,8 +193,8 @@ class GenerationStats:
     @property
     def per_position_acceptance(self) -> list[float]:
         """P(token i accepted | tokens < i accepted), i = 1..len."""
-        return [a / d if d else 0.0 for a, d in zip(self.pos_accepted + [0] * len(self.pos_drafted),
-                                                    self.pos_drafted)]
+        acc = self.pos_accepted + [0] * (len(self.pos_tested) - len(self.pos_accepted))
+        return [a / t if t else 0.0 for a, t in zip(acc, self.pos_tested)]
 
     def to_dict(self) -> dict:
         wall = self.wall_s or float("nan")

@@ -136,14 +136,22 @@ def test_stream_concatenates_to_text(tiny_pair):
 
 
 def test_stats_definitions(tiny_pair):
-    target, draft = tiny_pair
+    from conftest import perturbed
+
+    target, _ = tiny_pair
+    draft = loaded(perturbed(target.model, 0.05, seed=3), target.tokenizer)  # accepts often, not always
     s = SpeculativeGenerator(target, draft, "fixed", {"k": 4}).generate(
         prompt_ids(0), max_new_tokens=30).stats
     assert s.new_tokens == 30
     assert s.tau == pytest.approx(s.new_tokens / s.target_forwards)
     assert sum(s.accept_hist) == s.rounds == s.target_forwards
     assert sum(m * c for m, c in enumerate(s.accept_hist)) == s.accepted_tokens
-    assert s.pos_drafted[0] == s.rounds or s.pos_drafted[0] <= s.rounds
+    # position i+1 is tested exactly when tokens 1..i were accepted and the draft went further
+    for i, tested in enumerate(s.pos_tested):
+        assert tested <= sum(c for m, c in enumerate(s.accept_hist) if m >= i)
+    assert s.pos_accepted[0] == sum(c for m, c in enumerate(s.accept_hist) if m >= 1)
+    assert 0 < s.accepted_tokens < s.drafted_tokens
+    assert s.per_position_acceptance[0] == pytest.approx(s.pos_accepted[0] / s.pos_tested[0])
     assert 0 <= s.acceptance_rate <= 1
     assert s.wall_s >= s.draft_s + s.verify_s
     plain_stats = plain(target, prompt_ids(0), max_new_tokens=30).stats

@@ -47,7 +47,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32", "fp16"), help="default: bf16")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32", "fp16"),
+                   help="default: auto (bf16 on a GPU or a CPU with native bf16, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per method (default: 1)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method; the "
@@ -138,7 +139,7 @@ def _policy_ready(name: str) -> bool:
     return True
 
 
-def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "bf16",
+def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "auto",
                    target: str = "default", draft: str = "default", progress: bool = True) -> int:
     """``make run``: a few mixed test prompts on the default pair; prints the table.
 

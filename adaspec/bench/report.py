@@ -75,7 +75,7 @@ def per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
         for k in ("new_tokens", "wall_s", "target_forwards", "draft_forwards", "drafted_tokens",
                   "accepted_tokens", "policy_s", "draft_s", "verify_s"):
             agg[k] = sum(r.get(k, 0) or 0 for r in rs)
-        for k in ("accept_hist", "pos_drafted", "pos_accepted"):
+        for k in ("accept_hist", "pos_tested", "pos_accepted"):
             acc: list[int] = []
             for r in rs:
                 v = r.get(k) or []
@@ -112,7 +112,7 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
     pos_d: list[int] = []
     pos_a: list[int] = []
     for p in ps:
-        for name, acc in (("accept_hist", hist), ("pos_drafted", pos_d), ("pos_accepted", pos_a)):
+        for name, acc in (("accept_hist", hist), ("pos_tested", pos_d), ("pos_accepted", pos_a)):
             v = p[name]
             acc.extend([0] * (len(v) - len(acc)))
             for i, x in enumerate(v):
@@ -276,8 +276,8 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
             "`ar` token for token.", "", "## Per category", "", category_table(summary), "",
             "## Details", "", details_table(summary), "",
             "Stage times are shares of wall time (`–` for `hf`: transformers does not expose them). "
-            "pN: of the drafts that reached position N, the share whose first N tokens were all "
-            "accepted (pos_accepted / pos_drafted from GenerationStats).", ""]
+            "pN: P(token N accepted | tokens 1..N-1 accepted), over the rounds whose draft reached "
+            "position N (pos_accepted / pos_tested from GenerationStats).", ""]
     mism = summary.get("mismatches") or []
     if mism:
         out += ["## Outputs that differ from `ar`", "",

@@ -10,7 +10,7 @@ with different settings into the same folder is refused rather than mixed.
 
 Row fields: prompt_id, category, method, repeat, turns, new_tokens, wall_s,
 tokens_per_s, prefill_s / draft_s / verify_s / policy_s, target_forwards,
-draft_forwards, drafted_tokens, accepted_tokens, rounds, accept_hist, pos_drafted,
+draft_forwards, drafted_tokens, accepted_tokens, rounds, accept_hist, pos_tested,
 pos_accepted, tau, acceptance_rate, stop_reason (per turn), token_ids (per turn), extra
 (per turn, policy reports), calibration (optional: ``[[p_hat, accepted], ...]`` taken
 from a policy's ``report()["calibration"]``), cfg, ts.
@@ -60,7 +60,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int | None = 0
-    dtype: str = "bf16"
+    dtype: str = "auto"
     threads: int | None = None
     warmup: int = 1
     repeats: int = 1
@@ -79,15 +79,8 @@ class BenchConfig:
 
 
 def eos_ids(target: LoadedModel) -> frozenset[int]:
-    """EOS ids as adaspec's generator uses them: generation_config's plus the tokenizer's."""
-    ids: set[int] = set()
-    for src in (getattr(target.model, "generation_config", None), target.tokenizer):
-        eos = getattr(src, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    return frozenset(ids)
+    """EOS ids exactly as adaspec's generator uses them."""
+    return target.eos_ids
 
 
 def encode_turn(tokenizer: Any, prompt: Prompt, turn: int, answers: list[str], chat: bool) -> list[int]:
@@ -127,7 +120,7 @@ def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat:
     row: dict[str, Any] = {k: 0 for k in ("new_tokens", "target_forwards", "draft_forwards",
                                           "drafted_tokens", "accepted_tokens", "rounds")}
     row.update({k: 0.0 for k in ("wall_s", "prefill_s", "draft_s", "verify_s", "policy_s")})
-    row.update(accept_hist=[], pos_drafted=[], pos_accepted=[], stop_reason=[], token_ids=[], extra=[])
+    row.update(accept_hist=[], pos_tested=[], pos_accepted=[], stop_reason=[], token_ids=[], extra=[])
     answers: list[str] = []
     calibration: list[Any] = []
     for turn in range(len(prompt.turns)):
@@ -137,7 +130,7 @@ def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat:
         for k in ("new_tokens", "target_forwards", "draft_forwards", "drafted_tokens",
                   "accepted_tokens", "rounds", "wall_s", "prefill_s", "draft_s", "verify_s", "policy_s"):
             row[k] += getattr(s, k)
-        for k in ("accept_hist", "pos_drafted", "pos_accepted"):
+        for k in ("accept_hist", "pos_tested", "pos_accepted"):
             row[k] = _add(row[k], getattr(s, k))
         row["stop_reason"].append(s.stop_reason)
         row["token_ids"].append(res.token_ids)
@@ -172,7 +165,8 @@ def run_metadata(cfg: BenchConfig, target: LoadedModel, draft: LoadedModel | Non
     return {"target": target.name, "draft": draft.name if draft else None,
             "draft_vocab": getattr(getattr(draft.model, "config", None), "adaspec_draft", None)
             if draft else None,
-            "dtype": cfg.dtype, "threads": torch.get_num_threads(), "device": str(target.device),
+            "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "device": str(target.device),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "command": cfg.command, "config": asdict(cfg)}

@@ -71,7 +71,7 @@ def engine_run(draft: str, sets: dict[str, list[tuple[list[int], list[int]]]], n
             # pool the counts over prompts (a per-prompt rate is 0/0 where a position never came up)
             for i in range(5):
                 pos_acc[i] += b.stats.pos_accepted[i] if i < len(b.stats.pos_accepted) else 0
-                pos_n[i] += b.stats.pos_drafted[i] if i < len(b.stats.pos_drafted) else 0
+                pos_n[i] += b.stats.pos_tested[i] if i < len(b.stats.pos_tested) else 0
         out[cat] = {"prompts": len(taus), "tau": round(statistics.mean(taus), 3),
                     "speedup": round(statistics.mean(speedups), 3), "identical": same,
                     "per_position": [round(a / max(c, 1), 3) for a, c in zip(pos_acc, pos_n, strict=True)]}

@@ -142,7 +142,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_cli_parser_and_user_errors(tmp_path):
     args = _parse("--methods", "ar,fixed:5", "--limit", "3", "--no-chat", "--out", str(tmp_path))
     assert args.methods == "ar,fixed:5" and args.limit == 3 and args.chat is False
-    assert args.max_new_tokens == 128 and args.dtype == "bf16" and _parse().chat is None
+    assert args.max_new_tokens == 128 and args.dtype == "auto" and _parse().chat is None
     with pytest.raises(InvalidArgumentError, match="does not exist"):
         args.func(_parse("--report-only", "--out", str(tmp_path / "none")))
     with pytest.raises(MethodError, match="unknown method"):

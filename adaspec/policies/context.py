@@ -161,7 +161,8 @@ class ContextPolicy(Policy):
     def observe(self, outcome: RoundOutcome) -> None:
         k, m = len(outcome.draft.tokens), outcome.verdict.accepted
         self._recent.update(k, m)
-        self._costs.update(outcome.draft_s, outcome.draft.forwards, outcome.verify_s, k + 1, m + 1)
+        self._costs.update(outcome.draft_s, outcome.draft.forwards, outcome.verify_s,
+                           outcome.draft.tree_size + 1, m + 1)  # tree: candidates are verified too
 
     def report(self) -> dict:
         c = self._costs

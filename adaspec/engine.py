@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ from .errors import InvalidArgumentError, PromptTooLongError
 from .kv import ModelRunner
 from .policies.base import Policy
 from .sampling import SamplingConfig, processed_probs
-from .types import Action, Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome
+from .types import Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome
 from .verify import verify_greedy, verify_sampling, verify_tree
 
 
@@ -122,19 +123,19 @@ class Engine:
         policy_s = 0.0  # begin_round + observe + per-token decisions
         decide_s = 0.0  # the per-token part, spent inside drafting
 
-        def timed_decide(step: DraftStep) -> Action:
-            nonlocal decide_s
-            t = time.perf_counter()
-            action = policy.decide(step)
-            decide_s += time.perf_counter() - t
-            return action
+        def timed(hook: Callable[[DraftStep], Any]) -> Callable[[DraftStep], Any]:
+            """Wrap a per-token policy hook so its time counts as policy, not draft, time."""
 
-        def timed_branch(step: DraftStep) -> int:
-            nonlocal decide_s
-            t = time.perf_counter()
-            n = policy.branch(step)
-            decide_s += time.perf_counter() - t
-            return n
+            def call(step: DraftStep) -> Any:
+                nonlocal decide_s
+                t = time.perf_counter()
+                result = hook(step)
+                decide_s += time.perf_counter() - t
+                return result
+
+            return call
+
+        timed_decide, timed_branch = timed(policy.decide), timed(policy.branch)
 
         while True:
             # 1. budget: never draft past max_new_tokens (a round commits K + 1) or the context

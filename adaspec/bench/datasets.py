@@ -117,20 +117,29 @@ def _read_json_list(path: Path) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl_objects(path: Path, what: str = "JSON") -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file.
+
+    Raises:
+        DatasetError: a malformed line or one that is not an object, with its line number.
+    """
     out = []
-    with _need(path).open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
+                raise DatasetError(f"{path}:{lineno}: malformed {what} line ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise DatasetError(f"{path}:{lineno}: expected a JSON object")
             out.append((lineno, row))
     return out
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    return read_jsonl_objects(_need(path))
 
 
 def _join(instruction: str, extra: str) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .datasets import DatasetError
+from .datasets import DatasetError, read_jsonl_objects
 
 _REQUIRED = ("prompt_id", "category", "method", "repeat", "new_tokens", "wall_s")
 
@@ -39,18 +39,11 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DatasetError(f"results file {str(path)!r} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{lineno}: malformed results line ({exc.msg})") from None
-            missing = [k for k in _REQUIRED if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise DatasetError(f"{path}:{lineno}: results line lacks {', '.join(missing)}")
-            rows.append(row)
+    for lineno, row in read_jsonl_objects(path, "results"):
+        missing = [k for k in _REQUIRED if k not in row]
+        if missing:
+            raise DatasetError(f"{path}:{lineno}: results line lacks {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 

@@ -84,6 +84,7 @@ class SpeculativeGenerator:
                 draft, dtype=dtype, device=device, role="draft")
             check_vocab_compat(self.target, self.draft)
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
+        self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
         drafter = ModelDrafter(self.draft, self.target.vocab_size) if self.draft else None
         self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
                              drafter, self.policy)

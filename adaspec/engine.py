@@ -135,7 +135,7 @@ class Engine:
 
             return call
 
-        timed_decide, timed_branch = timed(policy.decide), timed(policy.branch)
+        timed_decide, timed_branch = timed(policy.decide), timed(policy.extra_candidates)
 
         while True:
             # 1. budget: never draft past max_new_tokens (a round commits K + 1) or the context

@@ -75,9 +75,10 @@ def test_predictor_for_another_pair_is_refused(traces, tmp_path):
     big_t, big_d = _wide_pair()
     with pytest.raises(PolicyArgumentError, match="train"):
         pred.check_pair(big_t, big_d)
-    gen = SpeculativeGenerator(big_t, big_d, "specdecpp", {"predictor": str(tmp_path / "p")})
+    # the generator refuses it when it is built, before any model runs
     with pytest.raises(PolicyArgumentError, match="hidden size"):
-        gen.generate([1, 2, 3], max_new_tokens=5)
+        SpeculativeGenerator(big_t, big_d, "specdecpp", {"predictor": str(tmp_path / "p")})
+    SpeculativeGenerator(t, d, "specdecpp", {"predictor": str(tmp_path / "p")})  # the right pair
 
 
 def _wide_pair():

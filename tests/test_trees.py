@@ -27,7 +27,7 @@ class BranchEvery(Policy):
     def begin_round(self, ctx: RoundContext) -> int:
         return self.k
 
-    def branch(self, step: DraftStep) -> int:
+    def extra_candidates(self, step: DraftStep) -> int:
         return self.b if step.index % self.every == 0 else 0
 
 

@@ -31,7 +31,7 @@ class Policy:
         """Keep drafting, stop after this token, or drop it."""
         return Action.CONTINUE
 
-    def branch(self, step: DraftStep) -> int:
+    def extra_candidates(self, step: DraftStep) -> int:
         """Extra candidates to verify beside ``step.token`` at this position (0 = none).
 
         The drafter adds the next most likely tokens of q at this position as leaves of
@@ -41,6 +41,16 @@ class Policy:
 
     def observe(self, outcome: RoundOutcome) -> None:
         """Learn from a verified round."""
+
+    def check_pair(self, target: object, draft: object) -> None:
+        """Raise :class:`PolicyArgumentError` if a learned part was trained for another pair.
+
+        ``target`` / ``draft`` are :class:`adaspec.models.LoadedModel` (either may be None).
+        Policies backed by a predictor keep it in ``self._pred``; others have nothing to check.
+        """
+        pred = getattr(self, "_pred", None)
+        if pred is not None:
+            pred.check_pair(target, draft)
 
     def report(self) -> dict:
         """Policy-specific statistics for GenerationStats.extra (e.g. threshold trace)."""

@@ -88,10 +88,7 @@ class ContextPolicy(Policy):
             raise PolicyArgumentError("context: max_branch and node_floor must be >= 0")
         if self.mode not in ("model", "random"):
             raise PolicyArgumentError(f"context: mode must be 'model' or 'random', got {self.mode!r}")
-        # The argument is called ``branch`` (``--policy-arg branch=on``) and so is the engine's
-        # hook Policy.branch(step); keep the flag and expose the hook under that name.
-        self._branch_on = bool(self.branch)
-        self.branch = self.extra_candidates  # type: ignore[assignment]
+        self._branch_on = bool(self.branch)  # ``--policy-arg branch=on|off``
         self._costs = OnlineTau(self.tau, self.tau_min, self.tau_max)
         if self.mode == "model":
             self._pred = load_predictor(self.predictor, "context")

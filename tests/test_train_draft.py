@@ -135,3 +135,27 @@ def test_subset_and_simulated_tau() -> None:
     assert st["agree"] == pytest.approx(8 / 9)
     # rounds: accept 5 + bonus (6 tokens: 1..6), then mismatch at 0 -> 1 token, then 1,2 -> 2 tokens
     assert st["tau"] == pytest.approx(9 / 3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_batch_matches_one_prompt_at_a_time(arch: str) -> None:
+    """Left-padded batched self-distillation == unbatched greedy, with rows ending at EOS early."""
+    from conftest import make_model
+
+    from adaspec.train.draft_data import greedy_batch
+
+    model = make_model(arch, seed=3)
+    prompts = [[5, 9, 3, 70, 12, 8, 4], [17, 2], [40, 41, 42, 43], [99]]
+    # the EOS is a token the model does produce, so some rows leave the batch early
+    ref_runs = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, top_p=None,
+                               top_k=None, temperature=None, eos_token_id=None)[0, len(p):].tolist()
+                for p in prompts]
+    eos = ref_runs[1][3]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = greedy_batch(model, ids, mask, 12, eos)
+    for run, got in zip(ref_runs, out):
+        want = run[:run.index(eos) + 1] if eos in run else run
+        assert got == want
+    assert any(len(o) < 12 for o in out) and any(len(o) == 12 for o in out)

@@ -81,6 +81,8 @@ def policy_specs(preds: dict[str, Path]) -> list[tuple[str, dict]]:
         ("context", {"predictor": str(preds["context"])}),
         ("context", {"predictor": str(preds["context"]), "adapt": "false", "tau": "0.3"}),
         ("context", {"predictor": str(preds["context"]), "branch": "on", "max_branch": "2"}),
+        ("context", {"predictor": str(preds["context"]), "branch": "on", "branch_rule": "always",
+                     "max_branch": "1"}),
         ("context", {"mode": "random", "k_max": "5"}),
         ("ldlp", {"predictor": str(preds["ldlp"]), "stop_q": "0.2"}),
     ]
@@ -237,6 +239,8 @@ def test_policy_arguments_are_checked():
         make_policy("confidence", {"t": "2"})
     with pytest.raises(PolicyArgumentError):
         make_policy("context", {"mode": "bogus"})
+    with pytest.raises(PolicyArgumentError):
+        make_policy("context", {"branch_rule": "sometimes"})
     with pytest.raises(PolicyArgumentError):
         make_policy("entropy", {"nope": "1"})
 

@@ -21,7 +21,8 @@ when the chain reaches i, x_i is rejected and j is accepted instead, weighed aga
 verify cost:  P_{i-1} * (1 - p_i) * q_j / (1 - q_top) * T > max(b, node_floor * T).
 Up to ``max_branch`` candidates pass; the fewer, the more confident the model.
 Ablations: ``adapt=false`` keeps tau fixed at ``tau``; ``mode=random`` drafts a uniformly
-random length in 1..k_max (no predictor).
+random length in 1..k_max (no predictor); ``branch_rule=always`` spends the extra candidates
+without difficulty prediction: ``max_branch`` of them at every kept position.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class ContextPolicy(Policy):
         seed: RNG seed of mode=random.
         branch: propose extra candidates at difficult positions (default off).
         max_branch: at most this many extra candidates per position (default 3).
+        branch_rule: "cost" (default: the rule in the module doc) or "always" (ablation:
+            ``max_branch`` candidates at every kept position).
         node_floor: minimum verify cost of a tree node as a fraction of T (default 0.05).
     """
 
@@ -70,6 +73,7 @@ class ContextPolicy(Policy):
     seed: int = 0
     branch: bool = False  # replaced by the hook in __post_init__ (see there)
     max_branch: int = 3
+    branch_rule: str = "cost"
     node_floor: float = 0.05
     _pred: Predictor | None = field(default=None, init=False, repr=False)
     _costs: OnlineTau | None = field(default=None, init=False, repr=False)
@@ -86,6 +90,9 @@ class ContextPolicy(Policy):
                 f"context: need 0 < tau_min <= tau <= tau_max < 1 and k_max >= 1; got {self}")
         if self.max_branch < 0 or self.node_floor < 0:
             raise PolicyArgumentError("context: max_branch and node_floor must be >= 0")
+        if self.branch_rule not in ("cost", "always"):
+            raise PolicyArgumentError(
+                f"context: branch_rule must be 'cost' or 'always', got {self.branch_rule!r}")
         if self.mode not in ("model", "random"):
             raise PolicyArgumentError(f"context: mode must be 'model' or 'random', got {self.mode!r}")
         self._branch_on = bool(self.branch)  # ``--policy-arg branch=on|off``
@@ -141,6 +148,8 @@ class ContextPolicy(Policy):
         """Extra candidates beside ``step.token`` at this kept position (rule in the module doc)."""
         if not self._branch_on or self.mode != "model" or self.max_branch == 0:
             return 0
+        if self.branch_rule == "always":
+            return self.max_branch
         c = self._costs
         if c.T <= 0:
             return 0

@@ -66,7 +66,8 @@ def add_collect_parser(sub: argparse._SubParsersAction) -> None:
                                    "and write per-token features and labels (see adaspec.predictors.traces).")
     p.add_argument("--target", default="default")
     p.add_argument("--draft", default="default")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="auto: bf16 on CUDA or a CPU with native bf16, else fp32 (default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dataset", action="append", default=[], metavar="NAME[:SPLIT]",

@@ -214,3 +214,29 @@ def test_cli_parsers(tmp_path, pair):
                               "--out", str(tmp_path / "o")])
     with pytest.raises(InvalidArgumentError, match="trace"):
         args.func(args)
+
+
+def test_replay_traces_equal_engine_traces_on_tried_positions(pair, tmp_path):
+    """collect --replay records exactly what the engine records at every tried position."""
+    from adaspec.predictors.replay import collect_replay
+
+    ps = prompts(6, seed=21)
+    collect(*pair, ps, tmp_path / "eng", k=4, max_new_tokens=16, shard_size=3, attention=True,
+            progress=False)
+    collect_replay(*pair, ps, tmp_path / "rep", k=4, max_new_tokens=16, shard_size=3, attention=True,
+                   progress=False, batch_size=4)
+    _, e = load_traces(tmp_path / "eng")
+    meta, r = load_traces(tmp_path / "rep")
+    assert meta["args"]["replay"] and bool(r["tok_tried"].all())
+    keep_r = e["round_k"] > 0
+    for key in ("round_prompt", "round_accepted", "round_token"):
+        assert torch.equal(e[key][keep_r], r[key]), key
+    assert torch.allclose(e["round_hidden"][keep_r].float(), r["round_hidden"].float(), atol=1e-2)
+    tried = e["tok_tried"].bool()
+    assert int(tried.sum()) == r["tok_match"].numel() and r["tok_match"].numel() > 20
+    for key in ("tok_match", "tok_pos"):
+        assert torch.equal(e[key][tried], r[key]), key
+    assert 0 < int(r["tok_match"].sum()) < r["tok_match"].numel()  # both labels occur
+    assert torch.allclose(e["tok_scalars"][tried], r["tok_scalars"], atol=1e-4)
+    assert torch.allclose(e["tok_hidden"][tried].float(), r["tok_hidden"].float(), atol=1e-2)
+    assert torch.allclose(e["tok_soft"][tried], r["tok_soft"], atol=1e-4)

@@ -45,9 +45,9 @@ class AttentionProbe:
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         h = kwargs.get("hidden_states", args[0] if args else None)
-        self._h = h[:, -1:].detach()  # [1, 1, d]
+        self._h = h.detach()  # [1, T, d]: every query of the last forward
         pe = kwargs.get("position_embeddings")
-        self._pos = (pe[0][:, -1:].detach(), pe[1][:, -1:].detach()) if pe is not None else None
+        self._pos = (pe[0].detach(), pe[1].detach()) if pe is not None else None  # [1, T, hd] each
 
     def remove(self) -> None:
         self._handle.remove()
@@ -55,15 +55,25 @@ class AttentionProbe:
     @torch.inference_mode()
     def concentration(self, cache) -> float:
         """mean over heads of the max attention weight of the last forward's newest query."""
+        return float(self.concentrations(cache, 1)[0])
+
+    @torch.inference_mode()
+    def concentrations(self, cache, n: int) -> torch.Tensor:
+        """[n] concentrations of the last forward's newest ``n`` queries (causal: query j of
+        the last forward sees the cached keys up to its own position)."""
         if self._h is None or self._pos is None:
             raise RuntimeError("AttentionProbe: no forward captured")
         a = self.attn
-        q = a.q_proj(self._h).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, H, 1, hd]
+        h = self._h[:, -n:]  # [1, n, d]
+        q = a.q_proj(h).view(1, n, -1, self.head_dim).transpose(1, 2)  # [1, H, n, hd]
         if getattr(a, "q_norm", None) is not None:
             q = a.q_norm(q)
-        cos, sin = (t.unsqueeze(1) for t in self._pos)  # [1, 1, 1, hd]
+        cos, sin = (t[:, -n:].unsqueeze(1) for t in self._pos)  # [1, 1, n, hd]
         q = q * cos + _rotate_half(q) * sin
         k = cache.layers[self.layer_index].keys  # [1, KVH, S, hd] (RoPE applied)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [1, H, S, hd]
-        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * a.scaling, dim=-1)  # [1, H, 1, S]
-        return float(w.amax(dim=-1).mean())
+        s = k.shape[2]
+        z = (q.float() @ k.float().transpose(-1, -2)) * a.scaling  # [1, H, n, S]
+        future = torch.arange(s, device=z.device)[None, :] > torch.arange(s - n, s, device=z.device)[:, None]
+        w = torch.softmax(z.masked_fill(future, float("-inf")), dim=-1)  # [1, H, n, S]
+        return w.amax(dim=-1).mean(dim=1)[0]  # [n]

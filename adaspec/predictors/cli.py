@@ -51,9 +51,15 @@ def run_collect(args: argparse.Namespace) -> int:
     if gen.draft is None:
         raise InvalidArgumentError("collect needs a draft model (--draft)")
     prompts, source = _prompts(gen, args)
-    meta = collect(gen.target, gen.draft, prompts, Path(args.out), k=args.k,
-                   max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
-                   attention=args.attention, source=source, progress=not args.quiet)
+    kw = dict(k=args.k, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
+              attention=args.attention, source=source, progress=not args.quiet)
+    if args.replay:
+        from .replay import collect_replay
+
+        meta = collect_replay(gen.target, gen.draft, prompts, Path(args.out), batch_size=args.batch_size,
+                              **kw)
+    else:
+        meta = collect(gen.target, gen.draft, prompts, Path(args.out), **kw)
     tokens = sum(s["tokens"] for s in meta["shards"])
     rounds = sum(s["rounds"] for s in meta["shards"])
     print(f"wrote {len(meta['shards'])} shards, {rounds} rounds, {tokens} drafted tokens to {args.out}")
@@ -80,6 +86,10 @@ def add_collect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=16, help="prompts per shard (resume granularity)")
     p.add_argument("--attention", action="store_true",
                    help="also record the draft's last-layer attention concentration (slower drafting)")
+    p.add_argument("--replay", action="store_true",
+                   help="greedy traces by replaying fixed-K rounds over the target's batched greedy "
+                        "continuations (no engine run; records tried positions only; ~10x cheaper)")
+    p.add_argument("--batch-size", type=int, default=16, help="--replay: prompts per batched generation")
     p.add_argument("--out", required=True, help="trace directory (resumed if it exists)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_collect)

@@ -181,3 +181,12 @@ def test_sampling_run_reports_no_identity(pair, tmp_path):
         assert e["identical_to_ar_rate"] is None, m
         assert e["n"] == 2 and e["tokens_per_s"] > 0
     assert summary["mismatches"] == []
+
+
+def test_verify_cost_measures_every_size():
+    from conftest import make_model
+
+    from adaspec.bench.verify_cost import measure
+
+    med = measure(make_model("llama"), [1, 3, 8], context=20, repeats=2, vocab=200)
+    assert set(med) == {1, 3, 8} and all(v > 0 for v in med.values())

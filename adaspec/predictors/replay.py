@@ -23,8 +23,6 @@ target-seconds per tried position than engine collection on CPU.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -33,8 +31,8 @@ from ..errors import InvalidArgumentError
 from ..kv import ModelRunner
 from ..models import LoadedModel
 from ..types import DraftStep
-from .features import SCALAR_FEATURES, RecentAcceptance, scalar_features, soft_label
-from .traces import TRACE_FORMAT, RecorderPolicy, _atomic_json, pair_info
+from .features import RecentAcceptance, scalar_features, soft_label
+from .traces import RecorderPolicy, _atomic_json, open_trace_dir, write_shard
 
 
 @torch.inference_mode()
@@ -135,31 +133,15 @@ def collect_replay(
 
     Same output and resume rules as :func:`adaspec.predictors.traces.collect`.
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from ..train.draft_data import greedy_batch
 
     if k < 1 or shard_size < 1 or max_new_tokens < 1 or batch_size < 1:
         raise InvalidArgumentError("collect: k, shard_size, batch size and max_new_tokens must be >= 1")
-    out.mkdir(parents=True, exist_ok=True)
     args = {"k": k, "max_new_tokens": max_new_tokens, "shard_size": shard_size, "attention": attention,
             "n_prompts": len(prompts), "source": source, "sampling": "greedy", "replay": True}
-    meta = {"format": TRACE_FORMAT, "pair": pair_info(target, draft), "args": args,
-            "features": {"hidden": "draft_last_hidden", "scalars": list(SCALAR_FEATURES),
-                         "attention": attention},
-            "shards": [], "complete": False}
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old.get("pair") != meta["pair"] or old.get("args") != args:
-            raise InvalidArgumentError(
-                f"{out} holds traces of another model pair or other arguments; use a new --out")
-        meta["shards"] = old.get("shards", [])
-    emb_path = out / "target_embed.safetensors"
-    if not emb_path.is_file():
-        emb = target.model.get_input_embeddings().weight.detach().to(torch.float16).cpu().contiguous()
-        save_file({"embed": emb}, str(emb_path))
+    meta = open_trace_dir(target, draft, out, args)
     done = sum(s["prompts"][1] - s["prompts"][0] for s in meta["shards"])
     rec = RecorderPolicy(k=k, attention=attention)
     eos = sorted(target.eos_ids)
@@ -181,15 +163,8 @@ def collect_replay(
                 rec.prompt_index = b + i
                 replay_prompt(target, draft, p, resp, rec, k, attention)
                 bar.update(1)
-        name = f"shard-{len(meta['shards']):05d}.safetensors"
-        tensors = rec.tensors()
-        save_file(tensors, str(out / (name + ".tmp")))
-        os.replace(out / (name + ".tmp"), out / name)
-        meta["shards"].append({"file": name, "prompts": [start, end],
-                               "tokens": int(tensors["tok_match"].numel()),
-                               "rounds": int(tensors["round_k"].numel())})
-        _atomic_json(meta_path, meta)
+        write_shard(out, meta, rec, start, end)
     bar.close()
     meta["complete"] = True
-    _atomic_json(meta_path, meta)
+    _atomic_json(out / "meta.json", meta)
     return meta

@@ -171,19 +171,44 @@ def collect(
     Returns the final meta dict. Raises InvalidArgumentError when ``out`` holds traces of
     another pair or other arguments.
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from ..api import SpeculativeGenerator
 
     if k < 1 or shard_size < 1 or max_new_tokens < 1:
         raise InvalidArgumentError("collect: k, shard_size and max_new_tokens must be >= 1")
-    out.mkdir(parents=True, exist_ok=True)
     args = {"k": k, "max_new_tokens": max_new_tokens, "shard_size": shard_size, "attention": attention,
             "n_prompts": len(prompts), "source": source, "sampling": "greedy"}
+    meta = open_trace_dir(target, draft, out, args)
+    done = sum(s["prompts"][1] - s["prompts"][0] for s in meta["shards"])
+    rec = RecorderPolicy(k=k, attention=attention)
+    gen = SpeculativeGenerator(target, draft, rec)
+    bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect", unit="prompt")
+    for start in range(done, len(prompts), shard_size):
+        end = min(start + shard_size, len(prompts))
+        rec.clear()
+        for i in range(start, end):
+            rec.prompt_index = i
+            gen.generate(prompts[i], max_new_tokens=max_new_tokens)
+            bar.update(1)
+        write_shard(out, meta, rec, start, end)
+    bar.close()
+    meta["complete"] = True
+    _atomic_json(out / "meta.json", meta)
+    return meta
+
+
+def open_trace_dir(target: LoadedModel, draft: LoadedModel, out: Path, args: dict) -> dict:
+    """Create (or reopen, to resume) a trace directory; returns its meta with finished shards.
+
+    Raises InvalidArgumentError when ``out`` holds traces of another pair or other ``args``.
+    """
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": TRACE_FORMAT, "pair": pair_info(target, draft), "args": args,
             "features": {"hidden": "draft_last_hidden", "scalars": list(SCALAR_FEATURES),
-                         "attention": attention},
+                         "attention": bool(args["attention"])},
             "shards": [], "complete": False}
     meta_path = out / "meta.json"
     if meta_path.is_file():
@@ -196,29 +221,22 @@ def collect(
     if not emb_path.is_file():
         emb = target.model.get_input_embeddings().weight.detach().to(torch.float16).cpu().contiguous()
         save_file({"embed": emb}, str(emb_path))
-    done = sum(s["prompts"][1] - s["prompts"][0] for s in meta["shards"])
-    rec = RecorderPolicy(k=k, attention=attention)
-    gen = SpeculativeGenerator(target, draft, rec)
-    bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect", unit="prompt")
-    for start in range(done, len(prompts), shard_size):
-        end = min(start + shard_size, len(prompts))
-        rec.clear()
-        for i in range(start, end):
-            rec.prompt_index = i
-            gen.generate(prompts[i], max_new_tokens=max_new_tokens)
-            bar.update(1)
-        name = f"shard-{len(meta['shards']):05d}.safetensors"
-        tensors = rec.tensors()
-        save_file(tensors, str(out / (name + ".tmp")))
-        os.replace(out / (name + ".tmp"), out / name)
-        meta["shards"].append({"file": name, "prompts": [start, end],
-                               "tokens": int(tensors["tok_match"].numel()),
-                               "rounds": int(tensors["round_k"].numel())})
-        _atomic_json(meta_path, meta)
-    bar.close()
-    meta["complete"] = True
-    _atomic_json(meta_path, meta)
     return meta
+
+
+def write_shard(out: Path, meta: dict, rec: RecorderPolicy, start: int, end: int) -> None:
+    """Write ``rec``'s rows for prompts [start, end) as the next shard (atomically) and
+    record it in ``meta.json``."""
+    from safetensors.torch import save_file
+
+    name = f"shard-{len(meta['shards']):05d}.safetensors"
+    tensors = rec.tensors()
+    save_file(tensors, str(out / (name + ".tmp")))
+    os.replace(out / (name + ".tmp"), out / name)
+    meta["shards"].append({"file": name, "prompts": [start, end],
+                           "tokens": int(tensors["tok_match"].numel()),
+                           "rounds": int(tensors["round_k"].numel())})
+    _atomic_json(out / "meta.json", meta)
 
 
 def load_traces(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -10,7 +10,9 @@ with different settings into the same folder is refused rather than mixed.
 
 Row fields: prompt_id, category, method, repeat, turns, new_tokens, wall_s,
 tokens_per_s, prefill_s / draft_s / verify_s / policy_s, target_forwards,
-draft_forwards, drafted_tokens, accepted_tokens, rounds, accept_hist, pos_tested,
+draft_forwards, drafted_tokens, accepted_tokens, rounds, tree_nodes / branch_rounds /
+branch_accepts (token trees: verified draft tokens incl. extra candidates, rounds with a
+tree, rounds won by an extra candidate), accept_hist, pos_tested,
 pos_accepted, tau, acceptance_rate, stop_reason (per turn), token_ids (per turn), extra
 (per turn, policy reports), calibration (optional: ``[[p_hat, accepted], ...]`` taken
 from a policy's ``report()["calibration"]``), cfg, ts.
@@ -117,8 +119,9 @@ def _add(a: list[int], b: list[int]) -> list[int]:
 
 def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat: bool) -> dict[str, Any]:
     """All turns of ``prompt`` with one method -> the summed statistics of one results row."""
-    row: dict[str, Any] = {k: 0 for k in ("new_tokens", "target_forwards", "draft_forwards",
-                                          "drafted_tokens", "accepted_tokens", "rounds")}
+    counts = ("new_tokens", "target_forwards", "draft_forwards", "drafted_tokens", "accepted_tokens",
+              "rounds", "tree_nodes", "branch_rounds", "branch_accepts")
+    row: dict[str, Any] = {k: 0 for k in counts}
     row.update({k: 0.0 for k in ("wall_s", "prefill_s", "draft_s", "verify_s", "policy_s")})
     row.update(accept_hist=[], pos_tested=[], pos_accepted=[], stop_reason=[], token_ids=[], extra=[])
     answers: list[str] = []
@@ -127,8 +130,7 @@ def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat:
         ids = encode_turn(tokenizer, prompt, turn, answers, chat)
         res = runner.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.seed)
         s = res.stats
-        for k in ("new_tokens", "target_forwards", "draft_forwards", "drafted_tokens",
-                  "accepted_tokens", "rounds", "wall_s", "prefill_s", "draft_s", "verify_s", "policy_s"):
+        for k in (*counts, "wall_s", "prefill_s", "draft_s", "verify_s", "policy_s"):
             row[k] += getattr(s, k)
         for k in ("accept_hist", "pos_tested", "pos_accepted"):
             row[k] = _add(row[k], getattr(s, k))

@@ -104,6 +104,11 @@ def test_run_writes_all_outputs(pair, tmp_path):
         assert methods[m]["identical_to_ar_rate"] == 1.0, (m, summary["mismatches"])
         assert methods[m]["tau"] > 1.0
     assert methods["oracle"]["acceptance_rate"] == 1.0
+    # chains only here: tree counters present, no tree rounds, nodes = drafted tokens per round
+    fx = [r for r in rows if r["method"] == "fixed:2"]
+    assert methods["fixed:2"]["tree_round_rate"] == 0.0
+    assert methods["fixed:2"]["tree_nodes_per_round"] == pytest.approx(
+        sum(r["drafted_tokens"] for r in fx) / sum(r["rounds"] for r in fx))
     assert methods["hf"]["overhead_pct"] is None and methods["fixed:2"]["overhead_pct"] is not None
     # hf statistics rebuilt from forward hooks add up: a round commits accepted + 1 tokens
     for r in rows:

@@ -11,6 +11,9 @@ Metric definitions (DESIGN §2), per method, overall and per category:
 - target_forwards_per_token, draft_forwards_per_token: pooled per new token.
 - overhead_pct: policy (and predictor) time / wall time, in percent (pooled);
   draft_pct / verify_pct likewise.
+- tree_nodes_per_round: draft tokens verified per round, extra candidates included;
+  tree_round_rate: share of rounds that verified a token tree; tree_win_rate: share of
+  those won by an extra candidate (not the chain token).
 - identical_to_ar_rate: share of prompts whose output ids equal ``ar``'s token for token
   (greedy only; None when sampling or without ``ar``).
 """
@@ -66,7 +69,8 @@ def per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
                                "token_ids": rs[0].get("token_ids"),
                                "temperature": (rs[0].get("cfg") or {}).get("temperature", 0.0)}
         for k in ("new_tokens", "wall_s", "target_forwards", "draft_forwards", "drafted_tokens",
-                  "accepted_tokens", "policy_s", "draft_s", "verify_s"):
+                  "accepted_tokens", "policy_s", "draft_s", "verify_s", "rounds", "tree_nodes",
+                  "branch_rounds", "branch_accepts"):
             agg[k] = sum(r.get(k, 0) or 0 for r in rs)
         for k in ("accept_hist", "pos_tested", "pos_accepted"):
             acc: list[int] = []
@@ -101,6 +105,7 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
                 if greedy and p["token_ids"] is not None:
                     same.append(p["token_ids"] == ar[pid]["token_ids"])
     staged = all(p["stage_times"] for p in ps)
+    rounds = sum(p["rounds"] for p in ps)
     hist: list[int] = []
     pos_d: list[int] = []
     pos_a: list[int] = []
@@ -128,6 +133,10 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
         "wasted_draft_tokens_per_token": _ratio(sum(p["drafted_tokens"] - p["accepted_tokens"] for p in ps),
                                                 new),
         "accept_hist": hist,
+        # token trees (rows written before these counters existed count as no trees)
+        "tree_nodes_per_round": _ratio(sum(p["tree_nodes"] for p in ps), rounds),
+        "tree_round_rate": _ratio(sum(p["branch_rounds"] for p in ps), rounds),
+        "tree_win_rate": _ratio(sum(p["branch_accepts"] for p in ps), sum(p["branch_rounds"] for p in ps)),
         "per_position_acceptance": [a / d if d else 0.0
                                     for a, d in zip(pos_a + [0] * len(pos_d), pos_d, strict=False)],
     }

@@ -46,16 +46,6 @@ class ModelDrafter:
     def rollback(self, committed: list[int]) -> None:
         self.runner.rollback(committed)
 
-    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """[V_draft] -> [V_target] logits."""
-        v = logits.shape[-1]
-        if v == self.vocab_size:
-            return logits
-        if v > self.vocab_size:
-            return logits[: self.vocab_size]
-        pad = logits.new_full((self.vocab_size - v,), float("-inf"))
-        return torch.cat([logits, pad])
-
     def propose(
         self,
         context: list[int],
@@ -74,7 +64,7 @@ class ModelDrafter:
         for i in range(1, budget + 1):
             out = self.runner.forward(context + tokens, 1, hidden=needs.hidden,
                                       attentions=needs.attention and not probe)
-            logits = self._fit_vocab(out.logits[0])  # [V]
+            logits = fit_vocab(out.logits[0], self.vocab_size)  # [V]
             probs = processed_probs(logits, sampling)  # [V]
             token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)
             conc = None
@@ -100,6 +90,18 @@ class ModelDrafter:
             probs_kq = torch.stack([s.probs for s in steps])  # [K, V]
         return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards,
                      {i: c for i, c in branches.items() if c})
+
+
+def fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., V_draft] -> [..., V_target] logits: a smaller draft head is padded with -inf
+    (q = 0), padding rows beyond the target's vocabulary are dropped."""
+    v = logits.shape[-1]
+    if v == vocab_size:
+        return logits
+    if v > vocab_size:
+        return logits[..., :vocab_size]
+    pad = logits.new_full((*logits.shape[:-1], vocab_size - v), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
 
 
 def top_candidates(probs: torch.Tensor, chosen: int, n: int) -> list[int]:

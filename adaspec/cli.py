@@ -22,6 +22,7 @@ _SUBCOMMANDS: list[tuple[str, str]] = [
     ("adaspec.train.draft", "add_train_draft_parser"),
     ("adaspec.predictors.cli", "add_collect_parser"),
     ("adaspec.predictors.cli", "add_train_predictor_parser"),
+    ("adaspec.serve.cli", "add_serve_parser"),
 ]
 
 

@@ -1,0 +1,200 @@
+"""The ASGI application (Starlette): OpenAI routes, health and Prometheus metrics.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers
+Server-Sent Events ``data: {chunk}`` ... ``data: [DONE]``), ``GET /v1/models``,
+``GET /health``, ``GET /metrics``. Errors use OpenAI's ``{"error": {...}}`` body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..api import SpeculativeGenerator
+from ..errors import InvalidArgumentError
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import ApiError, ResponseShape, error_body, parse_request
+from .scheduler import Event, Failure, Final, Job, Scheduler, Text
+
+DISCONNECT_POLL_S = 0.2  # how often a waiting non-streamed request checks for a gone client
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+async def _next_event(job: Job, request: Request) -> Event | None:
+    """The job's next event, or None once the client has disconnected (the job is cancelled)."""
+    getter = asyncio.ensure_future(job.events.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return getter.result()
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+    finally:
+        getter.cancel()
+
+
+class Server:
+    """Holds the scheduler and metrics; its methods are the route handlers."""
+
+    def __init__(self, generator: SpeculativeGenerator, model_name: str, max_queue: int) -> None:
+        if generator.tokenizer is None:
+            raise InvalidArgumentError(f"target {generator.target.name!r} has no tokenizer: nothing to serve")
+        self.model_name = model_name
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(generator, self.metrics, max_queue=max_queue)
+        self.metrics.gauges = self.scheduler.gauges
+        self.started = int(time.time())
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion", "/v1/completions")
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat", "/v1/chat/completions")
+
+    async def _generate(self, request: Request, kind: str, endpoint: str) -> Response:
+        t0 = time.perf_counter()
+        try:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ApiError(400, "the request body is not valid JSON") from None
+            req = parse_request(body, kind)
+            if req.model is not None and req.model != self.model_name:
+                raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
+                                    f"`{self.model_name}`.", param="model", code="model_not_found")
+            job = self.scheduler.submit(req)
+        except ApiError as exc:
+            self.metrics.request_done(endpoint, str(exc.status))
+            return _error(exc)
+        first = await _next_event(job, request)
+        shape = ResponseShape(kind, self.model_name)
+        if first is None:
+            self.metrics.request_done(endpoint, "cancelled")
+            return Response(status_code=499)
+        if isinstance(first, Failure):  # nothing sent yet: a plain error response
+            self.metrics.request_done(endpoint, str(first.error.status), time.perf_counter() - t0)
+            return _error(first.error)
+        if isinstance(first, Text):
+            self.metrics.ttft.observe(time.perf_counter() - t0)
+        if req.stream:
+            return StreamingResponse(self._stream(job, first, shape, endpoint, t0),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts, event = [], first
+        while isinstance(event, Text):
+            parts.append(event.text)
+            event = await _next_event(job, request)
+        if event is None:
+            self.metrics.request_done(endpoint, "cancelled")
+            return Response(status_code=499)
+        if isinstance(event, Failure):
+            self.metrics.request_done(endpoint, str(event.error.status), time.perf_counter() - t0)
+            return _error(event.error)
+        self.metrics.request_done(endpoint, "ok", time.perf_counter() - t0)
+        return JSONResponse(shape.full("".join(parts), event.finish_reason, event.usage, event.stats))
+
+    async def _stream(self, job: Job, event: Event, shape: ResponseShape, endpoint: str,
+                      t0: float) -> AsyncIterator[str]:
+        """SSE body; a disconnect cancels this iterator, which cancels the job at its next round."""
+        status = "cancelled"
+        try:
+            if shape.kind == "chat":
+                yield _sse(shape.chunk(role=True))
+            while True:
+                if isinstance(event, Text):
+                    yield _sse(shape.chunk(event.text))
+                elif isinstance(event, Final):
+                    yield _sse({**shape.chunk(finish=event.finish_reason), "usage": event.usage,
+                                "adaspec": event.stats})
+                    if job.request.include_usage:
+                        yield _sse(shape.usage_chunk(event.usage))
+                    yield _sse("[DONE]")
+                    status = "ok"
+                    return
+                else:  # a failure after the stream started: an error event, then the end
+                    yield _sse(event.error.to_dict())
+                    yield _sse("[DONE]")
+                    status = str(event.error.status)
+                    return
+                event = await job.events.get()
+        finally:
+            if status == "cancelled":
+                job.cancel()
+            self.metrics.request_done(endpoint, status, time.perf_counter() - t0)
+
+    async def models(self, request: Request) -> Response:
+        card = {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "adaspec"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != self.model_name:
+            return _error(ApiError(404, f"The model `{name}` does not exist.", param="model",
+                                   code="model_not_found"))
+        return JSONResponse({"id": name, "object": "model", "created": self.started, "owned_by": "adaspec"})
+
+    async def health(self, request: Request) -> Response:
+        s = self.scheduler
+        return JSONResponse({"status": "ok", "model": self.model_name, "policy": s.policy_name(None),
+                             "running": s.running, "queue_depth": s.waiting, "max_queue": s.max_queue})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", kind),
+                        status_code=exc.status_code)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+def create_app(generator: SpeculativeGenerator, *, model_name: str | None = None,
+               max_queue: int = 16) -> Starlette:
+    """The OpenAI-compatible app serving ``generator`` (its target, draft and default policy).
+
+    Args:
+        model_name: the id clients pass as ``model`` (default: the target's name).
+        max_queue: requests that may wait behind the running one; more get 429.
+    """
+    server = Server(generator, model_name or generator.target.name, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        server.scheduler.shutdown()
+
+    app = Starlette(
+        routes=[Route("/v1/completions", server.completions, methods=["POST"]),
+                Route("/v1/chat/completions", server.chat, methods=["POST"]),
+                Route("/v1/models", server.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", server.model, methods=["GET"]),
+                Route("/health", server.health, methods=["GET"]),
+                Route("/metrics", server.metrics_text, methods=["GET"])],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan)
+    app.state.server = server
+    return app

@@ -352,3 +352,17 @@ def test_sampling_parameters_pass_through(server, ref):
     assert texts == [want, want]
     other = client.completions.create(model=NAME, prompt=PROMPTS[0], **{**kw, "seed": 8}).choices[0].text
     assert other != want
+
+
+def test_disconnect_while_waiting_non_streamed(gated, ref):
+    running, gen = gated
+    url, cancelled = running.url, 'adaspec_requests_total{endpoint="/v1/completions",status="cancelled"}'
+    gen.gate.clear()
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
+        httpx.post(url + "/v1/completions", json=body, timeout=1.0)
+    _until(lambda: _metric(url, cancelled) == 1, "the disconnect to be seen")
+    gen.gate.set()
+    resp = running.client().completions.create(model=NAME, prompt=PROMPTS[1], **GREEDY)
+    assert resp.choices[0].text == _expected(ref, PROMPTS[1]).text
+    assert gen.ends == ["closed", "done"]

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TAU_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
+GAUGE_HELP = {"adaspec_queue_depth": "Requests waiting for the engine.",
+              "adaspec_running": "1 while a sequence is being generated."}
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -80,5 +82,6 @@ class Metrics:
                 ("adaspec_time_to_first_token_seconds", self.ttft, "Time to the first generated text.")):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *hist.lines(name)]
         for name, value in self.gauges().items():
-            lines += [f"# TYPE {name} gauge", f"{name} {_fmt(value)}"]
+            lines += [f"# HELP {name} {GAUGE_HELP.get(name, name)}", f"# TYPE {name} gauge",
+                      f"{name} {_fmt(value)}"]
         return "\n".join(lines) + "\n"

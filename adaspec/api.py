@@ -21,6 +21,7 @@ from .engine import Engine, StopRules
 from .errors import InvalidArgumentError
 from .models import LoadedModel, check_vocab_compat, load_model
 from .policies import Policy, make_policy
+from .runtime import RUNTIMES, resolve_runtime
 from .sampling import SamplingConfig
 from .types import GenerationStats
 
@@ -60,6 +61,9 @@ class SpeculativeGenerator:
         dtype: ``"auto"`` | ``"fp32"`` | ``"bf16"`` for models given by name.
         device: torch device for models given by name.
         threads: torch intra-op threads (None leaves torch's default).
+        runtime: ``"auto"`` (default: the compiled CPU runtime where it supports the model,
+            eager elsewhere), ``"eager"`` or ``"compiled"`` (an error for a model it cannot
+            run). ``runtime_note`` says what was chosen for each model and why.
     """
 
     def __init__(
@@ -72,9 +76,12 @@ class SpeculativeGenerator:
         dtype: str | torch.dtype = "auto",
         device: str = "cpu",
         threads: int | None = None,
+        runtime: str = "auto",
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
+        if runtime not in RUNTIMES:
+            raise InvalidArgumentError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.target = target if isinstance(target, LoadedModel) else load_model(
             target, dtype=dtype, device=device, role="target")
         if draft is None or draft == "none":
@@ -85,9 +92,15 @@ class SpeculativeGenerator:
             check_vocab_compat(self.target, self.draft)
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
         self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
-        drafter = ModelDrafter(self.draft, self.target.vocab_size) if self.draft else None
+        self.runtime, note = resolve_runtime(runtime, self.target.model)
+        self.runtime_note = f"runtime: target {note}"
+        drafter = None
+        if self.draft:
+            draft_runtime, dnote = resolve_runtime(runtime, self.draft.model)
+            self.runtime_note += f"; draft {dnote}"
+            drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)
         self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
-                             drafter, self.policy)
+                             drafter, self.policy, self.runtime)
 
     @property
     def tokenizer(self) -> Any:

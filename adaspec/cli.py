@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
+from .cli_args import add_runtime_arg
 from .errors import AdaspecError
 from .policies import parse_policy_args
 
@@ -37,6 +38,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "native bf16 (AVX-512 BF16 / AMX), else fp32")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_runtime_arg(p)
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,13 +72,13 @@ def run_generate(args: argparse.Namespace) -> int:
     policy_args = parse_policy_args(args.policy_arg)
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                args.policy, policy_args, dtype=args.dtype, device=args.device,
-                               threads=args.threads)
+                               threads=args.threads, runtime=args.runtime)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                   chat=args.chat)
     if args.json:
         result = gen.generate(prompt, **kwargs)
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "runtime": gen.runtime_note}))
         return 0
     stream = gen.stream(prompt, **kwargs)
     for chunk in stream:
@@ -86,7 +88,7 @@ def run_generate(args: argparse.Namespace) -> int:
     s = stream.result.stats
     print(f"[{s.new_tokens} tokens in {s.wall_s:.2f}s, {s.tokens_per_s:.1f} tok/s, tau {s.tau:.2f}, "
           f"acceptance {s.acceptance_rate:.2f}, {s.target_forwards} target / {s.draft_forwards} draft "
-          f"forwards, stop: {s.stop_reason}]", file=sys.stderr)
+          f"forwards, stop: {s.stop_reason}; {gen.runtime_note}]", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The only decoding loop: prefill, then policy -> draft -> verify -> commit -> observe.
 
-No model-specific code lives here: models are behind :class:`~adaspec.kv.ModelRunner`,
+No model-specific code lives here: models are behind a runner (:mod:`adaspec.runtime`),
 drafting behind the drafter protocol, decisions behind the policy protocol, and the
 maths of acceptance in :mod:`adaspec.verify`.
 """
@@ -16,8 +16,8 @@ import torch
 
 from .drafters.base import Drafter, DraftNeeds
 from .errors import InvalidArgumentError, PromptTooLongError
-from .kv import ModelRunner
 from .policies.base import Policy
+from .runtime import make_runner
 from .sampling import SamplingConfig, processed_probs
 from .types import Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome
 from .verify import verify_greedy, verify_sampling, verify_tree
@@ -62,10 +62,11 @@ class Engine:
     """Speculative decoding of one target with one drafter under one policy (batch size 1)."""
 
     def __init__(self, target: torch.nn.Module, vocab_size: int, max_context: int,
-                 drafter: Drafter | None, policy: Policy) -> None:
-        self.target = ModelRunner(target)
+                 drafter: Drafter | None, policy: Policy, runtime: str = "eager") -> None:
+        self.target = make_runner(target, runtime)
+        self.runtime = runtime
         self.vocab_size = vocab_size
-        self.max_context = max_context
+        self.max_context = min(max_context, getattr(self.target, "capacity", max_context))
         self.drafter = drafter
         self.policy = policy
 
@@ -73,7 +74,8 @@ class Engine:
         """The target's own greedy continuation (plain decoding, untimed; for the oracle)."""
         from .policies.fixed import FixedPolicy
 
-        plain = Engine(self.target.model, self.vocab_size, self.max_context, None, FixedPolicy(1))
+        plain = Engine(self.target.model, self.vocab_size, self.max_context, None, FixedPolicy(1),
+                       self.runtime)
         ids: list[int] = []
         for chunk in plain.run(prompt, SamplingConfig(), rules, GenerationStats()):
             ids.extend(chunk)

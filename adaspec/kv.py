@@ -55,15 +55,47 @@ class ForwardOut:
     attentions: torch.Tensor | None = None
 
 
-class ModelRunner:
-    """Feeds token sequences to one causal LM, reusing its KV cache across calls."""
+class RunnerBase:
+    """What every runtime's runner shares: the model, the ids its cache holds, the count of
+    forwards, and the prefix sync that makes rollback implicit (a crop, never a recompute).
+
+    Subclasses implement ``_crop`` and the forwards (see :class:`ModelRunner`).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.tokens: list[int] = []  # ids whose keys / values are in the cache
-        self.cache = None
         self.forwards = 0
+
+    def _crop(self, length: int) -> None:
+        raise NotImplementedError
+
+    def _sync_prefix(self, seq: list[int], keep_out: int) -> int:
+        """Crop the cache to the common prefix of self.tokens and seq, leaving at least
+        ``keep_out`` tokens of seq to feed. Returns the cropped length."""
+        n = 0
+        limit = min(len(self.tokens), len(seq) - keep_out)
+        while n < limit and self.tokens[n] == seq[n]:
+            n += 1
+        if n < len(self.tokens):
+            self._crop(n)
+            del self.tokens[n:]
+        return n
+
+    def rollback(self, committed: list[int]) -> None:
+        """Crop the cache to its longest common prefix with ``committed`` (DESIGN §1 step 5)."""
+        self._sync_prefix(committed, 0)
+
+
+class ModelRunner(RunnerBase):
+    """The eager runtime: feeds token sequences to an HF causal LM, reusing its KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.cache = None
+        self._probe = None  # AttentionProbe, created on the first forward that asks for attention
+        self._conc = 0.0
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -76,21 +108,25 @@ class ModelRunner:
         self.cache = DynamicCache(config=getattr(self.model, "config", None))
         self.forwards = 0
 
-    def _sync_prefix(self, seq: list[int], keep_out: int) -> int:
-        """Crop the cache to the common prefix of self.tokens and seq, leaving at least
-        ``keep_out`` tokens of seq to feed. Returns the cropped length."""
-        n = 0
-        limit = min(len(self.tokens), len(seq) - keep_out)
-        while n < limit and self.tokens[n] == seq[n]:
-            n += 1
-        if n < len(self.tokens):
-            crop_cache(self.cache, n)
-            del self.tokens[n:]
-        return n
+    def _crop(self, length: int) -> None:
+        crop_cache(self.cache, length)
 
-    def rollback(self, committed: list[int]) -> None:
-        """Crop the cache to its longest common prefix with ``committed`` (DESIGN §1 step 5)."""
-        self._sync_prefix(committed, 0)
+    def _attention_probe(self):
+        """The cheap last-layer attention probe, or False when the model family lacks one
+        (then the concentration comes from ``output_attentions``, which needs eager attention)."""
+        if self._probe is None:
+            from .predictors.attention import AttentionProbe
+
+            try:
+                self._probe = AttentionProbe(self.model)
+            except NotImplementedError:
+                self._probe = False
+        return self._probe
+
+    def attention_concentration(self) -> float:
+        """mean over heads of the max last-layer attention weight of the newest query of the
+        last forward that asked for ``attentions``."""
+        return self._conc
 
     @torch.inference_mode()
     def forward(
@@ -100,6 +136,7 @@ class ModelRunner:
         *,
         hidden: bool = False,
         attentions: bool = False,
+        concentration: bool = False,
     ) -> ForwardOut:
         """Bring the cache to ``seq`` and return outputs for its last ``n_out`` positions.
 
@@ -107,6 +144,9 @@ class ModelRunner:
             seq: the full token sequence (prompt + committed + any proposed tokens).
             n_out: >= 1, positions whose outputs are needed (they are always re-fed
                 if cached, so at least n_out tokens are fed).
+            attentions: return the last layer's attention weights (eager attention).
+            concentration: make :meth:`attention_concentration` report this forward's newest
+                query (through the cheap probe when the family has one).
         """
         start = self._sync_prefix(seq, n_out)
         feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)  # [1, T]
@@ -115,15 +155,21 @@ class ModelRunner:
             kwargs["logits_to_keep"] = n_out
         if hidden:
             kwargs["output_hidden_states"] = True
-        if attentions:
+        probe = self._attention_probe() if concentration and not attentions else None
+        weights = attentions or (concentration and not probe)
+        if weights:
             kwargs["output_attentions"] = True
         out = self.model(feed, **kwargs)
         self.forwards += 1
         self.tokens.extend(seq[start:])
         logits = out.logits[0, -n_out:].float()
         hid = out.hidden_states[-1][0, -n_out:] if hidden else None
-        att = out.attentions[-1][0, :, -n_out:] if attentions else None
-        return ForwardOut(logits, hid, att)
+        att = out.attentions[-1][0, :, -n_out:] if weights else None
+        if probe:
+            self._conc = probe.concentration(self.cache)
+        elif concentration:
+            self._conc = float(att[:, -1].max(dim=-1).values.mean())
+        return ForwardOut(logits, hid, att if attentions else None)
 
     @torch.inference_mode()
     def forward_tree(self, committed: list[int], nodes: list[int], parents: list[int], *,

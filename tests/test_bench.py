@@ -193,5 +193,28 @@ def test_verify_cost_measures_every_size():
 
     from adaspec.bench.verify_cost import measure
 
-    med = measure(make_model("llama"), [1, 3, 8], context=20, repeats=2, vocab=200)
-    assert set(med) == {1, 3, 8} and all(v > 0 for v in med.values())
+    med = measure(make_model("llama"), [1, 3, 8], context=20, repeats=2, vocab=200,
+                  runtimes=("eager", "compiled"))
+    assert set(med) == {"eager", "compiled"}
+    for per in med.values():
+        assert set(per) == {1, 3, 8} and all(v > 0 for v in per.values())
+
+
+def test_verify_cost_cli_json(tmp_path, monkeypatch):
+    """``--json OUT`` writes {"runtimes": {rt: {n: ms}}, "machine": ...} measured in one process."""
+    import json
+
+    from conftest import make_model, make_tokenizer
+
+    from adaspec.bench import verify_cost
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "vc.json"
+    assert verify_cost.main(["--target", str(model_dir), "--dtype", "fp32", "--sizes", "1,4",
+                             "--repeats", "1", "--context", "8", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["runtimes"]) == {"eager", "compiled"}
+    assert set(data["runtimes"]["compiled"]) == {"1", "4"} and data["machine"]["cpu_count"] >= 1
+    assert verify_cost.main(["--target", str(model_dir), "--runtime", "fast"]) == 2

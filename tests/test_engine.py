@@ -94,23 +94,30 @@ def test_stop_string_inside_a_draft(tiny_pair, tokenizer):
     assert len(out.token_ids) <= 6
 
 
-def _cache_matches_fresh_prefill(runner: ModelRunner) -> None:
-    fresh = ModelRunner(runner.model)
+def _cache_matches_fresh_prefill(runner) -> None:
+    fresh = type(runner)(runner.model)
     fresh.reset()
     fresh.prefill(list(runner.tokens))
-    assert runner.cache.get_seq_length() == len(runner.tokens)
-    for a, b in zip(runner.cache.layers, fresh.cache.layers):
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-3, atol=1e-4)  # fp32 round-off only
-        torch.testing.assert_close(a.values, b.values, rtol=1e-3, atol=1e-4)
+    n = len(runner.tokens)
+    if isinstance(runner, ModelRunner):
+        assert runner.cache.get_seq_length() == n
+        for a, b in zip(runner.cache.layers, fresh.cache.layers):
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-3, atol=1e-4)  # fp32 round-off only
+            torch.testing.assert_close(a.values, b.values, rtol=1e-3, atol=1e-4)
+    else:  # compiled runtime: static slots 0..n-1 must equal a fresh prefill's
+        for a, b in ((runner.kt[..., :n], fresh.kt[..., :n]), (runner.vc[:, :, :n], fresh.vc[:, :, :n])):
+            torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("runtime", ["eager", "auto"])
 @pytest.mark.parametrize("draft_kind", ["noisy", "self"])
-def test_cache_invariants_after_rollback(tiny_pair, draft_kind):
+def test_cache_invariants_after_rollback(tiny_pair, draft_kind, runtime):
     """After every round, each cache holds exactly a prefix of the committed ids, with
-    keys/values equal to a fresh prefill of that prefix (rejections and full accepts)."""
+    keys/values equal to a fresh prefill of that prefix (rejections and full accepts).
+    ``auto`` is the compiled runtime for Llama and eager for Qwen2."""
     target, noisy = tiny_pair
     draft = target if draft_kind == "self" else noisy
-    gen = SpeculativeGenerator(target, draft, "fixed", {"k": 4})
+    gen = SpeculativeGenerator(target, draft, "fixed", {"k": 4}, runtime=runtime)
     ids = prompt_ids(3)
     rules_out = gen._start(ids, 24, 0.0, 0, 1.0, None, None, False)
     rounds, stats, _ = rules_out

@@ -86,6 +86,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     make_model("llama").save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()  # drop save_pretrained's progress bar (shown when no load ran before)
     common = ["generate", "--target", str(model_dir), "--draft", "none", "--dtype", "fp32"]
     cases = [
         (["generate", "", "--target", str(model_dir), "--draft", "none"], "prompt is empty"),

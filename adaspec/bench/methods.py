@@ -21,6 +21,10 @@ every output. Names:
 - any adaspec policy: ``fixed:5`` (short for ``fixed:k=5``), ``heuristic``,
   ``context:branch=on``, ``oracle``, ... Arguments go to
   :func:`adaspec.policies.make_policy` unchanged, so new policies need no change here.
+
+Any ``ar`` or policy method may end in ``@eager``, ``@compiled`` or ``@auto`` to run on that
+runtime instead of the run's ``--runtime`` (``ar@eager,ar`` compares the runtimes in one
+run). ``hf`` always runs transformers' own modules.
 """
 
 from __future__ import annotations
@@ -52,12 +56,15 @@ class MethodSpec:
         kind: ``"ar"``, ``"hf"`` or ``"policy"``.
         name: ``ar``, ``hf`` / ``hf-heuristic``, or the policy name.
         args: ``key -> value`` strings (policy arguments or assistant settings).
+        runtime: ``eager`` / ``compiled`` / ``auto`` from an ``@runtime`` suffix, else None
+            (the run's ``--runtime``).
     """
 
     key: str
     kind: str
     name: str
     args: dict[str, str] = field(default_factory=dict)
+    runtime: str | None = None
 
     @property
     def needs_draft(self) -> bool:
@@ -73,7 +80,13 @@ def parse_method(text: str) -> MethodSpec:
     key = text.strip()
     if not key:
         raise MethodError("empty method name in --methods")
-    name, *parts = key.split(":")
+    body, at, runtime = key.partition("@")
+    if at:
+        from ..runtime import RUNTIMES
+
+        if runtime not in RUNTIMES:
+            raise MethodError(f"method {key!r}: unknown runtime {runtime!r}; choose {', '.join(RUNTIMES)}")
+    name, *parts = body.split(":")
     args: dict[str, str] = {}
     for i, part in enumerate(parts):
         k, sep, v = part.partition("=")
@@ -87,8 +100,10 @@ def parse_method(text: str) -> MethodSpec:
     if name == "ar":
         if args:
             raise MethodError(f"method {key!r}: ar takes no arguments")
-        return MethodSpec(key, "ar", name)
+        return MethodSpec(key, "ar", name, runtime=runtime or None)
     if name in _HF_PRESETS:
+        if at:
+            raise MethodError(f"method {key!r}: {name} always runs transformers' own modules (no @runtime)")
         bad = [k for k in args if k not in HF_KEYS]
         if bad:
             raise MethodError(f"method {key!r}: unknown argument {bad[0]!r}; valid: {', '.join(HF_KEYS)}")
@@ -102,7 +117,7 @@ def parse_method(text: str) -> MethodSpec:
             raise MethodError(f"unknown method {name!r}; choose ar, hf, hf-heuristic or a policy: "
                               f"{', '.join(sorted(POLICIES))}") from None
         raise MethodError(f"method {key!r}: {exc}") from None
-    return MethodSpec(key, "policy", name, args)
+    return MethodSpec(key, "policy", name, args, runtime or None)
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -131,13 +146,16 @@ class MethodRunner(Protocol):
 class EngineRunner:
     """``ar`` or an adaspec policy, through :class:`adaspec.api.SpeculativeGenerator`."""
 
-    def __init__(self, spec: MethodSpec, target: LoadedModel, draft: LoadedModel | None) -> None:
+    def __init__(self, spec: MethodSpec, target: LoadedModel, draft: LoadedModel | None,
+                 runtime: str = "auto") -> None:
         from ..api import SpeculativeGenerator
 
+        runtime = spec.runtime or runtime
         if spec.kind == "ar":
-            self.gen = SpeculativeGenerator(target, None, "fixed")
+            self.gen = SpeculativeGenerator(target, None, "fixed", runtime=runtime)
         else:
-            self.gen = SpeculativeGenerator(target, draft, spec.name, spec.args)
+            self.gen = SpeculativeGenerator(target, draft, spec.name, spec.args, runtime=runtime)
+        self.runtime = self.gen.runtime
 
     def generate(self, ids: list[int], max_new_tokens: int, temperature: float,
                  seed: int | None) -> TurnResult:
@@ -229,14 +247,14 @@ class HFRunner:
 
 
 def build_runner(spec: MethodSpec, target: LoadedModel, draft: LoadedModel | None,
-                 eos_ids: frozenset[int]) -> MethodRunner:
-    """A runner for ``spec`` sharing the already loaded models."""
+                 eos_ids: frozenset[int], runtime: str = "auto") -> MethodRunner:
+    """A runner for ``spec`` sharing the already loaded models (``runtime``: the run's default)."""
     if spec.needs_draft and draft is None:
         raise MethodError(f"method {spec.key!r} needs a draft model (--draft)")
     if spec.kind == "hf":
         assert draft is not None
         return HFRunner(spec, target, draft, eos_ids)
-    return EngineRunner(spec, target, draft)
+    return EngineRunner(spec, target, draft, runtime)
 
 
 __all__ = ["HF_KEYS", "EngineRunner", "HFRunner", "MethodError", "MethodSpec", "TurnResult",

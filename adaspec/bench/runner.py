@@ -64,6 +64,7 @@ class BenchConfig:
     seed: int | None = 0
     dtype: str = "auto"
     threads: int | None = None
+    runtime: str = "auto"
     warmup: int = 1
     repeats: int = 1
     out: str = "runs/bench"
@@ -77,7 +78,7 @@ class BenchConfig:
         """Settings that must match for rows to be comparable (and resumable)."""
         return {"dataset": self.dataset, "split": self.split, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "seed": self.seed, "dtype": self.dtype,
-                "target": self.target, "draft": self.draft, "chat": self.chat}
+                "target": self.target, "draft": self.draft, "chat": self.chat, "runtime": self.runtime}
 
 
 def eos_ids(target: LoadedModel) -> frozenset[int]:
@@ -243,8 +244,9 @@ def run_benchmark(
     if draft is None and any(s.needs_draft for s in specs):
         draft = load_model(cfg.draft, dtype=cfg.dtype, role="draft")
     eos = eos_ids(target)
-    runners = {s.key: build_runner(s, target, draft, eos) for s in specs}
+    runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime) for s in specs}
     meta = run_metadata(cfg, target, draft)
+    meta["runtimes"] = {k: getattr(r, "runtime", "hf") for k, r in runners.items()}
     meta["methods"] = [s.key for s in specs]
     meta["n_prompts"] = len(prompts)
 

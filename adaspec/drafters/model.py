@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kv import ModelRunner
 from ..models import LoadedModel
+from ..runtime import make_runner
 from ..sampling import SamplingConfig, processed_probs, sample
 from ..types import Action, Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
@@ -18,24 +18,11 @@ class ModelDrafter:
     padded with -inf (q = 0), one with padding rows beyond it is truncated.
     """
 
-    def __init__(self, draft: LoadedModel, vocab_size: int) -> None:
+    def __init__(self, draft: LoadedModel, vocab_size: int, runtime: str = "eager") -> None:
         self.loaded = draft
-        self.runner = ModelRunner(draft.model)
+        self.runner = make_runner(draft.model, runtime)
         self.vocab_size = vocab_size
-        self.max_context = draft.max_context
-        self._probe = None  # AttentionProbe, created on first need (see _attention)
-
-    def _attention(self) -> bool:
-        """Attach the cheap last-layer attention probe; False if the model family lacks one
-        (then attentions come from output_attentions, which needs eager attention)."""
-        if self._probe is None:
-            from ..predictors.attention import AttentionProbe
-
-            try:
-                self._probe = AttentionProbe(self.loaded.model)
-            except NotImplementedError:
-                self._probe = False
-        return bool(self._probe)
+        self.max_context = min(draft.max_context, getattr(self.runner, "capacity", draft.max_context))
 
     def reset(self) -> None:
         self.runner.reset()
@@ -60,18 +47,13 @@ class ModelDrafter:
         steps: list[DraftStep] = []
         branches: dict[int, list[int]] = {}
         start_forwards = self.runner.forwards
-        probe = needs.attention and self._attention()
         for i in range(1, budget + 1):
             out = self.runner.forward(context + tokens, 1, hidden=needs.hidden,
-                                      attentions=needs.attention and not probe)
+                                      concentration=needs.attention)
             logits = fit_vocab(out.logits[0], self.vocab_size)  # [V]
             probs = processed_probs(logits, sampling)  # [V]
             token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)
-            conc = None
-            if probe:
-                conc = self._probe.concentration(self.runner.cache)
-            elif out.attentions is not None:
-                conc = float(out.attentions[:, -1].max(dim=-1).values.mean())
+            conc = self.runner.attention_concentration() if needs.attention else None
             step = DraftStep(i, token, logits, probs,
                              hidden=None if out.hidden is None else out.hidden[0],
                              attn_concentration=conc, context_len=len(context))

@@ -1,0 +1,62 @@
+"""Runtimes: how a model's forward runs. The engine and drafters see only a runner.
+
+- ``eager``: Hugging Face modules with a ``DynamicCache`` (any model, any device, any dtype).
+- ``compiled``: a lean Llama-family forward over packed weights with a static KV cache,
+  compiled once per machine (see :mod:`adaspec.runtime.compiled`); fp32 on CPU.
+- ``auto``: ``compiled`` where it is supported, ``eager`` elsewhere (:func:`resolve_runtime`
+  says which and why in one line).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from torch import nn
+
+from ..errors import InvalidArgumentError
+from ..kv import ModelRunner, RunnerBase
+
+RUNTIMES = ("auto", "eager", "compiled")
+
+
+def compiled_unsupported(model: nn.Module) -> str | None:
+    """Why the compiled runtime cannot run ``model`` (None when it can)."""
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed (pip install numba)"
+    from .compiled import unsupported_reason
+
+    return unsupported_reason(model)
+
+
+def resolve_runtime(name: str, model: nn.Module) -> tuple[str, str]:
+    """Resolve a runtime name for ``model`` to ``eager`` or ``compiled``.
+
+    Returns (runtime, one-line explanation).
+
+    Raises:
+        InvalidArgumentError: an unknown name, or ``compiled`` for a model it cannot run.
+    """
+    if name not in RUNTIMES:
+        raise InvalidArgumentError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    if name == "eager":
+        return "eager", "eager (Hugging Face modules)"
+    reason = compiled_unsupported(model)
+    if name == "compiled" and reason:
+        raise InvalidArgumentError(f"--runtime compiled does not support {reason}")
+    if reason:
+        return "eager", f"eager (the compiled runtime does not support {reason})"
+    return "compiled", "compiled (lean CPU forward, packed fp32 weights, static KV cache)"
+
+
+def make_runner(model: nn.Module, runtime: str = "eager") -> RunnerBase:
+    """A runner of ``model`` under a resolved runtime (``eager`` or ``compiled``)."""
+    if runtime == "compiled":
+        from .compiled import CompiledRunner
+
+        return CompiledRunner(model)
+    if runtime != "eager":
+        raise InvalidArgumentError(f"runtime {runtime!r} must be resolved first (eager or compiled)")
+    return ModelRunner(model)
+
+
+__all__ = ["RUNTIMES", "compiled_unsupported", "make_runner", "resolve_runtime"]

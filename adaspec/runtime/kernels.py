@@ -1,0 +1,306 @@
+"""CPU kernels of the compiled runtime (numba + a hand-written LLVM micro-kernel).
+
+Why these and not torch: on a 2-core AVX2 CPU an fp32 ``F.linear`` over 2-16 rows takes
+the BLAS's matrix-matrix path, which costs ~1.6x one row although every weight is read
+once either way; a verify of several tokens then costs far more than one token. Here one
+micro-kernel computes a tile of MR rows x 16 output features from **pre-packed** weights
+(panels ``[P, K, 16]``: 16 output features contiguous per input feature), so each weight
+is read once for all rows and the rows cost arithmetic only (FMAs from registers):
+
+    acc[m, 0:16] = 0;  for k in 0..K-1:  acc[m, :] = fma(x[m, k], W[k, 0:16], acc[m, :])
+
+Every output is one sequential FMA chain over k, whatever MR (1-4) or the number of rows
+is, so a row's result is **bit-identical** whether it is computed alone or inside a
+verify of many rows (batch invariance). The same holds for every other op here (norms,
+rotary, attention): each row is computed by the same code in the same order, with no
+reassociation, so greedy verification under this runtime agrees with this runtime's
+plain decoding token for token by construction.
+
+numba compiles once per machine and caches the machine code under
+``$ADASPEC_CACHE/numba`` (see :func:`adaspec.runtime.compiled.ensure_compiled`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+# Before numba is imported: our cache directory, and no SVML (a vectorised exp whose
+# last bit may differ from the scalar one would break batch invariance).
+os.environ.setdefault("NUMBA_DISABLE_INTEL_SVML", "1")
+if "NUMBA_CACHE_DIR" not in os.environ:
+    from ..models import cache_dir
+
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+PANEL = 16  # output features per packed panel (two AVX2 vectors)
+_F32 = ir.FloatType()
+_V8 = ir.VectorType(_F32, 8)
+_I64 = ir.IntType(64)
+_I32 = ir.IntType(32)
+_FAST = {"contract"}  # allow FMA contraction only: no reassociation, so sums keep their order
+
+
+def _make_tile(mr: int):
+    """An intrinsic computing out[0:mr, 0:16] = x[0:mr, 0:K] @ panel[0:K, 0:16].
+
+    Arguments are addresses and strides in floats: (x, ldx, panel, K, out, ldo).
+    """
+
+    @intrinsic
+    def tile(typingctx, xa, ldx, wa, kd, oa, ldo):
+        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            xa, ldx, wa, kd, oa, ldo = args
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fma.v8f32")
+            xp = builder.inttoptr(xa, _F32.as_pointer())
+            wp = builder.inttoptr(wa, _V8.as_pointer())
+            op = builder.inttoptr(oa, _F32.as_pointer())
+            zero = ir.Constant(_V8, [0.0] * 8)
+            pre = builder.block
+            loop = builder.append_basic_block("tile_loop")
+            done = builder.append_basic_block("tile_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            k = builder.phi(_I64)
+            k.add_incoming(ir.Constant(_I64, 0), pre)
+            accs = []
+            for _ in range(2 * mr):
+                acc = builder.phi(_V8)
+                acc.add_incoming(zero, pre)
+                accs.append(acc)
+            k2 = builder.mul(k, ir.Constant(_I64, 2))
+            w0 = builder.load(builder.gep(wp, [k2]), align=4)
+            w1 = builder.load(builder.gep(wp, [builder.add(k2, ir.Constant(_I64, 1))]), align=4)
+            new = []
+            splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+            for m in range(mr):
+                xs = builder.load(builder.gep(xp, [builder.add(builder.mul(ir.Constant(_I64, m), ldx), k)]),
+                                  align=4)
+                xb = builder.insert_element(ir.Constant(_V8, ir.Undefined), xs, ir.Constant(_I32, 0))
+                xb = builder.shuffle_vector(xb, ir.Constant(_V8, ir.Undefined), splat)
+                new.append(builder.call(fma, [xb, w0, accs[2 * m]]))
+                new.append(builder.call(fma, [xb, w1, accs[2 * m + 1]]))
+            k1 = builder.add(k, ir.Constant(_I64, 1))
+            k.add_incoming(k1, loop)
+            for acc, val in zip(accs, new):
+                acc.add_incoming(val, loop)
+            builder.cbranch(builder.icmp_signed("<", k1, kd), loop, done)
+            builder.position_at_end(done)
+            for m in range(mr):
+                row = builder.gep(op, [builder.mul(ir.Constant(_I64, m), ldo)])
+                for half in range(2):
+                    dst = builder.bitcast(builder.gep(row, [ir.Constant(_I64, 8 * half)]), _V8.as_pointer())
+                    builder.store(new[2 * m + half], dst, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile1, _tile2, _tile3, _tile4 = (_make_tile(m) for m in (1, 2, 3, 4))
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """[N, K] row-major weight (nn.Linear layout) -> [ceil(N/16), K, 16] panels (zero padded)."""
+    n, k = w.shape
+    p = -(-n // PANEL)
+    padded = np.zeros((p * PANEL, k), np.float32)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(p, PANEL, k).transpose(0, 2, 1))
+
+
+@njit(parallel=True, cache=True)
+def linear(x, wp, out):
+    """out[M, P*16] = x[M, K] @ W^T for packed W ``wp`` [P, K, 16]; all C-contiguous fp32."""
+    m_rows, kd = x.shape
+    n_out = out.shape[1]
+    xa = x.ctypes.data
+    wa = wp.ctypes.data
+    oa = out.ctypes.data
+    for p in prange(wp.shape[0]):
+        wpp = wa + p * kd * 64
+        m0 = 0
+        while m0 + 4 <= m_rows:
+            _tile4(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+            m0 += 4
+        rest = m_rows - m0
+        if rest == 1:
+            _tile1(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+        elif rest == 2:
+            _tile2(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+        elif rest == 3:
+            _tile3(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _rmsnorm(x, w, eps, out):
+    """out[T, d] = x / sqrt(mean(x^2) + eps) * w  (HF LlamaRMSNorm, fp32; sum in order)."""
+    rows, d = x.shape
+    for i in range(rows):
+        ss = np.float32(0.0)
+        for j in range(d):
+            ss += x[i, j] * x[i, j]
+        inv = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(d) + eps))
+        for j in range(d):
+            out[i, j] = w[j] * (x[i, j] * inv)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _rope(v, base, heads, hd, cos, sin, pos):
+    """In place: rotary embedding of ``heads`` heads of width hd at column ``base`` of v[T, :]."""
+    half = hd // 2
+    for i in range(v.shape[0]):
+        c = cos[pos[i]]
+        s = sin[pos[i]]
+        for h in range(heads):
+            o = base + h * hd
+            for j in range(half):
+                a = v[i, o + j]
+                b = v[i, o + half + j]
+                v[i, o + j] = a * c[j] - b * s[j]
+                v[i, o + half + j] = b * c[half + j] + a * s[half + j]
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, out, conc):
+    """Attention of T fed rows over the cache (slots < start) and the fed block (by mask).
+
+    qkv: [T, >= (H + 2 KVH) hd] (rotary applied); kt: [L, KVH, hd, cap] keys, transposed;
+    vc: [L, KVH, cap, hd]; mask: [T, T] uint8 (row i sees fed row j); out: [T, H hd];
+    conc: [T, H] max attention weight per row and head.
+    Scores accumulate over the head dimension, softmax sums over slots in slot order.
+    """
+    rows = qkv.shape[0]
+    group = heads // kvh
+    total = start + rows
+    for job in prange(rows * heads):
+        i = job // heads
+        h = job % heads
+        g = h // group
+        sc = np.zeros(total, np.float32)
+        for e in range(hd):
+            qe = qkv[i, h * hd + e] * scale
+            kr = kt[layer, g, e]
+            for s in range(total):
+                sc[s] += qe * kr[s]
+        mx = np.float32(-np.inf)
+        for s in range(total):
+            if s >= start and mask[i, s - start] == 0:
+                sc[s] = np.float32(-np.inf)
+            elif sc[s] > mx:
+                mx = sc[s]
+        den = np.float32(0.0)
+        for s in range(total):
+            p = np.float32(0.0) if sc[s] == -np.inf else np.float32(math.exp(sc[s] - mx))
+            sc[s] = p
+            den += p
+        acc = np.zeros(hd, np.float32)
+        best = np.float32(0.0)
+        for s in range(total):
+            p = sc[s]
+            if p != 0.0:
+                vr = vc[layer, g, s]
+                for e in range(hd):
+                    acc[e] += p * vr[e]
+                if p > best:
+                    best = p
+        inv = np.float32(1.0) / den
+        for e in range(hd):
+            out[i, h * hd + e] = acc[e] * inv
+        conc[i, h] = best * inv
+
+
+@njit(fastmath=_FAST, cache=True)
+def _silu_mul(gu, inter, out):
+    """out[T, inter] = silu(gu[:, :inter]) * gu[:, inter:2 inter]."""
+    for i in range(gu.shape[0]):
+        for j in range(inter):
+            g = gu[i, j]
+            out[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gu[i, inter + j]
+
+
+@njit(cache=True)
+def forward(ids, pos, start, mask, n_out, emb, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+            cos, sin, kt, vc, heads, kvh, inter, eps):
+    """One forward of a Llama-style decoder over T fed tokens with a static KV cache.
+
+    ids, pos: [T] int64 token ids and rotary positions; the fed tokens' keys / values are
+    written to cache slots start..start+T-1; mask: [T, T] uint8 visibility among fed rows
+    (causal = lower triangle; a tree mask for tree verification); slots < start are
+    visible to every row. Weights: emb [V, d]; ln1, ln2 [L, d]; wqkv [L, P, d, 16]
+    (q, k, v rows); wo [L, P, H hd, 16]; wgu [L, P, d, 16] (gate rows then up rows);
+    wd [L, P, inter, 16]; normw [d]; lm [P, d, 16]. cos, sin: [cap, hd] tables.
+    kt: [L, KVH, hd, cap]; vc: [L, KVH, cap, hd].
+
+    Returns (logits [n_out, P_lm*16], hidden [n_out, d] after the final norm,
+    conc [n_out] last-layer attention concentration: mean over heads of the max weight).
+    """
+    rows = ids.shape[0]
+    d = emb.shape[1]
+    hd = cos.shape[1]
+    layers = ln1.shape[0]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    h = np.empty((rows, d), np.float32)
+    for i in range(rows):
+        h[i] = emb[ids[i]]
+    xn = np.empty((rows, d), np.float32)
+    qkv = np.empty((rows, wqkv.shape[1] * 16), np.float32)
+    att = np.empty((rows, heads * hd), np.float32)
+    proj = np.empty((rows, wo.shape[1] * 16), np.float32)
+    gu = np.empty((rows, wgu.shape[1] * 16), np.float32)
+    act = np.empty((rows, inter), np.float32)
+    down = np.empty((rows, wd.shape[1] * 16), np.float32)
+    conc = np.zeros((rows, heads), np.float32)
+    qw = heads * hd
+    kw = kvh * hd
+    for layer in range(layers):
+        _rmsnorm(h, ln1[layer], eps, xn)
+        linear(xn, wqkv[layer], qkv)
+        _rope(qkv, 0, heads, hd, cos, sin, pos)
+        _rope(qkv, qw, kvh, hd, cos, sin, pos)
+        for i in range(rows):
+            slot = start + i
+            for g in range(kvh):
+                for e in range(hd):
+                    kt[layer, g, e, slot] = qkv[i, qw + g * hd + e]
+                    vc[layer, g, slot, e] = qkv[i, qw + kw + g * hd + e]
+        _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, att, conc)
+        linear(att, wo[layer], proj)
+        for i in range(rows):
+            for j in range(d):
+                h[i, j] += proj[i, j]
+        _rmsnorm(h, ln2[layer], eps, xn)
+        linear(xn, wgu[layer], gu)
+        _silu_mul(gu, inter, act)
+        linear(act, wd[layer], down)
+        for i in range(rows):
+            for j in range(d):
+                h[i, j] += down[i, j]
+    tail = np.ascontiguousarray(h[rows - n_out:])
+    hidden = np.empty((n_out, d), np.float32)
+    _rmsnorm(tail, normw, eps, hidden)
+    logits = np.empty((n_out, lm.shape[0] * 16), np.float32)
+    linear(hidden, lm, logits)
+    cout = np.empty(n_out, np.float32)
+    for i in range(n_out):
+        cout[i] = conc[rows - n_out + i].sum() / heads
+    return logits, hidden, cout
+
+
+def threading_layer() -> str:
+    """numba's threading layer in use (after the first parallel call)."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "none"

@@ -1,0 +1,181 @@
+"""The compiled CPU runtime: same numbers as eager, batch invariance, caches, trees, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import loaded, make_model, perturbed, prompt_ids
+
+from adaspec import cli
+from adaspec.api import SpeculativeGenerator
+from adaspec.errors import InvalidArgumentError
+from adaspec.kv import ModelRunner
+from adaspec.runtime import make_runner, resolve_runtime
+from adaspec.runtime.compiled import CompiledRunner
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_model("llama", seed=4, layers=3)
+
+
+def test_compiled_forward_matches_eager(llama):
+    e, c = ModelRunner(llama), CompiledRunner(llama)
+    seq = prompt_ids(2) + prompt_ids(0)
+    for r in (e, c):
+        r.reset()
+    oe, oc = e.forward(seq, 4, hidden=True), c.forward(seq, 4, hidden=True)
+    torch.testing.assert_close(oc.logits, oe.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(oc.hidden, oe.hidden, rtol=1e-4, atol=1e-4)
+    # a second forward on top of the cache (one new token) agrees as well
+    oe, oc = e.forward(seq + [7], 1), c.forward(seq + [7], 1)
+    torch.testing.assert_close(oc.logits, oe.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_concentration_matches_eager_probe(llama):
+    e, c = ModelRunner(llama), CompiledRunner(llama)
+    seq = prompt_ids(1)
+    for r in (e, c):
+        r.reset()
+        r.forward(seq, 1, concentration=True)
+    assert c.attention_concentration() == pytest.approx(e.attention_concentration(), abs=1e-5)
+    assert 0 < c.attention_concentration() <= 1
+
+
+def test_batch_invariance_bitwise(llama):
+    """Rows of one forward over T tokens equal T one-token forwards bit for bit: the reason
+    greedy verification under this runtime cannot disagree with its own plain decoding."""
+    c = CompiledRunner(llama)
+    c.reset()
+    ctx, extra = prompt_ids(2), [5, 99, 12, 200, 31, 7, 64, 3, 18]
+    c.prefill(ctx)
+    many = c.forward(ctx + extra, len(extra)).logits
+    c.rollback(ctx)
+    for i in range(len(extra)):
+        one = c.forward(ctx + extra[: i + 1], 1).logits[0]
+        assert torch.equal(one, many[i]), f"row {i}"
+
+
+def test_tree_forward_and_keep_path(llama):
+    """A tree verify gives each node the logits of its own path, and keep_path leaves the
+    cache exactly as a fresh run over the accepted path."""
+    c, e = CompiledRunner(llama), ModelRunner(llama)
+    committed = prompt_ids(0)
+    nodes, parents = [11, 12, 13, 40, 41], [-1, 0, 1, 0, -1]  # chain 11-12-13, 40 under 11, 41 under root
+    for r in (c, e):
+        r.reset()
+        r.prefill(committed[:-1])
+    tc = c.forward_tree(committed, nodes, parents).logits
+    te = e.forward_tree(committed, nodes, parents).logits
+    torch.testing.assert_close(tc, te, rtol=1e-4, atol=1e-4)
+    path = [0, 3]  # root -> 11 -> 40
+    c.keep_path(len(committed), nodes, path)
+    want = committed + [11, 40]
+    assert c.tokens == want
+    fresh = CompiledRunner(llama)
+    fresh.reset()
+    a = c.forward(want + [9], 1).logits
+    b = fresh.forward(want + [9], 1).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_greedy_identity_compiled_and_equal_to_eager(k):
+    target = loaded(make_model("llama", seed=0))
+    draft = loaded(perturbed(target.model, 0.6))
+    gen = SpeculativeGenerator(target, draft, "fixed", {"k": k}, runtime="compiled")
+    assert gen.runtime == "compiled" and "compiled" in gen.runtime_note
+    plain = SpeculativeGenerator(target, None, runtime="compiled")
+    eager = SpeculativeGenerator(target, None, runtime="eager")
+    accepted = rejected = 0
+    for i in range(4):
+        ref = plain.generate(prompt_ids(i), max_new_tokens=30)
+        out = gen.generate(prompt_ids(i), max_new_tokens=30)
+        assert out.token_ids == ref.token_ids
+        # fp32: the two runtimes round differently only in the last bits; these random
+        # models have no near-ties on these prompts
+        assert ref.token_ids == eager.generate(prompt_ids(i), max_new_tokens=30).token_ids
+        accepted += out.stats.accepted_tokens
+        rejected += out.stats.drafted_tokens - out.stats.accepted_tokens
+    assert accepted > 0 and rejected > 0
+
+
+def test_reduced_vocabulary_draft_on_compiled_runtime():
+    """A SubsetLMHead draft: q = 0 outside its subset on both runtimes, same distribution."""
+    from transformers import LlamaConfig
+
+    from adaspec.draft_model import build_subset_draft
+
+    cfg = LlamaConfig(vocab_size=262, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    draft = build_subset_draft(cfg, torch.arange(0, 262, 3)).eval()
+    e, c = ModelRunner(draft), CompiledRunner(draft)
+    for r in (e, c):
+        r.reset()
+    le, lc = e.forward(prompt_ids(0), 2).logits, c.forward(prompt_ids(0), 2).logits
+    assert torch.equal(torch.isinf(le), torch.isinf(lc))
+    fin = ~torch.isinf(le)
+    torch.testing.assert_close(lc[fin], le[fin], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_and_compiled_on_unsupported_architectures(tokenizer):
+    gpt2 = make_model("gpt2")
+    assert resolve_runtime("auto", gpt2)[0] == "eager"
+    assert "Llama family" in resolve_runtime("auto", gpt2)[1]
+    with pytest.raises(InvalidArgumentError, match="compiled does not support architecture 'gpt2'"):
+        resolve_runtime("compiled", gpt2)
+    with pytest.raises(InvalidArgumentError, match="unknown runtime"):
+        SpeculativeGenerator(loaded(gpt2, tokenizer), None, runtime="fast")
+    bf16 = make_model("llama").to(torch.bfloat16)
+    assert resolve_runtime("auto", bf16)[0] == "eager"
+    assert isinstance(make_runner(make_model("llama"), "compiled"), CompiledRunner)
+
+
+def test_cli_compiled_on_unsupported_model_is_one_line_exit_2(tmp_path, capsys):
+    from conftest import make_tokenizer
+
+    model_dir = tmp_path / "gpt2"
+    make_model("gpt2").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()
+    argv = ["generate", "hi", "--target", str(model_dir), "--draft", "none", "--runtime", "compiled"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--runtime compiled does not support architecture 'gpt2'" in err and "\n" not in err
+
+
+def test_kernel_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path, llama):
+    """First run compiles into $NUMBA_CACHE_DIR (with a progress line), the second loads it,
+    and a corrupted cache is rebuilt, never trusted: the logits stay the same."""
+    script = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from conftest import make_model\n"
+        "from adaspec.runtime.compiled import CompiledRunner\n"
+        "r = CompiledRunner(make_model('llama', seed=4, layers=3)); r.reset()\n"
+        "print(float(r.forward([1, 2, 3], 1).logits.sum()))\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+
+    def run() -> tuple[str, str]:
+        p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.strip(), p.stderr
+
+    first, err1 = run()
+    assert "compiling the CPU runtime kernels" in err1
+    files = [f for f in (tmp_path / "numba").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".nbi" for f in files)
+    second, err2 = run()
+    assert second == first and "compiling" not in err2
+    for f in files:
+        f.write_bytes(b"\x00garbage" * 3)
+    third, _ = run()
+    assert third == first
+    assert np.isfinite(float(first))

@@ -55,12 +55,13 @@ async def _next_event(job: Job, request: Request) -> Event | None:
 class Server:
     """Holds the scheduler and metrics; its methods are the route handlers."""
 
-    def __init__(self, generator: SpeculativeGenerator, model_name: str, max_queue: int) -> None:
+    def __init__(self, generator: SpeculativeGenerator, model_name: str, max_queue: int,
+                 runtime: str) -> None:
         if generator.tokenizer is None:
             raise InvalidArgumentError(f"target {generator.target.name!r} has no tokenizer: nothing to serve")
         self.model_name = model_name
         self.metrics = Metrics()
-        self.scheduler = Scheduler(generator, self.metrics, max_queue=max_queue)
+        self.scheduler = Scheduler(generator, self.metrics, max_queue=max_queue, runtime=runtime)
         self.metrics.gauges = self.scheduler.gauges
         self.started = int(time.time())
 
@@ -173,14 +174,16 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(generator: SpeculativeGenerator, *, model_name: str | None = None,
-               max_queue: int = 16) -> Starlette:
+               max_queue: int = 16, runtime: str = "auto") -> Starlette:
     """The OpenAI-compatible app serving ``generator`` (its target, draft and default policy).
 
     Args:
         model_name: the id clients pass as ``model`` (default: the target's name).
         max_queue: requests that may wait behind the running one; more get 429.
+        runtime: runtime name for the generators built for per-request policy overrides
+            (pass the one ``generator`` was built with).
     """
-    server = Server(generator, model_name or generator.target.name, max_queue)
+    server = Server(generator, model_name or generator.target.name, max_queue, runtime)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -51,10 +51,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                args.policy, parse_policy_args(args.policy_arg), dtype=args.dtype,
-                               device=args.device, threads=args.threads)
-    app = create_app(gen, model_name=args.served_model_name or args.target, max_queue=args.max_queue)
+                               device=args.device, threads=args.threads, runtime=args.runtime)
+    app = create_app(gen, model_name=args.served_model_name or args.target, max_queue=args.max_queue,
+                     runtime=args.runtime)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    print(f"adaspec: serving {args.served_model_name or args.target!r} (policy {args.policy}) "
-          f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"adaspec: serving {args.served_model_name or args.target!r} (policy {args.policy}; "
+          f"{gen.runtime_note}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -81,16 +81,18 @@ class Scheduler:
         metrics: where finished generations are counted.
         max_queue: waiting jobs beyond which :meth:`submit` answers 429.
         cache_size: generators kept for per-request policy overrides (each holds its own KV caches).
+        runtime: the runtime name for those override generators (as given to the served one).
     """
 
     def __init__(self, generator: SpeculativeGenerator, metrics: Metrics, max_queue: int = 16,
-                 cache_size: int = 4) -> None:
+                 cache_size: int = 4, runtime: str = "auto") -> None:
         if max_queue < 0:
             raise InvalidArgumentError(f"max_queue must be >= 0, got {max_queue}")
         self.generator = generator
         self.metrics = metrics
         self.max_queue = max_queue
         self.cache_size = cache_size
+        self.runtime = runtime
         self.waiting = 0
         self.running = False
         self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
@@ -195,7 +197,7 @@ class Scheduler:
             return self._generators[key]
         base = self.generator
         policy = policy or make_policy(key[0], args)  # evicted since submit
-        gen = SpeculativeGenerator(base.target, base.draft, policy)
+        gen = SpeculativeGenerator(base.target, base.draft, policy, runtime=self.runtime)
         self._generators[key] = gen
         while len(self._generators) > self.cache_size:
             self._generators.popitem(last=False)

@@ -16,6 +16,7 @@ That keeps verification exact: a token the draft cannot propose simply has q = 0
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -97,6 +98,9 @@ def save_subset_draft(model: nn.Module, path: Path, meta: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.config.tie_word_embeddings = False
     setattr(model.config, DRAFT_KEY, meta)
-    model.config.save_pretrained(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    # temporary names, then renames: an interruption never leaves a half-written file
+    save_file(state, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
+    (path / "config.json.tmp").write_text(model.config.to_json_string(use_diff=True))
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    os.replace(path / "config.json.tmp", path / "config.json")

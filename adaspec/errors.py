@@ -6,6 +6,8 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class AdaspecError(Exception):
     """Base class for errors caused by user input or environment, not by bugs."""
@@ -29,3 +31,19 @@ class PolicyArgumentError(InvalidArgumentError):
 
 class PromptTooLongError(InvalidArgumentError):
     """The prompt (plus generation budget) does not fit in the model's context."""
+
+
+def ensure_writable_dir(path: Path, what: str = "--out") -> None:
+    """Create directory ``path`` if needed and check that files can be written in it.
+
+    Raises:
+        InvalidArgumentError: one line naming ``what`` and the reason (a file in the way,
+            no permission, read-only file system...).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".adaspec-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidArgumentError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .draft_model import is_subset_draft_dir, load_subset_draft
@@ -206,9 +207,13 @@ def load_model(
                 tokenizer = None
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        # a truncated or corrupt weights file lands here too (SafetensorError / OSError)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load {role} model {spec!r}: {first}") from exc
+        hint = ""
+        if spec == "default" and role == "target":
+            hint = f"; delete {path} to convert the packaged GGUF again"
+        raise ModelLoadError(f"cannot load {role} model {spec!r}: {first}{hint}") from exc
     model.to(device).eval()
     vocab = int(model.get_output_embeddings().out_features
                 if hasattr(model.get_output_embeddings(), "out_features")

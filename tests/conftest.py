@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +110,95 @@ PROMPTS = [b"def f(x):", b"hello world", b"The quick brown fox", b"1, 2, 3,", b"
 
 def prompt_ids(i: int) -> list[int]:
     return list(PROMPTS[i % len(PROMPTS)])
+
+
+def layered_pair(vocab: int = 64, seed: int = 0, init: float = 0.3) -> tuple[LoadedModel, LoadedModel]:
+    """Target: 2-layer Llama (d=32); draft: 1-layer Llama sharing the target's embeddings,
+    first layer and head, so that the two agree often but not always."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=init,
+                  tie_word_embeddings=False, attn_implementation="sdpa",
+                  eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    target = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common)).eval()
+    with torch.no_grad():  # a weak second layer: the 1-layer draft agrees with the target often
+        target.model.layers[1].self_attn.o_proj.weight.mul_(0.25)
+        target.model.layers[1].mlp.down_proj.weight.mul_(0.25)
+    draft = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, **common)).eval()
+    sd = {k: v for k, v in target.state_dict().items() if not k.startswith("model.layers.1.")}
+    draft.load_state_dict(sd)
+    with torch.no_grad():  # perturb the draft a little so that it sometimes disagrees
+        for p in draft.model.layers[0].parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return (LoadedModel(target, None, "tiny-target", vocab, 256),
+            LoadedModel(draft, None, "tiny-draft", vocab, 256))
+
+
+def rand_prompts(n: int, vocab: int = 64, seed: int = 1) -> list[list[int]]:
+    """``n`` random prompts of 3..8 token ids below ``vocab`` (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def pair() -> tuple[LoadedModel, LoadedModel]:
+    """The vocabulary-64 :func:`layered_pair` (one per test process)."""
+    return layered_pair()
+
+
+@pytest.fixture(scope="session")
+def trained_predictors(pair, tmp_path_factory) -> dict[str, Path]:
+    """collect -> train-predictor for every kind on :func:`pair` (exercises that pipeline)."""
+    from adaspec.predictors.traces import collect
+    from adaspec.predictors.train import train_predictor
+
+    root = tmp_path_factory.mktemp("pred")
+    target, draft = pair
+    collect(target, draft, rand_prompts(22, seed=7), root / "traces", k=6, max_new_tokens=24, shard_size=8,
+            progress=False)
+    out = {}
+    for kind in ("specdecpp", "context", "ldlp"):
+        train_predictor(root / "traces", kind, root / kind, epochs=8, batch=64)
+        out[kind] = root / kind
+    return out
+
+
+class VirtualClock:
+    """A deterministic ``time.perf_counter``: model forwards advance it by a cost model."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1e-7  # every read moves a little, so intervals are never zero
+        return self.now
+
+    def charge(self, model: torch.nn.Module, base: float, per_token: float) -> object:
+        def pre_hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.now += base + per_token * (ids.shape[-1] if ids is not None else 1)
+
+        return model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    """Patch perf_counter wherever adaspec reads it; yields a function that charges a pair."""
+    clock = VirtualClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("adaspec") and hasattr(mod, "perf_counter"):
+            monkeypatch.setattr(mod, "perf_counter", clock)
+    handles = []
+
+    def charge(target: LoadedModel, draft: LoadedModel | None) -> None:
+        handles.append(clock.charge(target.model, 0.010, 0.002))
+        if draft is not None:
+            handles.append(clock.charge(draft.model, 0.001, 0.0001))
+
+    yield charge
+    for h in handles:
+        h.remove()

@@ -14,7 +14,6 @@ from adaspec.bench.methods import MethodError, parse_method, parse_methods
 from adaspec.bench.report import read_results, report_only, summarize
 from adaspec.errors import InvalidArgumentError
 
-
 # The instruction sets are read in place from ../shared/data (or $ADASPEC_DATA) and are not
 # part of the repository: a fresh clone without them skips these tests, with the reason.
 needs_shared_data = pytest.mark.skipif(

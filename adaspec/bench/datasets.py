@@ -112,6 +112,8 @@ def _read_json_list(path: Path) -> list[dict]:
         rows = json.loads(_need(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON list of objects")
     return rows
@@ -124,17 +126,24 @@ def read_jsonl_objects(path: Path, what: str = "JSON") -> list[tuple[int, dict]]
         DatasetError: a malformed line or one that is not an object, with its line number.
     """
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{lineno}: malformed {what} line ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object")
-            out.append((lineno, row))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line)") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{lineno}: malformed {what} line ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}:{lineno}: expected a JSON object")
+        out.append((lineno, row))
     return out
 
 

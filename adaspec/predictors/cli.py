@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from ..cli_args import add_runtime_arg
 from ..errors import InvalidArgumentError
 
 
@@ -29,9 +31,16 @@ def _prompts(gen, args: argparse.Namespace) -> tuple[list[list[int]], str]:
         path = Path(args.prompts)
         if not path.is_file():
             raise InvalidArgumentError(f"--prompts file {path} does not exist")
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        for ln in lines[: args.limit or None]:
-            text = json.loads(ln)["prompt"] if ln.lstrip().startswith("{") else ln
+        try:
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(f"--prompts file {path} is not UTF-8 (byte {exc.start})") from None
+        for no, ln in enumerate(lines[: args.limit or None], 1):
+            try:
+                text = json.loads(ln)["prompt"] if ln.lstrip().startswith("{") else ln
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidArgumentError(f"{path}: prompt {no} is not a JSON object with 'prompt'") \
+                    from None
             out.append(gen.encode(text, chat=args.chat))
         names.append(f"file:{path.name}")
     if not out:
@@ -53,13 +62,21 @@ def run_collect(args: argparse.Namespace) -> int:
     prompts, source = _prompts(gen, args)
     kw = dict(k=args.k, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
               attention=args.attention, source=source, progress=not args.quiet)
-    if args.replay:
-        from .replay import collect_replay
+    if args.replay and args.runtime == "compiled":
+        raise InvalidArgumentError("collect --replay runs teacher-forced batched passes of the HF "
+                                   "modules; use --runtime auto or eager with it")
+    try:
+        if args.replay:
+            from .replay import collect_replay
 
-        meta = collect_replay(gen.target, gen.draft, prompts, Path(args.out), batch_size=args.batch_size,
-                              **kw)
-    else:
-        meta = collect(gen.target, gen.draft, prompts, Path(args.out), **kw)
+            meta = collect_replay(gen.target, gen.draft, prompts, Path(args.out), batch_size=args.batch_size,
+                                  **kw)
+        else:
+            meta = collect(gen.target, gen.draft, prompts, Path(args.out), runtime=args.runtime, **kw)
+    except KeyboardInterrupt:
+        print(f"adaspec: interrupted; finished shards are kept in {args.out}: rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
     tokens = sum(s["tokens"] for s in meta["shards"])
     rounds = sum(s["rounds"] for s in meta["shards"])
     print(f"wrote {len(meta['shards'])} shards, {rounds} rounds, {tokens} drafted tokens to {args.out}")
@@ -76,6 +93,7 @@ def add_collect_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: bf16 on CUDA or a CPU with native bf16, else fp32 (default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    add_runtime_arg(p)
     p.add_argument("--dataset", action="append", default=[], metavar="NAME[:SPLIT]",
                    help="bench dataset and split (default split train; test is refused), repeatable")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (or JSONL with 'prompt')")

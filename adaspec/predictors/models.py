@@ -23,7 +23,9 @@ Heads:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,18 +189,30 @@ class Predictor:
                 f"(trained for {self.pair.get(role)!r}) but got {d}; train a predictor for this pair")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def save_predictor(pred: Predictor, out: Path) -> None:
-    """Write ``model.safetensors`` + ``predictor.json`` under ``out``."""
+    """Write ``model.safetensors`` + ``predictor.json`` under ``out``.
+
+    Each file goes to a temporary name and is renamed into place, weights first;
+    ``predictor.json`` (written last) records the weights' sha256, so an interrupted
+    write is refused by :func:`load_predictor` instead of pairing old and new files.
+    """
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in pred.head.state_dict().items()}
     if isinstance(pred.head, LengthHead) and pred.head.emb_proj is not None:
         state["emb_proj"] = pred.head.emb_proj.contiguous().cpu()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT, "kind": pred.kind})
+    weights = out / "model.safetensors"
+    save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": FORMAT, "kind": pred.kind})
+    os.replace(out / "model.safetensors.tmp", weights)
     meta = dict(pred.meta, format=FORMAT, kind=pred.kind,
-                calibration={"a": pred.calib[0], "b": pred.calib[1]})
-    (out / "predictor.json").write_text(json.dumps(meta, indent=2))
+                calibration={"a": pred.calib[0], "b": pred.calib[1]}, weights_sha256=_sha256(weights))
+    (out / "predictor.json.tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(out / "predictor.json.tmp", out / "predictor.json")
 
 
 def default_predictor_dir(kind: str) -> Path:
@@ -218,9 +232,15 @@ def load_predictor(path: str | Path | None, kind: str) -> Predictor:
         what = "no shipped predictor" if not path else f"no predictor at {p}"
         raise PolicyArgumentError(f"{kind}: {what} (needs predictor.json + model.safetensors); {how}")
     try:
-        meta = json.loads((p / "predictor.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads((p / "predictor.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PolicyArgumentError(f"{kind}: corrupt predictor.json in {p}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise PolicyArgumentError(f"{kind}: corrupt predictor.json in {p}: not a JSON object")
+    if meta.get("weights_sha256") and _sha256(p / "model.safetensors") != meta["weights_sha256"]:
+        raise PolicyArgumentError(
+            f"{kind}: corrupt predictor in {p}: model.safetensors does not match predictor.json "
+            f"(interrupted write or altered file); {how}")
     if meta.get("format") != FORMAT:
         raise PolicyArgumentError(f"{kind}: {p} is not an adaspec predictor (format {meta.get('format')!r})")
     if meta.get("kind") != kind:

@@ -22,20 +22,26 @@ fp32, ``round_draft_forwards`` [R] int32, ``round_hidden`` [R, d_t] fp16 (target
 state that produced the committed extra token), ``round_token`` [R] int64 (that token).
 The ldlp label of a round is the next round's accepted length for the same prompt.
 
-Resumable: a restart with the same arguments skips the prompts of finished shards.
+Resumable: a restart with the same arguments skips the prompts of finished shards. Shards
+are written to a temporary name and renamed, and ``meta.json`` records each one's size,
+row counts and sha256; on resume a shard that is missing, truncated or altered is dropped
+together with every later one, and its prompts are collected again (a shard is never
+trusted on its name alone), and :func:`load_traces` refuses such a shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..drafters.base import DraftNeeds
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..models import LoadedModel, vocab_fingerprint
 from ..policies.base import Policy
 from ..types import Action, DraftStep, RoundContext, RoundOutcome
@@ -165,8 +171,11 @@ def collect(
     attention: bool = False,
     source: str = "",
     progress: bool = True,
+    runtime: str = "auto",
 ) -> dict:
     """Run the engine over ``prompts`` (token ids) and write traces under ``out``.
+
+    ``runtime``: how the engine's forwards run (see :mod:`adaspec.runtime`).
 
     Returns the final meta dict. Raises InvalidArgumentError when ``out`` holds traces of
     another pair or other arguments.
@@ -181,7 +190,7 @@ def collect(
             "n_prompts": len(prompts), "source": source, "sampling": "greedy"}
     meta, done = open_trace_dir(target, draft, out, args)
     rec = RecorderPolicy(k=k, attention=attention)
-    gen = SpeculativeGenerator(target, draft, rec)
+    gen = SpeculativeGenerator(target, draft, rec, runtime=runtime)
     bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect", unit="prompt")
     for start in range(done, len(prompts), shard_size):
         end = min(start + shard_size, len(prompts))
@@ -206,18 +215,22 @@ def open_trace_dir(target: LoadedModel, draft: LoadedModel, out: Path, args: dic
     """
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "trace directory (--out)")
     meta = {"format": TRACE_FORMAT, "pair": pair_info(target, draft), "args": args,
             "features": {"hidden": "draft_last_hidden", "scalars": list(SCALAR_FEATURES),
                          "attention": bool(args["attention"])},
             "shards": [], "complete": False}
     meta_path = out / "meta.json"
     if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
+        old = _read_meta(meta_path)
         if old.get("pair") != meta["pair"] or old.get("args") != args:
             raise InvalidArgumentError(
                 f"{out} holds traces of another model pair or other arguments; use a new --out")
-        meta["shards"] = old.get("shards", [])
+        meta["shards"] = _valid_prefix(out, old.get("shards", []))
+        if len(meta["shards"]) < len(old.get("shards", [])):
+            _atomic_json(meta_path, meta)
+    for stale in out.glob("*.tmp"):  # left by an interrupted write
+        stale.unlink()
     emb_path = out / "target_embed.safetensors"
     if not emb_path.is_file():
         emb = target.model.get_input_embeddings().weight.detach().to(torch.float16).cpu().contiguous()
@@ -236,8 +249,63 @@ def write_shard(out: Path, meta: dict, rec: RecorderPolicy, start: int, end: int
     os.replace(out / (name + ".tmp"), out / name)
     meta["shards"].append({"file": name, "prompts": [start, end],
                            "tokens": int(tensors["tok_match"].numel()),
-                           "rounds": int(tensors["round_k"].numel())})
+                           "rounds": int(tensors["round_k"].numel()),
+                           "sha256": _sha256(out / name)})
     _atomic_json(out / "meta.json", meta)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgumentError(f"corrupt {meta_path} ({exc}); delete that directory and collect "
+                                   "again, or use a new --out") from None
+    if not isinstance(meta, dict):
+        raise InvalidArgumentError(f"corrupt {meta_path}: not a JSON object")
+    return meta
+
+
+def shard_problem(path: Path, shard: dict) -> str | None:
+    """Why the shard file ``shard`` (a ``meta.json`` entry) cannot be trusted, or None."""
+    from safetensors import safe_open
+
+    f = path / shard.get("file", "?")
+    if not f.is_file():
+        return "missing"
+    want = shard.get("sha256")
+    if want and _sha256(f) != want:
+        return "truncated or altered (sha256 differs from meta.json)"
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            rows = {k: st.get_slice(k).get_shape()[0] for k in ("tok_match", "round_k")}
+    except Exception as exc:  # safetensors raises several types on a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"unreadable ({first})"
+    if rows != {"tok_match": shard.get("tokens"), "round_k": shard.get("rounds")}:
+        return "row counts differ from meta.json"
+    return None
+
+
+def _valid_prefix(out: Path, shards: list[dict]) -> list[dict]:
+    """The leading shards that check out; the first bad one and every later one are dropped
+    (their files deleted) so that their prompts are collected again."""
+    for i, shard in enumerate(shards):
+        problem = shard_problem(out, shard)
+        if problem:
+            print(f"collect: shard {shard.get('file')} is {problem}; collecting prompts "
+                  f"{shard.get('prompts', ['?'])[0]}.. again", file=sys.stderr)
+            for later in shards[i:]:
+                (out / later.get("file", "?")).unlink(missing_ok=True)
+            return shards[:i]
+    return shards
 
 
 def load_traces(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -248,19 +316,19 @@ def load_traces(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise InvalidArgumentError(f"{path} has no meta.json: not a trace directory (run `adaspec collect`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(f"corrupt {meta_path}: {exc}") from None
+    meta = _read_meta(meta_path)
     if meta.get("format") != TRACE_FORMAT or not meta.get("shards"):
         raise InvalidArgumentError(f"{path} holds no adaspec traces (format {meta.get('format')!r})")
+    for s in meta["shards"]:
+        problem = shard_problem(path, s)
+        if problem:
+            raise InvalidArgumentError(
+                f"trace shard {path / s.get('file', '?')} is {problem}; rerun the same `adaspec collect` "
+                "command to collect its prompts again")
     parts: dict[str, list[torch.Tensor]] = {}
     offset = 0
     for s in meta["shards"]:
-        try:
-            t = load_file(str(path / s["file"]))
-        except Exception as exc:
-            raise InvalidArgumentError(f"cannot read trace shard {path / s['file']}: {exc}") from None
+        t = load_file(str(path / s["file"]))
         t["tok_round"] = t["tok_round"] + offset
         offset += t["round_k"].numel()
         for key, val in t.items():

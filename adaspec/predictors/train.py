@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ensure_writable_dir
 from .calibration import binary_report, fit_platt, plot_reliability
 from .models import KINDS, LengthHead, Predictor, build_head, save_predictor
 from .traces import load_traces
@@ -76,8 +76,9 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
         raise InvalidArgumentError(f"unknown predictor kind {kind!r}; choose one of {', '.join(KINDS)}")
     if calibrate not in (None, "platt", "none"):
         raise InvalidArgumentError(f"calibrate must be 'platt' or 'none', got {calibrate!r}")
-    torch.manual_seed(seed)
     meta, t = load_traces(traces)
+    ensure_writable_dir(out, "predictor directory (--out)")
+    torch.manual_seed(seed)
     pair, features = meta["pair"], meta["features"]
     base = {"kind": kind, "pair": pair, "traces": {"path": str(traces), "args": meta["args"]}}
     if kind == "ldlp":
@@ -140,9 +141,10 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
     metrics.update(train_tokens=int(tr.sum()), dev_tokens=int(dev.sum()), dev_tried_tokens=int(ev.sum()),
                    rejection_weight=rw, calibrate=calibrate, fit=log)
     pred = Predictor(kind, head, dict(base, config=config, features=feats, metrics=metrics), out, calib)
-    save_predictor(pred, out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(metrics, indent=2))
     plot_reliability(curves, out / "reliability.png", f"{kind}: held-out tokens (dev prompts)")
+    save_predictor(pred, out)  # last: predictor.json is the commit point
     return pred
 
 

@@ -25,8 +25,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,26 @@ def _check_writable(path: Path, what: str) -> None:
 
 
 Seq = tuple[list[int], int, float]
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Within the block, Ctrl-C (SIGINT) only sets ``flag["hit"]``: the training loop ends at
+    a step boundary and checkpoints, instead of dying inside an optimiser update."""
+    flag = {"hit": False}
+
+    def handler(signum, frame):  # noqa: ARG001
+        flag["hit"] = True
+
+    try:
+        old = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave SIGINT alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _sequences(examples: list[Example], seq_len: int, weight: float = 1.0) -> list[Seq]:
@@ -237,7 +259,13 @@ def run_train_draft(args: argparse.Namespace) -> int:
     special = [t for t in (tok.eos_token_id, tok.bos_token_id) if t is not None]
     prompt_ids = [tok.encode(p.text, add_special_tokens=False) for p in train_prompts[:20000]]
     ckpt_path = work / "ckpt.pt"
-    state = torch.load(ckpt_path, weights_only=False) if args.resume and ckpt_path.is_file() else None
+    state = None
+    if args.resume and ckpt_path.is_file():
+        try:
+            state = torch.load(ckpt_path, weights_only=False)
+        except Exception as exc:  # truncated / corrupt pickle: several exception types
+            raise InvalidArgumentError(f"checkpoint {ckpt_path} is corrupt ({type(exc).__name__}); delete it "
+                                       "to start over") from None
     if args.resume and state is None:
         log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
     subset = state["subset"] if state else choose_subset(
@@ -291,49 +319,63 @@ def run_train_draft(args: argparse.Namespace) -> int:
     tokens_start = tokens_seen  # for this process's tokens/s after a resume
     t_start, t_ckpt = time.time(), time.time()
     bar = tqdm(total=args.steps, initial=step, file=sys.stderr, dynamic_ncols=True, desc="train-draft")
-    while step < args.steps:
-        if args.reload_every and step and step % args.reload_every == 0:
-            examples = [e for e in load_shards(cache) if e.key in allowed]
-            seqs = _sequences(examples, args.seq_len)
-            log(f"reloaded data: {len(examples)} examples")
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, args.steps, args.lr)
-        batch = random.sample(seqs, min(args.batch_size - n_ref, len(seqs))) + random.sample(refs, n_ref)
-        ids, labels, weights = (t.to(args.device) for t in make_batch(batch, remap, args.prompt_weight))
-        hidden = draft.model(ids).last_hidden_state  # [B, T, d]
-        keep = weights > 0  # score only positions that carry loss (the head dominates the cost)
-        logits = draft.lm_head.subset_logits(hidden[keep]).float()  # [N, Vs]
-        ce = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")  # [N]
-        loss = (ce * weights[keep]).sum() / weights[keep].sum().clamp_min(1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        tokens_seen += int((labels >= 0).sum())
-        el = time.time() - t_start
-        bar.update(1)
-        rate = (tokens_seen - tokens_start) / max(el, 1e-9)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
-        if step % 50 == 0:
-            eta = el / max(step - (state["step"] if state else 0), 1) * (args.steps - step)
-            log(f"step {step}/{args.steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"tokens {tokens_seen} eta {eta / 60:.1f} min")
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate()
-            score = sum(r["tau"] for r in metrics.values()) / max(len(metrics), 1)
-            history.append({"step": step, "tokens": tokens_seen, "minutes": round(el / 60, 2),
-                            "loss": round(loss.item(), 4), **metrics})
-            log(f"eval step {step}: " + json.dumps(metrics))
-            if score > best:
-                best = score
-                save(out, metrics)
-                log(f"new best (mean simulated tau {score:.3f}) saved to {out}")
-        if time.time() - t_ckpt > 180 or step == args.steps:
-            torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                        "history": history, "subset": subset, "tokens_seen": tokens_seen}, work / "ckpt.tmp")
-            (work / "ckpt.tmp").replace(ckpt_path)
-            t_ckpt = time.time()
+    if state and "rng" in state:  # the batches after a resume are the ones an unbroken run draws
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def checkpoint() -> None:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                    "history": history, "subset": subset, "tokens_seen": tokens_seen, "rng": rng},
+                   work / "ckpt.tmp")
+        (work / "ckpt.tmp").replace(ckpt_path)
+
+    with _deferred_interrupt() as stop:
+        while step < args.steps:
+            if args.reload_every and step and step % args.reload_every == 0:
+                examples = [e for e in load_shards(cache) if e.key in allowed]
+                seqs = _sequences(examples, args.seq_len)
+                log(f"reloaded data: {len(examples)} examples")
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, args.steps, args.lr)
+            batch = random.sample(seqs, min(args.batch_size - n_ref, len(seqs))) + random.sample(refs, n_ref)
+            ids, labels, weights = (t.to(args.device) for t in make_batch(batch, remap, args.prompt_weight))
+            hidden = draft.model(ids).last_hidden_state  # [B, T, d]
+            keep = weights > 0  # score only positions that carry loss (the head dominates the cost)
+            logits = draft.lm_head.subset_logits(hidden[keep]).float()  # [N, Vs]
+            ce = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")  # [N]
+            loss = (ce * weights[keep]).sum() / weights[keep].sum().clamp_min(1.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            tokens_seen += int((labels >= 0).sum())
+            el = time.time() - t_start
+            bar.update(1)
+            rate = (tokens_seen - tokens_start) / max(el, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
+            if step % 50 == 0:
+                eta = el / max(step - (state["step"] if state else 0), 1) * (args.steps - step)
+                log(f"step {step}/{args.steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                    f"tokens {tokens_seen} eta {eta / 60:.1f} min")
+            if step % args.eval_every == 0 or step == args.steps:
+                metrics = evaluate()
+                score = sum(r["tau"] for r in metrics.values()) / max(len(metrics), 1)
+                history.append({"step": step, "tokens": tokens_seen, "minutes": round(el / 60, 2),
+                                "loss": round(loss.item(), 4), **metrics})
+                log(f"eval step {step}: " + json.dumps(metrics))
+                if score > best:
+                    best = score
+                    save(out, metrics)
+                    log(f"new best (mean simulated tau {score:.3f}) saved to {out}")
+            if time.time() - t_ckpt > 180 or step == args.steps or stop["hit"]:
+                checkpoint()
+                t_ckpt = time.time()
+            if stop["hit"]:
+                bar.close()
+                log(f"interrupted at step {step}; checkpoint saved: rerun with --resume to continue")
+                raise KeyboardInterrupt
     bar.close()
     (work / "history.json").write_text(json.dumps(history, indent=1))
     log(f"done: {step} steps, {tokens_seen} tokens, {(time.time() - t_start) / 60:.1f} min; best {best:.3f}; "

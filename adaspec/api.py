@@ -83,12 +83,12 @@ class SpeculativeGenerator:
         if runtime not in RUNTIMES:
             raise InvalidArgumentError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.target = target if isinstance(target, LoadedModel) else load_model(
-            target, dtype=dtype, device=device, role="target")
+            target, dtype=dtype, device=device, role="target", runtime=runtime)
         if draft is None or draft == "none":
             self.draft = None
         else:
             self.draft = draft if isinstance(draft, LoadedModel) else load_model(
-                draft, dtype=dtype, device=device, role="draft")
+                draft, dtype=dtype, device=device, role="draft", runtime=runtime)
             check_vocab_compat(self.target, self.draft)
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
         self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
@@ -98,9 +98,9 @@ class SpeculativeGenerator:
         if self.draft:
             draft_runtime, dnote = resolve_runtime(runtime, self.draft.model)
             self.runtime_note += f"; draft {dnote}"
-            drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)
+            drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned
         self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
-                             drafter, self.policy, self.runtime)
+                             drafter, self.policy, self.runtime, release=self.target.owned)
 
     @property
     def tokenizer(self) -> Any:

@@ -34,8 +34,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="draft model: 'default' (the shipped adaspec draft), 'none' (plain decoding "
                         "of the target), a local directory or an HF id")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                   help="weights and activations dtype; auto (default) = bf16 on a GPU or a CPU with "
-                        "native bf16 (AVX-512 BF16 / AMX), else fp32")
+                   help="weights and activations dtype; auto (default) = bf16 on a GPU, fp32 on a CPU "
+                        "(the compiled runtime computes in fp32); with --runtime eager, bf16 on a CPU "
+                        "with native bf16 (AVX-512 BF16 / AMX)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_runtime_arg(p)

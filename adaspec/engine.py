@@ -62,8 +62,9 @@ class Engine:
     """Speculative decoding of one target with one drafter under one policy (batch size 1)."""
 
     def __init__(self, target: torch.nn.Module, vocab_size: int, max_context: int,
-                 drafter: Drafter | None, policy: Policy, runtime: str = "eager") -> None:
-        self.target = make_runner(target, runtime)
+                 drafter: Drafter | None, policy: Policy, runtime: str = "eager",
+                 release: bool = False) -> None:
+        self.target = make_runner(target, runtime, release)
         self.runtime = runtime
         self.vocab_size = vocab_size
         self.max_context = min(max_context, getattr(self.target, "capacity", max_context))

@@ -74,10 +74,13 @@ class RunnerBase:
     def _sync_prefix(self, seq: list[int], keep_out: int) -> int:
         """Crop the cache to the common prefix of self.tokens and seq, leaving at least
         ``keep_out`` tokens of seq to feed. Returns the cropped length."""
-        n = 0
         limit = min(len(self.tokens), len(seq) - keep_out)
-        while n < limit and self.tokens[n] == seq[n]:
-            n += 1
+        if self.tokens[:limit] == seq[:limit]:  # the usual case, compared in C
+            n = limit
+        else:
+            n = 0
+            while n < limit and self.tokens[n] == seq[n]:
+                n += 1
         if n < len(self.tokens):
             self._crop(n)
             del self.tokens[n:]

@@ -45,6 +45,9 @@ class LoadedModel:
         name: human-readable id (the spec it was loaded from).
         vocab_size: size of the logits' last dimension.
         max_context: positions the model supports (prompt + generated).
+        owned: True when adaspec loaded the module itself (``load_model``), so a runtime
+            may keep its weights in another layout and rebuild the HF tensors only when
+            an eager forward needs them; False for a module the caller built and holds.
     """
 
     model: nn.Module
@@ -52,6 +55,7 @@ class LoadedModel:
     name: str
     vocab_size: int
     max_context: int
+    owned: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -88,15 +92,20 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
-def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu",
+                runtime: str = "eager") -> torch.dtype:
     """'auto' | 'bf16' | 'fp32' | 'fp16' (or a torch dtype) -> torch dtype.
 
-    'auto' is bf16 on a GPU or a CPU with native bf16, fp32 otherwise.
+    'auto' is bf16 on a GPU, fp32 on a CPU for the ``auto`` / ``compiled`` runtimes (the
+    compiled CPU runtime computes in fp32 and beats bf16 eager forwards), and on a CPU
+    for the eager runtime bf16 when the CPU has native bf16, else fp32.
     """
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        if torch.device(device).type == "cuda" or cpu_has_fast_bf16():
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16
+        if runtime == "eager" and cpu_has_fast_bf16():
             return torch.bfloat16
         return torch.float32
     try:
@@ -169,13 +178,16 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     role: str = "target",
+    runtime: str = "eager",
 ) -> LoadedModel:
     """Load ``spec`` (``default``, a local directory, or a Hugging Face id) for the engine.
+
+    ``runtime`` (the runtime the model will run on) only steers ``dtype="auto"``.
 
     Raises:
         ModelLoadError: the spec cannot be resolved or loaded (message names it).
     """
-    torch_dtype = parse_dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype, device, runtime)
     if not spec or not spec.strip():
         raise ModelLoadError(f"empty {role} model name")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,7 +231,7 @@ def load_model(
                 if hasattr(model.get_output_embeddings(), "out_features")
                 else model.config.vocab_size)
     vocab = int(getattr(model.config, "vocab_size", vocab) or vocab)
-    return LoadedModel(model, tokenizer, name, vocab, _max_context(model.config))
+    return LoadedModel(model, tokenizer, name, vocab, _max_context(model.config), owned=True)
 
 
 def vocab_fingerprint(tokenizer: Any) -> str:

@@ -179,3 +179,26 @@ def test_kernel_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path, llama):
     third, _ = run()
     assert third == first
     assert np.isfinite(float(first))
+
+
+def test_owned_model_keeps_one_copy_and_rebuilds_eager_weights(tmp_path, tokenizer):
+    """A model adaspec loaded itself gives its HF weights up to the packed copy (memory);
+    the first eager forward rebuilds them exactly, so eager results do not change."""
+    from adaspec.models import load_model
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama", seed=5).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ref = SpeculativeGenerator(load_model(str(model_dir), dtype="fp32"), None, runtime="eager")
+    want = ref.generate(prompt_ids(1), max_new_tokens=12).token_ids
+    owned = load_model(str(model_dir), dtype="fp32")
+    assert owned.owned
+    fast = SpeculativeGenerator(owned, None, runtime="compiled")
+    q = owned.model.model.layers[0].self_attn.q_proj.weight
+    assert q.numel() == 0  # released: the packed panels are the only copy
+    assert fast.generate(prompt_ids(1), max_new_tokens=12).token_ids == want
+    eager = SpeculativeGenerator(owned, None, runtime="eager")
+    assert eager.generate(prompt_ids(1), max_new_tokens=12).token_ids == want
+    assert q.numel() > 0  # rebuilt by the first eager forward
+    torch.testing.assert_close(q, ref.target.model.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=0)
+    assert fast.generate(prompt_ids(1), max_new_tokens=12).token_ids == want

@@ -67,6 +67,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     chat.add_argument("--no-chat", dest="chat", action="store_false",
                       help="feed every prompt raw (default: chat except for raw sets like humaneval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-RSS measurement per runtime (a fresh process each, ~20 s)")
     p.add_argument("--report-only", action="store_true",
                    help="regenerate summary.json, report.md and plots from OUT/results.jsonl")
     p.add_argument("--quick", action="store_true",
@@ -119,7 +121,8 @@ def _run_bench(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                       dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                       out=str(out), target=args.target, draft=args.draft, chat=args.chat,
-                      progress=not args.no_progress, command=_command(), runtime=args.runtime)
+                      progress=not args.no_progress, command=_command(), runtime=args.runtime,
+                      memory=not args.no_memory)
     summary = run_benchmark(cfg)
     _print_tables(summary, out)
     return 0

@@ -271,6 +271,13 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
                 f"- {meta.get('dtype')} on {meta.get('device')}, {meta.get('threads')} threads, "
                 f"{meta.get('cpu')}; torch {meta.get('torch')}, transformers {meta.get('transformers')}",
                 "", "Command:", "", "```", str(meta.get("command", "")), "```", ""]
+        mem = meta.get("memory") or {}
+        if mem:
+            parts = [f"{rt} {m['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in m else f"{rt}: {m.get('error')}"
+                     for rt, m in mem.items() if isinstance(m, dict)]
+            ratio = mem.get("compiled_over_eager")
+            out += [f"Peak RSS of one generation, fresh process per runtime: {', '.join(parts)}"
+                    + (f" (compiled / eager {ratio:.2f}x)" if ratio else ""), ""]
     out += ["## Overall", "", markdown_table(summary), "",
             "Speed-up: mean over prompts of tokens/s(method) / tokens/s(ar) on the same prompt "
             "(Spec-Bench). τ: tokens per target forward. Acceptance: accepted / drafted "

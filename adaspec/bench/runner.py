@@ -67,6 +67,7 @@ class BenchConfig:
     runtime: str = "auto"
     warmup: int = 1
     repeats: int = 1
+    memory: bool = True  # peak RSS per runtime, each in a fresh process (meta.memory)
     out: str = "runs/bench"
     target: str = "default"
     draft: str = "default"
@@ -239,10 +240,13 @@ def run_benchmark(
             for s in specs[i % len(specs):] + specs[: i % len(specs)]
             if (p.id, s.key, rep) not in done]
 
+    # one dtype for every method: fp32 on a CPU unless every method runs eager
+    rt = "eager" if cfg.runtime == "eager" and all(s.runtime in (None, "eager") for s in specs) else "auto"
+    measure_memory = cfg.memory and target is None  # models given in code: no spec to reload
     if target is None:
-        target = load_model(cfg.target, dtype=cfg.dtype, role="target")
+        target = load_model(cfg.target, dtype=cfg.dtype, role="target", runtime=rt)
     if draft is None and any(s.needs_draft for s in specs):
-        draft = load_model(cfg.draft, dtype=cfg.dtype, role="draft")
+        draft = load_model(cfg.draft, dtype=cfg.dtype, role="draft", runtime=rt)
     eos = eos_ids(target)
     runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime) for s in specs}
     meta = run_metadata(cfg, target, draft)
@@ -284,6 +288,9 @@ def run_benchmark(
                 if stop_after is not None and new_rows >= stop_after:
                     break
         finished = True
+        if measure_memory and new_rows:
+            meta["memory"] = peak_memory(cfg, sorted({getattr(r, "runtime", "hf") for r in runners.values()}
+                                                     - {"hf"}), draft is not None)
     finally:
         if bar is not None:
             bar.close()
@@ -292,6 +299,19 @@ def run_benchmark(
                 explain_mismatches(out, rows, {p.id: p for p in prompts}, target, chat_for)
             write_outputs(out, rows, meta)
     return json.loads((out / "summary.json").read_text())
+
+
+def peak_memory(cfg: BenchConfig, runtimes: list[str], with_draft: bool) -> dict[str, Any]:
+    """Peak RSS of one generation per runtime, each in a fresh process, and their ratio."""
+    from .memory import measure_in_subprocess
+
+    out: dict[str, Any] = {}
+    for rt in runtimes:
+        out[rt] = measure_in_subprocess(rt, cfg.target, cfg.draft if with_draft else None, cfg.dtype,
+                                        cfg.threads)
+    if all("peak_rss_mb" in out.get(rt, {}) for rt in ("eager", "compiled")):
+        out["compiled_over_eager"] = round(out["compiled"]["peak_rss_mb"] / out["eager"]["peak_rss_mb"], 3)
+    return out
 
 
 def explain_mismatches(out: Path, rows: list[dict[str, Any]], prompts: dict[str, Prompt],

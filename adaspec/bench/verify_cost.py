@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [r.strip() for r in args.runtime.split(",") if r.strip()]
         if not names or any(r not in RUNTIMES for r in names):
             raise InvalidArgumentError(f"--runtime takes a comma list of {', '.join(RUNTIMES)}")
-        target = load_model(args.target, dtype=args.dtype, role="target")
+        target = load_model(args.target, dtype=args.dtype, role="target",
+                            runtime="compiled" if "compiled" in names or "auto" in names else "eager")
         resolved = {}
         for name in names:
             rt, _ = resolve_runtime(name, target.model)

@@ -20,7 +20,7 @@ class ModelDrafter:
 
     def __init__(self, draft: LoadedModel, vocab_size: int, runtime: str = "eager") -> None:
         self.loaded = draft
-        self.runner = make_runner(draft.model, runtime)
+        self.runner = make_runner(draft.model, runtime, release=draft.owned)
         self.vocab_size = vocab_size
         self.max_context = min(draft.max_context, getattr(self.runner, "capacity", draft.max_context))
 

@@ -48,12 +48,16 @@ def resolve_runtime(name: str, model: nn.Module) -> tuple[str, str]:
     return "compiled", "compiled (lean CPU forward, packed fp32 weights, static KV cache)"
 
 
-def make_runner(model: nn.Module, runtime: str = "eager") -> RunnerBase:
-    """A runner of ``model`` under a resolved runtime (``eager`` or ``compiled``)."""
+def make_runner(model: nn.Module, runtime: str = "eager", release: bool = False) -> RunnerBase:
+    """A runner of ``model`` under a resolved runtime (``eager`` or ``compiled``).
+
+    ``release`` (compiled only, for modules adaspec loaded itself): keep one copy of the
+    weights, the packed one; an eager forward of the module rebuilds its own tensors first.
+    """
     if runtime == "compiled":
         from .compiled import CompiledRunner
 
-        return CompiledRunner(model)
+        return CompiledRunner(model, release)
     if runtime != "eager":
         raise InvalidArgumentError(f"runtime {runtime!r} must be resolved first (eager or compiled)")
     return ModelRunner(model)

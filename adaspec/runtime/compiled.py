@@ -62,8 +62,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float32).contiguous().numpy()
+def _np(t: torch.Tensor, copy: bool = True) -> np.ndarray:
+    """fp32 numpy copy of ``t`` (``copy=False``: a view sharing its memory). Copies never keep
+    the checkpoint's memory map alive once the module's own tensors are released."""
+    a = t.detach().to(torch.float32).contiguous().numpy()
+    return a.copy() if copy else a
 
 
 class LeanWeights:
@@ -80,16 +83,23 @@ class LeanWeights:
     _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
-    def of(cls, model: nn.Module) -> LeanWeights:
+    def of(cls, model: nn.Module, release: bool = False) -> LeanWeights:
+        """The packed weights of ``model``, built on first use.
+
+        ``release``: free each HF weight as soon as it is packed (see
+        :meth:`release_eager_weights`), so the peak memory holds one copy of the weights.
+        """
         with cls._lock:
             lean = cls._by_model.get(model)
             if lean is None:
-                lean = cls(model)
+                lean = cls(model, release)
                 cls._by_model[model] = lean
+            elif release:
+                lean.release_eager_weights()
             return lean
 
     @torch.inference_mode()
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, release: bool = False) -> None:
         from . import kernels as K
 
         reason = unsupported_reason(model)
@@ -108,21 +118,42 @@ class LeanWeights:
             raise UnsupportedModelError("the compiled runtime does not support a custom attention scale")
         ctx = getattr(cfg, "max_position_embeddings", None) or MAX_CAPACITY
         self.capacity = int(min(ctx, MAX_CAPACITY))
-        self.emb = _np(model.get_input_embeddings().weight)
-        stack = lambda f: np.stack([f(layer) for layer in layers])  # noqa: E731
-        self.ln1 = stack(lambda ly: _np(ly.input_layernorm.weight))
-        self.ln2 = stack(lambda ly: _np(ly.post_attention_layernorm.weight))
-        a = lambda ly: ly.self_attn  # noqa: E731
-        self.wqkv = stack(lambda ly: K.pack_weight(np.concatenate(
-            [_np(a(ly).q_proj.weight), _np(a(ly).k_proj.weight), _np(a(ly).v_proj.weight)])))
-        self.wo = stack(lambda ly: K.pack_weight(_np(a(ly).o_proj.weight)))
-        self.wgu = stack(lambda ly: K.pack_weight(np.concatenate(
-            [_np(ly.mlp.gate_proj.weight), _np(ly.mlp.up_proj.weight)])))
-        self.wd = stack(lambda ly: K.pack_weight(_np(ly.mlp.down_proj.weight)))
+        self._model_ref = weakref.ref(model)
+        self._restore_hook = None
+        self._released: list[tuple[nn.Parameter, np.ndarray, int, int]] = []  # (param, packed, row0, rows)
+        self.ln1 = np.stack([_np(ly.input_layernorm.weight) for ly in layers])
+        self.ln2 = np.stack([_np(ly.post_attention_layernorm.weight) for ly in layers])
         self.normw = _np(model.model.norm.weight)
+        # (name, modules per layer whose weights are stacked as output rows)
+        groups = [("wqkv", lambda ly: [ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj]),
+                  ("wo", lambda ly: [ly.self_attn.o_proj]),
+                  ("wgu", lambda ly: [ly.mlp.gate_proj, ly.mlp.up_proj]),
+                  ("wd", lambda ly: [ly.mlp.down_proj])]
+        for name, mods in groups:
+            first = mods(layers[0])
+            rows = sum(m.weight.shape[0] for m in first)
+            packed = np.empty((len(layers), K.panels(rows), first[0].weight.shape[1], K.PANEL), np.float32)
+            for i, ly in enumerate(layers):
+                ws = [m.weight for m in mods(ly)]
+                rows_np = [_np(w, copy=False) for w in ws]
+                K.pack_weight(np.concatenate(rows_np) if len(ws) > 1 else rows_np[0], packed[i])
+                row0 = 0
+                for w in ws:
+                    self._released.append((w, packed[i], row0, w.shape[0]))
+                    row0 += w.shape[0]
+                    if release:
+                        _release(w)
+            setattr(self, name, packed)
         head = model.get_output_embeddings()
-        self.lm = K.pack_weight(_np(head.weight))
+        emb = model.get_input_embeddings().weight
         self.n_logits = int(head.weight.shape[0])
+        self.lm = K.pack_weight(_np(head.weight, copy=False))
+        # a tied head: token embeddings are read from the packed head (emb_packed), one copy
+        self.emb_packed = head.weight.data_ptr() == emb.data_ptr()
+        self.emb = np.zeros((1, self.d), np.float32) if self.emb_packed else _np(emb, copy=False)
+        self._released.append((head.weight, self.lm, 0, self.n_logits))
+        if release:
+            _release(head.weight)
         ids = getattr(head, "token_ids", None)
         self.out_ids = None if ids is None else ids.detach().to(torch.long)
         self.vocab = int(getattr(head, "full_vocab_size", self.n_logits))
@@ -131,11 +162,47 @@ class LeanWeights:
         cos, sin = model.model.rotary_emb(dummy, pos)  # HF's own tables: [1, cap, hd]
         self.cos, self.sin = _np(cos[0]), _np(sin[0])
         self.layers = len(layers)
+        if release:
+            self._restore_hook = model.register_forward_pre_hook(lambda *_: self.restore_eager_weights())
+            _own_remaining_tensors(model)
 
-    def new_cache(self) -> tuple[np.ndarray, np.ndarray]:
-        """Zeroed K^T [L, KVH, hd, cap] and V [L, KVH, cap, hd] (pages are touched lazily)."""
-        kt = np.zeros((self.layers, self.kvh, self.hd, self.capacity), np.float32)
-        vc = np.zeros((self.layers, self.kvh, self.capacity, self.hd), np.float32)
+    def release_eager_weights(self) -> int:  # noqa: D401
+        """Free the HF module's copies of the packed weights (the packed ones are the same
+        numbers in another layout); an eager forward of the module rebuilds them first
+        (a forward pre-hook), so nothing breaks, it only costs the memory again.
+
+        Returns the bytes freed.
+        """
+        model = self._model_ref()
+        if model is None or self._restore_hook is not None:
+            return 0
+        freed = 0
+        for param, _, _, _ in self._released:
+            if param.numel():
+                freed += param.numel() * param.element_size()
+                _release(param)
+        self._restore_hook = model.register_forward_pre_hook(lambda *_: self.restore_eager_weights())
+        _own_remaining_tensors(model)
+        return freed
+
+    @torch.no_grad()
+    def restore_eager_weights(self) -> None:
+        """Give the HF module its weights back (unpacked from the panels)."""
+        from .kernels import unpack_weight
+
+        if self._restore_hook is None:
+            return
+        for param, packed, row0, rows in self._released:
+            if not param.numel():  # a tied head and embedding share one Parameter
+                param.data = torch.from_numpy(np.ascontiguousarray(unpack_weight(packed, row0 + rows)[row0:]))
+        self._restore_hook.remove()
+        self._restore_hook = None
+
+    def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """Zeroed K^T [L, KVH, hd, slots] and V [L, KVH, slots, hd] (slots <= capacity)."""
+        slots = min(slots, self.capacity)
+        kt = np.zeros((self.layers, self.kvh, self.hd, slots), np.float32)
+        vc = np.zeros((self.layers, self.kvh, slots, self.hd), np.float32)
         return kt, vc
 
     def run(self, ids: np.ndarray, pos: np.ndarray, start: int, mask: np.ndarray, n_out: int,
@@ -143,7 +210,8 @@ class LeanWeights:
         """One forward (see :func:`kernels.forward`); logits are [n_out, n_logits]."""
         from .kernels import forward
 
-        logits, hidden, conc = forward(ids, pos, start, mask, n_out, self.emb, self.ln1, self.wqkv,
+        logits, hidden, conc = forward(ids, pos, start, mask, n_out, self.emb, self.emb_packed, self.ln1,
+                                       self.wqkv,
                                        self.wo, self.ln2, self.wgu, self.wd, self.normw, self.lm,
                                        self.cos, self.sin, kt, vc, self.heads, self.kvh,
                                        self.inter, self.eps)
@@ -153,10 +221,10 @@ class LeanWeights:
 class CompiledRunner(RunnerBase):
     """Feeds token sequences to one model through the compiled runtime (static KV cache)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, release: bool = False) -> None:
         super().__init__(model)
         ensure_compiled()
-        self.lean = LeanWeights.of(model)
+        self.lean = LeanWeights.of(model, release)
         self.kt, self.vc = self.lean.new_cache()
         self._conc = np.zeros(1, np.float32)
 
@@ -173,8 +241,14 @@ class CompiledRunner(RunnerBase):
 
     def _run(self, feed: list[int], pos: list[int], start: int, mask: np.ndarray, n_out: int,
              hidden: bool) -> ForwardOut:
-        if start + len(feed) > self.lean.capacity:
-            raise AdaspecError(f"the compiled runtime's KV cache holds {self.lean.capacity} positions")
+        need = start + len(feed)
+        if need > self.kt.shape[-1]:  # grow the static cache (rare: doubling, copy what is held)
+            if need > self.lean.capacity:
+                raise AdaspecError(f"the compiled runtime's KV cache holds {self.lean.capacity} positions")
+            kt, vc = self.lean.new_cache(max(need, 2 * self.kt.shape[-1]))
+            kt[..., :start] = self.kt[..., :start]
+            vc[:, :, :start] = self.vc[:, :, :start]
+            self.kt, self.vc = kt, vc
         logits, hid, conc = self.lean.run(np.asarray(feed, np.int64), np.asarray(pos, np.int64), start,
                                           mask, n_out, self.kt, self.vc)
         self.forwards += 1
@@ -247,8 +321,58 @@ class CompiledRunner(RunnerBase):
         return float(self._conc[-1]) if len(self._conc) else 0.0
 
 
+_CAUSAL = [np.tril(np.ones((n, n), np.uint8)) for n in range(33)]
+
+
+def _file_maps() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped checkpoint files (Linux; else [])."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[-1].endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+def _release(param: torch.Tensor) -> None:
+    """Drop ``param``'s data. When it lives in a memory-mapped checkpoint (transformers maps
+    safetensors files), the whole map stays open while any tensor of it lives, so the
+    pages wholly inside this tensor are also handed back to the kernel (MADV_DONTNEED on a
+    private file map: they would be read from the file again if touched; no one will)."""
+    start = param.data_ptr()
+    end = start + param.numel() * param.element_size()
+    param.data = torch.empty(0, dtype=param.dtype)
+    maps = _file_maps()
+    if not maps or not any(lo <= start and end <= hi for lo, hi in maps):
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+def _own_remaining_tensors(model: nn.Module) -> None:
+    """Copy the module's remaining (small) tensors out of the checkpoint's memory map, so that
+    the map, whose touched pages count as resident memory, is closed once the big weights
+    are gone."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.numel():
+                t.data = t.data.clone()
+
+
 def _causal(n: int) -> np.ndarray:
-    return np.tril(np.ones((n, n), np.uint8))
+    """[n, n] uint8 lower triangle (cached for the small n of decoding)."""
+    return _CAUSAL[n] if n < len(_CAUSAL) else np.tril(np.ones((n, n), np.uint8))
 
 
 _compiled = False
@@ -295,5 +419,5 @@ def _warm_up(kernels) -> None:
     vc = np.zeros((layers, kvh, cap, hd), np.float32)
     for n in (2, 1):
         kernels.forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1,
-                        f(vocab, d), f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
+                        f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
                         pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)

@@ -48,18 +48,20 @@ _I32 = ir.IntType(32)
 _FAST = {"contract"}  # allow FMA contraction only: no reassociation, so sums keep their order
 
 
-def _make_tile(mr: int):
+def _make_tile(mr: int, prefetch: bool = False):
     """An intrinsic computing out[0:mr, 0:16] = x[0:mr, 0:K] @ panel[0:K, 0:16].
 
-    Arguments are addresses and strides in floats: (x, ldx, panel, K, out, ldo).
+    Arguments are addresses and strides in floats: (x, ldx, panel, K, out, ldo, pf);
+    with ``prefetch`` the loop also prefetches one 64-byte line of ``pf`` per k (the next
+    panel, so that its memory traffic overlaps this panel's arithmetic when rows > 4).
     """
 
     @intrinsic
-    def tile(typingctx, xa, ldx, wa, kd, oa, ldo):
-        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+    def tile(typingctx, xa, ldx, wa, kd, oa, ldo, pa):
+        sig = types.void(*([types.intp] * 7))
 
         def codegen(context, builder, signature, args):
-            xa, ldx, wa, kd, oa, ldo = args
+            xa, ldx, wa, kd, oa, ldo, pa = args
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fma.v8f32")
             xp = builder.inttoptr(xa, _F32.as_pointer())
@@ -78,6 +80,12 @@ def _make_tile(mr: int):
                 acc = builder.phi(_V8)
                 acc.add_incoming(zero, pre)
                 accs.append(acc)
+            if prefetch:
+                i8p = ir.IntType(8).as_pointer()
+                pf_type = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+                pf = cgutils.get_or_insert_function(builder.module, pf_type, "llvm.prefetch.p0")
+                line = builder.inttoptr(builder.add(pa, builder.mul(k, ir.Constant(_I64, 64))), i8p)
+                builder.call(pf, [line, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             k2 = builder.mul(k, ir.Constant(_I64, 2))
             w0 = builder.load(builder.gep(wp, [k2]), align=4)
             w1 = builder.load(builder.gep(wp, [builder.add(k2, ir.Constant(_I64, 1))]), align=4)
@@ -109,38 +117,77 @@ def _make_tile(mr: int):
 
 
 _tile1, _tile2, _tile3, _tile4 = (_make_tile(m) for m in (1, 2, 3, 4))
+_ptile1, _ptile2, _ptile3, _ptile4 = (_make_tile(m, True) for m in (1, 2, 3, 4))
 
 
-def pack_weight(w: np.ndarray) -> np.ndarray:
-    """[N, K] row-major weight (nn.Linear layout) -> [ceil(N/16), K, 16] panels (zero padded)."""
+def panels(n: int) -> int:
+    """Panels of 16 output features needed for ``n`` features."""
+    return -(-n // PANEL)
+
+
+def pack_weight(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[N, K] row-major weight (nn.Linear layout) -> [ceil(N/16), K, 16] panels (zero padded).
+
+    ``out`` (optional, [P, K, 16] fp32) is filled in place, with no full-size temporary.
+    """
     n, k = w.shape
-    p = -(-n // PANEL)
-    padded = np.zeros((p * PANEL, k), np.float32)
-    padded[:n] = w
-    return np.ascontiguousarray(padded.reshape(p, PANEL, k).transpose(0, 2, 1))
+    p = panels(n)
+    if out is None:
+        out = np.empty((p, k, PANEL), np.float32)
+    full = n // PANEL
+    out[:full] = w[: full * PANEL].reshape(full, PANEL, k).transpose(0, 2, 1)
+    if full < p:
+        out[full:] = 0.0
+        out[full, :, : n - full * PANEL] = w[full * PANEL:].T
+    return out
+
+
+def unpack_weight(wp: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_weight`: [P, K, 16] panels -> [n, K] (a fresh array)."""
+    p, k, _ = wp.shape
+    return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(p * PANEL, k)[:n])
 
 
 @njit(parallel=True, cache=True)
 def linear(x, wp, out):
-    """out[M, P*16] = x[M, K] @ W^T for packed W ``wp`` [P, K, 16]; all C-contiguous fp32."""
+    """out[M, P*16] = x[M, K] @ W^T for packed W ``wp`` [P, K, 16]; all C-contiguous fp32.
+
+    Rows go in blocks of 4 (then 1-3): every output is the same FMA chain whatever M is.
+    Above 4 rows a panel is read several times from cache, so the tiles prefetch the
+    next panel meanwhile (measured: -7 % at 8 rows, -10 % at 16, +20 % at 1 row).
+    """
     m_rows, kd = x.shape
     n_out = out.shape[1]
     xa = x.ctypes.data
     wa = wp.ctypes.data
     oa = out.ctypes.data
+    step = kd * 64  # bytes per panel
+    last = wa + (wp.shape[0] - 1) * step
     for p in prange(wp.shape[0]):
-        wpp = wa + p * kd * 64
+        wpp = wa + p * step
+        o = oa + p * 64
+        if m_rows <= 4:
+            if m_rows == 4:
+                _tile4(xa, kd, wpp, kd, o, n_out, 0)
+            elif m_rows == 1:
+                _tile1(xa, kd, wpp, kd, o, n_out, 0)
+            elif m_rows == 2:
+                _tile2(xa, kd, wpp, kd, o, n_out, 0)
+            elif m_rows == 3:
+                _tile3(xa, kd, wpp, kd, o, n_out, 0)
+            continue
+        nxt = wpp + step if wpp < last else wpp
         m0 = 0
         while m0 + 4 <= m_rows:
-            _tile4(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+            _ptile4(xa + m0 * kd * 4, kd, wpp, kd, o + m0 * n_out * 4, n_out, nxt)
             m0 += 4
         rest = m_rows - m0
         if rest == 1:
-            _tile1(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+            _ptile1(xa + m0 * kd * 4, kd, wpp, kd, o + m0 * n_out * 4, n_out, nxt)
         elif rest == 2:
-            _tile2(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+            _ptile2(xa + m0 * kd * 4, kd, wpp, kd, o + m0 * n_out * 4, n_out, nxt)
         elif rest == 3:
-            _tile3(xa + m0 * kd * 4, kd, wpp, kd, oa + (m0 * n_out + p * 16) * 4, n_out)
+            _ptile3(xa + m0 * kd * 4, kd, wpp, kd, o + m0 * n_out * 4, n_out, nxt)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -188,12 +235,13 @@ def _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, out, conc
         i = job // heads
         h = job % heads
         g = h // group
+        kg = kt[layer, g]  # [hd, cap]
+        vg = vc[layer, g]  # [cap, hd]
         sc = np.zeros(total, np.float32)
         for e in range(hd):
             qe = qkv[i, h * hd + e] * scale
-            kr = kt[layer, g, e]
             for s in range(total):
-                sc[s] += qe * kr[s]
+                sc[s] += qe * kg[e, s]
         mx = np.float32(-np.inf)
         for s in range(total):
             if s >= start and mask[i, s - start] == 0:
@@ -201,44 +249,48 @@ def _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, out, conc
             elif sc[s] > mx:
                 mx = sc[s]
         den = np.float32(0.0)
+        best = np.float32(0.0)
         for s in range(total):
             p = np.float32(0.0) if sc[s] == -np.inf else np.float32(math.exp(sc[s] - mx))
             sc[s] = p
             den += p
-        acc = np.zeros(hd, np.float32)
-        best = np.float32(0.0)
+            if p > best:
+                best = p
+        o = out[i, h * hd: (h + 1) * hd]
+        o[:] = 0.0
         for s in range(total):
             p = sc[s]
             if p != 0.0:
-                vr = vc[layer, g, s]
                 for e in range(hd):
-                    acc[e] += p * vr[e]
-                if p > best:
-                    best = p
+                    o[e] += p * vg[s, e]
         inv = np.float32(1.0) / den
         for e in range(hd):
-            out[i, h * hd + e] = acc[e] * inv
+            o[e] *= inv
         conc[i, h] = best * inv
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(parallel=True, fastmath=_FAST, cache=True)
 def _silu_mul(gu, inter, out):
-    """out[T, inter] = silu(gu[:, :inter]) * gu[:, inter:2 inter]."""
-    for i in range(gu.shape[0]):
-        for j in range(inter):
+    """out[T, inter] = silu(gu[:, :inter]) * gu[:, inter:2 inter] (elementwise, 2 threads)."""
+    chunks = (inter + 255) // 256
+    for job in prange(gu.shape[0] * chunks):
+        i = job // chunks
+        lo = (job % chunks) * 256
+        for j in range(lo, min(lo + 256, inter)):
             g = gu[i, j]
             out[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gu[i, inter + j]
 
 
 @njit(cache=True)
-def forward(ids, pos, start, mask, n_out, emb, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+def forward(ids, pos, start, mask, n_out, emb, emb_packed, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
             cos, sin, kt, vc, heads, kvh, inter, eps):
     """One forward of a Llama-style decoder over T fed tokens with a static KV cache.
 
     ids, pos: [T] int64 token ids and rotary positions; the fed tokens' keys / values are
     written to cache slots start..start+T-1; mask: [T, T] uint8 visibility among fed rows
     (causal = lower triangle; a tree mask for tree verification); slots < start are
-    visible to every row. Weights: emb [V, d]; ln1, ln2 [L, d]; wqkv [L, P, d, 16]
+    visible to every row. Weights: emb [V, d] (or, when ``emb_packed``, the embedding is
+    the tied head ``lm`` and is read from its panels); ln1, ln2 [L, d]; wqkv [L, P, d, 16]
     (q, k, v rows); wo [L, P, H hd, 16]; wgu [L, P, d, 16] (gate rows then up rows);
     wd [L, P, inter, 16]; normw [d]; lm [P, d, 16]. cos, sin: [cap, hd] tables.
     kt: [L, KVH, hd, cap]; vc: [L, KVH, cap, hd].
@@ -253,7 +305,10 @@ def forward(ids, pos, start, mask, n_out, emb, ln1, wqkv, wo, ln2, wgu, wd, norm
     scale = np.float32(1.0 / math.sqrt(hd))
     h = np.empty((rows, d), np.float32)
     for i in range(rows):
-        h[i] = emb[ids[i]]
+        if emb_packed:
+            h[i] = lm[ids[i] // 16, :, ids[i] % 16]
+        else:
+            h[i] = emb[ids[i]]
     xn = np.empty((rows, d), np.float32)
     qkv = np.empty((rows, wqkv.shape[1] * 16), np.float32)
     att = np.empty((rows, heads * hd), np.float32)

@@ -1,0 +1,62 @@
+"""Peak resident memory of a generation per runtime, each measured in a fresh process.
+
+``python -m adaspec.bench.memory --runtime compiled [--target default --draft default]``
+prints ``{"runtime": ..., "peak_rss_mb": ...}``: a new interpreter loads the pair, runs
+one short greedy generation and reports its peak RSS (``ru_maxrss``), so runtimes never
+share (or hide) each other's memory. The benchmark runs it once per runtime it used and
+writes the figures to ``summary.json`` under ``meta.memory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from typing import Any
+
+
+def measure_in_subprocess(runtime: str, target: str, draft: str | None, dtype: str = "auto",
+                          threads: int | None = None, timeout: float = 600) -> dict[str, Any]:
+    """Run this module in a new interpreter; returns its JSON (or ``{"error": ...}``)."""
+    cmd = [sys.executable, "-m", "adaspec.bench.memory", "--runtime", runtime, "--target", target,
+           "--draft", draft or "none", "--dtype", dtype]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"runtime": runtime, "error": f"timed out after {timeout:.0f} s"}
+    if p.returncode != 0:
+        lines = p.stderr.strip().splitlines()
+        return {"runtime": runtime, "error": lines[-1] if lines else f"exit code {p.returncode}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from ..api import SpeculativeGenerator
+
+    p = argparse.ArgumentParser(prog="python -m adaspec.bench.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runtime", default="auto", choices=["auto", "eager", "compiled"])
+    p.add_argument("--target", default="default")
+    p.add_argument("--draft", default="default")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft, "fixed",
+                               {"k": 3}, dtype=args.dtype, runtime=args.runtime)
+    gen.generate("def fibonacci(n):", max_new_tokens=args.max_new_tokens)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"runtime": gen.runtime, "peak_rss_mb": round(peak, 1), "target": args.target,
+                      "draft": args.draft, "max_new_tokens": args.max_new_tokens}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,6 +18,8 @@ every output. Names:
   ``hf-heuristic``'s state. A reduced-vocabulary adaspec draft returns full-size
   logits (``-inf`` outside its subset), so transformers treats it as an ordinary
   same-vocabulary assistant.
+- ``llamacpp``: plain greedy decoding of the same fp32 weights in llama.cpp (optional
+  extra ``[llamacpp]``; see :mod:`adaspec.bench.llamacpp`), the CPU engine peer row.
 - any adaspec policy: ``fixed:5`` (short for ``fixed:k=5``), ``heuristic``,
   ``context:branch=on``, ``oracle``, ... Arguments go to
   :func:`adaspec.policies.make_policy` unchanged, so new policies need no change here.
@@ -68,7 +70,7 @@ class MethodSpec:
 
     @property
     def needs_draft(self) -> bool:
-        return self.kind != "ar"
+        return self.kind not in ("ar", "llamacpp")
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -101,6 +103,15 @@ def parse_method(text: str) -> MethodSpec:
         if args:
             raise MethodError(f"method {key!r}: ar takes no arguments")
         return MethodSpec(key, "ar", name, runtime=runtime or None)
+    if name == "llamacpp":
+        bad = [k for k in args if k not in ("gguf", "n_ctx")]
+        if bad or at:
+            raise MethodError(f"method {key!r}: llamacpp takes gguf=PATH and n_ctx=N only")
+        from .llamacpp import llama_cpp_available
+
+        if not llama_cpp_available():
+            raise MethodError('method llamacpp needs llama-cpp-python: pip install "adaspec[llamacpp]"')
+        return MethodSpec(key, "llamacpp", name, args)
     if name in _HF_PRESETS:
         if at:
             raise MethodError(f"method {key!r}: {name} always runs transformers' own modules (no @runtime)")
@@ -114,7 +125,7 @@ def parse_method(text: str) -> MethodSpec:
         make_policy(name, args)  # validates the name and every argument now, not mid-run
     except InvalidArgumentError as exc:
         if name not in POLICIES:
-            raise MethodError(f"unknown method {name!r}; choose ar, hf, hf-heuristic or a policy: "
+            raise MethodError(f"unknown method {name!r}; choose ar, hf, hf-heuristic, llamacpp or a policy: "
                               f"{', '.join(sorted(POLICIES))}") from None
         raise MethodError(f"method {key!r}: {exc}") from None
     return MethodSpec(key, "policy", name, args, runtime or None)
@@ -247,8 +258,12 @@ class HFRunner:
 
 
 def build_runner(spec: MethodSpec, target: LoadedModel, draft: LoadedModel | None,
-                 eos_ids: frozenset[int], runtime: str = "auto") -> MethodRunner:
+                 eos_ids: frozenset[int], runtime: str = "auto", threads: int | None = None) -> MethodRunner:
     """A runner for ``spec`` sharing the already loaded models (``runtime``: the run's default)."""
+    if spec.kind == "llamacpp":
+        from .llamacpp import LlamaCppRunner
+
+        return LlamaCppRunner(spec.args, target.name, eos_ids, threads)
     if spec.needs_draft and draft is None:
         raise MethodError(f"method {spec.key!r} needs a draft model (--draft)")
     if spec.kind == "hf":

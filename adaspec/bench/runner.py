@@ -35,7 +35,7 @@ import torch
 from ..errors import InvalidArgumentError
 from ..models import LoadedModel, load_model
 from .datasets import Prompt, load_dataset
-from .methods import HFRunner, MethodSpec, build_runner, parse_methods
+from .methods import EngineRunner, MethodSpec, build_runner, parse_methods
 from .report import (
     MARGINS_FILE,
     margin_key,
@@ -146,7 +146,7 @@ def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat:
     row["tau"] = row["new_tokens"] / row["target_forwards"] if row["target_forwards"] else 0.0
     row["acceptance_rate"] = row["accepted_tokens"] / row["drafted_tokens"] if row["drafted_tokens"] else 0.0
     # transformers exposes no draft / verify / policy split: say so instead of reporting 0 %
-    row["stage_times"] = not isinstance(runner, HFRunner)
+    row["stage_times"] = isinstance(runner, EngineRunner)
     if not any(row["extra"]):
         del row["extra"]
     if calibration:
@@ -248,7 +248,7 @@ def run_benchmark(
     if draft is None and any(s.needs_draft for s in specs):
         draft = load_model(cfg.draft, dtype=cfg.dtype, role="draft", runtime=rt)
     eos = eos_ids(target)
-    runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime) for s in specs}
+    runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads) for s in specs}
     meta = run_metadata(cfg, target, draft)
     meta["runtimes"] = {k: getattr(r, "runtime", "hf") for k, r in runners.items()}
     meta["methods"] = [s.key for s in specs]
@@ -289,8 +289,8 @@ def run_benchmark(
                     break
         finished = True
         if measure_memory and new_rows:
-            meta["memory"] = peak_memory(cfg, sorted({getattr(r, "runtime", "hf") for r in runners.values()}
-                                                     - {"hf"}), draft is not None)
+            rts = {getattr(r, "runtime", "hf") for r in runners.values()} & {"eager", "compiled"}
+            meta["memory"] = peak_memory(cfg, sorted(rts), draft is not None)
     finally:
         if bar is not None:
             bar.close()

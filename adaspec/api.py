@@ -21,7 +21,7 @@ from .engine import Engine, StopRules
 from .errors import InvalidArgumentError
 from .models import LoadedModel, check_vocab_compat, load_model
 from .policies import Policy, make_policy
-from .runtime import RUNTIMES, resolve_runtime
+from .runtime import RUNTIMES, resolve_runtime, set_threads
 from .sampling import SamplingConfig
 from .types import GenerationStats
 
@@ -79,7 +79,7 @@ class SpeculativeGenerator:
         runtime: str = "auto",
     ) -> None:
         if threads:
-            torch.set_num_threads(threads)
+            set_threads(threads)
         if runtime not in RUNTIMES:
             raise InvalidArgumentError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.target = target if isinstance(target, LoadedModel) else load_model(

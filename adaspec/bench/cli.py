@@ -163,6 +163,7 @@ def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: st
     cfg = BenchConfig(methods=methods, dataset="humaneval", split="test", limit=QUICK_LIMIT,
                       max_new_tokens=QUICK_MAX_NEW, dtype=dtype, threads=threads, warmup=1, repeats=1,
                       out=str(folder), target=target, draft=draft, progress=progress, runtime=runtime,
+                      memory=False,
                       command=f"adaspec bench --quick  # = adaspec bench --dataset humaneval "
                       f"--split test --limit {QUICK_LIMIT} --max-new-tokens {QUICK_MAX_NEW} "
                       f"--methods {methods} --runtime {runtime} --out {folder}")

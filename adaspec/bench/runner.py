@@ -220,7 +220,9 @@ def run_benchmark(
     if not prompts:
         raise InvalidArgumentError(f"no prompts in {cfg.dataset!r} split {cfg.split!r}")
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        from ..runtime import set_threads
+
+        set_threads(cfg.threads)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.threads:
-            torch.set_num_threads(args.threads)
+            from ..runtime import set_threads
+
+            set_threads(args.threads)
         sizes = sorted({int(s) for s in args.sizes.split(",")})
         if not sizes or sizes[0] < 1:
             raise InvalidArgumentError("--sizes must be positive integers")

@@ -63,4 +63,15 @@ def make_runner(model: nn.Module, runtime: str = "eager", release: bool = False)
     return ModelRunner(model)
 
 
-__all__ = ["RUNTIMES", "compiled_unsupported", "make_runner", "resolve_runtime"]
+def set_threads(n: int) -> None:
+    """Use ``n`` CPU threads for torch and for the compiled runtime's kernels (numba)."""
+    import torch
+
+    torch.set_num_threads(n)
+    if importlib.util.find_spec("numba") is not None:
+        from .kernels import numba
+
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+__all__ = ["RUNTIMES", "compiled_unsupported", "make_runner", "resolve_runtime", "set_threads"]

@@ -43,6 +43,9 @@ def measure(model: torch.nn.Module, sizes: list[int], context: int = 200, repeat
     times: dict[str, dict[int, list[float]]] = {rt: {n: [] for n in sizes} for rt in runtimes}
     for rep in range(repeats + 1):  # the first pass warms up
         for rt, runner in runners.items():
+            # one untimed forward first: the other runtime's thread pool may still be spinning
+            runner.forward(ctx + [11], 1)
+            runner.rollback(ctx)
             for n in sizes:
                 x = torch.randint(10, vocab, (n,), generator=g).tolist()
                 t0 = time.perf_counter()

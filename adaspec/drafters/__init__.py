@@ -2,5 +2,6 @@
 
 from .base import Drafter, DraftNeeds
 from .model import ModelDrafter
+from .ngram import NgramDrafter
 
-__all__ = ["DraftNeeds", "Drafter", "ModelDrafter"]
+__all__ = ["DraftNeeds", "Drafter", "ModelDrafter", "NgramDrafter"]

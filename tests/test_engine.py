@@ -163,3 +163,39 @@ def test_stats_definitions(tiny_pair):
     assert s.wall_s >= s.draft_s + s.verify_s
     plain_stats = plain(target, prompt_ids(0), max_new_tokens=30).stats
     assert plain_stats.tau == 1.0 and plain_stats.draft_forwards == 0
+
+
+def test_reduced_vocabulary_draft_greedy_identity(tiny_pair, tmp_path):
+    """A SubsetLMHead draft (q = 0 outside its ids), saved and loaded as a draft directory:
+    greedy output stays identical although the target emits tokens the draft cannot propose."""
+    import copy
+
+    from conftest import perturbed
+
+    from adaspec.draft_model import SubsetLMHead, build_subset_draft, save_subset_draft
+    from adaspec.models import load_model
+
+    target, _ = tiny_pair
+    draft = loaded(perturbed(target.model, 0.1, seed=3), target.tokenizer)  # agrees often
+    want = [plain(target, prompt_ids(i), max_new_tokens=30).token_ids for i in range(4)]
+    emitted = sorted({t for w in want for t in w})
+    banned = set(emitted[::3])  # a third of the tokens the target emits are outside the subset
+    ids = torch.tensor([t for t in range(target.vocab_size) if t not in banned])
+    model = build_subset_draft(copy.deepcopy(draft.model.config), ids)
+    model.load_state_dict({k: v for k, v in draft.model.state_dict().items() if k != "lm_head.weight"},
+                          strict=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(draft.model.lm_head.weight[ids])
+    save_subset_draft(model, tmp_path / "d", {"draft_vocab_size": len(ids), "target_vocab_sha256": None,
+                                              "target": "tiny"})
+    sub = load_model(str(tmp_path / "d"), dtype="fp32", role="draft")
+    assert isinstance(sub.model.lm_head, SubsetLMHead) and sub.vocab_size == target.vocab_size
+    gen = SpeculativeGenerator(target, sub, "fixed", {"k": 4})
+    accepted = rejected = 0
+    for i, w in enumerate(want):
+        out = gen.generate(prompt_ids(i), max_new_tokens=30)
+        assert out.token_ids == w, f"prompt {i}"
+        accepted += out.stats.accepted_tokens
+        rejected += out.stats.drafted_tokens - out.stats.accepted_tokens
+    assert accepted > 0 and rejected > 0
+    assert banned & set(t for w in want for t in w)  # the draft could not have proposed these

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_policies import prompts, tiny_pair
+from conftest import layered_pair as tiny_pair
+from conftest import rand_prompts as prompts
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.errors import InvalidArgumentError, PolicyArgumentError
@@ -240,3 +241,26 @@ def test_replay_traces_equal_engine_traces_on_tried_positions(pair, tmp_path):
     assert torch.allclose(e["tok_scalars"][tried], r["tok_scalars"], atol=1e-4)
     assert torch.allclose(e["tok_hidden"][tried].float(), r["tok_hidden"].float(), atol=1e-2)
     assert torch.allclose(e["tok_soft"][tried], r["tok_soft"], atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_entropy_and_top_fast_path_equals_direct(k):
+    """The 64-block path (V % 64 == 0 and V >= 256 k, as for the real 49,152 vocabulary) gives
+    the entropy and top-k of the direct formulas, with -inf padding (reduced-vocabulary draft)
+    and with every top-k token inside one block."""
+    from adaspec.predictors.features import entropy_and_top
+
+    g = torch.Generator().manual_seed(0)
+    v = 64 * 64
+    assert v % 64 == 0 and v >= 64 * 4 * k  # the fast path's condition
+    for case in ("dense", "padded", "one-block"):
+        logits = torch.randn(v, generator=g) * 3
+        if case == "padded":
+            logits[torch.randperm(v, generator=g)[: v // 2]] = float("-inf")
+        if case == "one-block":
+            logits[70:70 + k] = 12.0 + torch.arange(k)
+        ent, top = entropy_and_top(logits, k)
+        p = torch.softmax(logits.double(), -1)
+        nz = p[p > 0]
+        assert ent == pytest.approx(float(-(nz * nz.log()).sum()), rel=1e-5)
+        assert torch.allclose(top.double(), p.topk(k).values, rtol=1e-5, atol=1e-7)

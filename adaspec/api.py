@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .drafters import ModelDrafter
+from .drafters.registry import build_drafter, check_policy, parse_draft
 from .engine import Engine, StopRules
 from .errors import InvalidArgumentError
 from .models import LoadedModel, check_vocab_compat, load_model
@@ -55,7 +56,12 @@ class SpeculativeGenerator:
     Args:
         target: ``"default"``, a local directory, an HF id, or a :class:`LoadedModel`.
         draft: same, or ``None`` / ``"none"`` for plain autoregressive decoding of the
-            target through the same code path (the baseline).
+            target through the same code path (the baseline); ``"ngram"`` for model-free
+            drafts (the continuation of the longest earlier match of the text's suffix), or
+            a model plus ``ngram`` (``"model+ngram"``, ``"default+ngram"``, or a list such as
+            ``["default", "ngram"]`` or ``[loaded_model, "ngram"]``): each round then drafts
+            from one source (the policy's ``choose_source`` if it has one, else n-gram when
+            its match is >= 3 tokens long).
         policy: a policy name (see ``adaspec.policies.POLICIES``) or a :class:`Policy`.
         policy_args: ``key -> value`` arguments for a policy given by name.
         dtype: ``"auto"`` | ``"fp32"`` | ``"bf16"`` for models given by name.
@@ -69,7 +75,7 @@ class SpeculativeGenerator:
     def __init__(
         self,
         target: str | LoadedModel = "default",
-        draft: str | LoadedModel | None = "default",
+        draft: str | LoadedModel | Sequence[str | LoadedModel] | None = "default",
         policy: str | Policy = "fixed",
         policy_args: Mapping[str, Any] | None = None,
         *,
@@ -82,15 +88,18 @@ class SpeculativeGenerator:
             set_threads(threads)
         if runtime not in RUNTIMES:
             raise InvalidArgumentError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        spec = parse_draft(draft)
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
+        check_policy(self.policy, spec)  # e.g. specdecpp reads a hidden state an n-gram draft lacks
         self.target = target if isinstance(target, LoadedModel) else load_model(
             target, dtype=dtype, device=device, role="target", runtime=runtime)
-        if draft is None or draft == "none":
+        self.draft_sources = spec.sources  # model-free draft sources, e.g. ("ngram",)
+        if spec.model is None:
             self.draft = None
         else:
-            self.draft = draft if isinstance(draft, LoadedModel) else load_model(
-                draft, dtype=dtype, device=device, role="draft", runtime=runtime)
+            self.draft = spec.model if isinstance(spec.model, LoadedModel) else load_model(
+                spec.model, dtype=dtype, device=device, role="draft", runtime=runtime)
             check_vocab_compat(self.target, self.draft)
-        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
         self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
         self.runtime, note = resolve_runtime(runtime, self.target.model)
         self.runtime_note = f"runtime: target {note}"
@@ -99,6 +108,9 @@ class SpeculativeGenerator:
             draft_runtime, dnote = resolve_runtime(runtime, self.draft.model)
             self.runtime_note += f"; draft {dnote}"
             drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned
+        if spec.sources:
+            self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
+        drafter = build_drafter(spec, drafter, self.target.vocab_size, self.policy)
         self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
                              drafter, self.policy, self.runtime, release=self.target.owned)
 
@@ -144,6 +156,9 @@ class SpeculativeGenerator:
         return self.engine.run(ids, sampling, rules, stats), stats, stops
 
     def _finish(self, new: list[int], stats: GenerationStats, stops: tuple[str, ...]) -> GenerationResult:
+        drafter_report = getattr(self.engine.drafter, "report", None)
+        if drafter_report is not None:  # e.g. rounds per draft source, n-gram lookup seconds
+            stats.extra.update(drafter_report())
         text = self._decode(new)
         if stats.stop_reason == "stop_string":
             cut = min((text.find(s) + len(s) for s in stops if s in text), default=len(text))

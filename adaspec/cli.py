@@ -31,8 +31,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="default",
                    help="target model: 'default' (SmolLM2-135M-Instruct), a local directory or an HF id")
     p.add_argument("--draft", default="default",
-                   help="draft model: 'default' (the shipped adaspec draft), 'none' (plain decoding "
-                        "of the target), a local directory or an HF id")
+                   help="draft: 'default' (the shipped adaspec draft), 'none' (plain decoding of the "
+                        "target), a local directory or an HF id; 'ngram' (model-free: copy the "
+                        "continuation of the longest earlier match of the text); 'model+ngram' (or "
+                        "ID+ngram: per round, the n-gram source or the model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                    help="weights and activations dtype; auto (default) = bf16 on a GPU, fp32 on a CPU "
                         "(the compiled runtime computes in fp32); with --runtime eager, bf16 on a CPU "

@@ -6,12 +6,18 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import pytest
 import torch
-from conftest import layered_pair, make_model
+from conftest import layered_pair, loaded, make_model, perturbed
 from scipy.stats import chi2
 
+from adaspec.api import SpeculativeGenerator
+from adaspec.bench.methods import MethodError, parse_methods
 from adaspec.drafters.ngram import Match, NgramDrafter, NgramIndex
+from adaspec.drafters.registry import DraftSpec, parse_draft
 from adaspec.engine import Engine, StopRules
+from adaspec.errors import InvalidArgumentError, PolicyArgumentError
+from adaspec.models import LoadedModel
 from adaspec.policies.fixed import FixedPolicy
 from adaspec.sampling import SamplingConfig, processed_probs
 from adaspec.types import GenerationStats
@@ -98,13 +104,13 @@ def test_matcher_cost_at_4k_tokens_is_tiny():
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, 2000, (4096 + 600,), generator=g).tolist()
     d = NgramDrafter(vocab_size=2000)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     d.prefill(seq[:4096])
-    build = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    build = time.process_time() - t0
+    t0 = time.process_time()
     for r in range(200):
         d.match(seq[:4096 + 3 * r], 16)
-    per_round = (time.perf_counter() - t0) / 200
+    per_round = (time.process_time() - t0) / 200
     assert build < 0.5 and per_round < 5e-4, (build, per_round)
 
 
@@ -182,3 +188,62 @@ def test_sampling_distribution_with_ngram_drafts():
     counts, totals = sample_counts(target.model, lambda: NgramDrafter(4), prompt, 0.7, 2500, 2)
     assert totals["drafted"] > 2000 and 0 < totals["accepted"] < totals["drafted"], totals
     assert chi_square_p(counts, exact) > 1e-3
+
+
+# ---------------------------------------------------------------------------- API, bench
+
+
+def tiny_pair8() -> tuple[LoadedModel, LoadedModel]:
+    target = make_model("llama", vocab=8, hidden=32, seed=0, init=0.5)
+    return loaded(target, name="tiny8"), loaded(perturbed(target, 0.6), name="tiny8-draft")
+
+
+def test_api_ngram_and_mixed_drafts_are_greedy_identical():
+    target, draft = tiny_pair8()
+    prompts = ([1, 2, 3, 1, 2], [7, 7, 6, 5, 7], [4, 5, 6, 4, 5, 6, 4], [0, 1])
+    plain = SpeculativeGenerator(target, None, "fixed")
+    gens = {d: SpeculativeGenerator(target, [draft, "ngram"] if d == "mixed" else d, "fixed", {"k": 5})
+            for d in ("ngram", "mixed")}
+    sources: Counter = Counter()
+    for p in prompts:
+        ref = plain.generate(p, max_new_tokens=50).token_ids
+        for name, gen in gens.items():
+            res = gen.generate(p, max_new_tokens=50)
+            assert res.token_ids == ref, (name, p)
+            if name == "mixed":
+                sources.update(res.stats.extra["source_rounds"])
+            assert res.stats.extra["ngram_lookup_s"] >= 0
+    assert sources["ngram"] > 5 and sources["model"] > 5, sources
+
+
+def test_draft_arguments_and_refusals():
+    target, draft = tiny_pair8()
+    assert parse_draft("model+ngram") == DraftSpec("default", ("ngram",))
+    assert parse_draft(["x", "ngram"]) == DraftSpec("x", ("ngram",))
+    assert parse_draft("none").empty and parse_draft(None).empty
+    for bad in ("ngram+ngram", "a+b", "none+ngram", []):
+        with pytest.raises(InvalidArgumentError):
+            parse_draft(bad)
+    for policy in ("specdecpp", "ldlp", "context"):  # they need the model's hidden state / lengths
+        with pytest.raises(PolicyArgumentError, match="needs a draft model"):
+            SpeculativeGenerator(target, "ngram", policy)
+    with pytest.raises(PolicyArgumentError, match="reads the draft model's hidden state"):
+        SpeculativeGenerator(target, [draft, "ngram"], "specdecpp")
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        SpeculativeGenerator(target, "ngram", "fixed").generate([], max_new_tokens=4)
+    # policies that read q (one-hot for n-gram steps) work
+    ref = SpeculativeGenerator(target, None, "fixed").generate([1, 2, 3, 1, 2], max_new_tokens=30).token_ids
+    for policy in ("confidence", "entropy", "heuristic", "oracle"):
+        out = SpeculativeGenerator(target, "ngram", policy).generate([1, 2, 3, 1, 2], max_new_tokens=30)
+        assert out.token_ids == ref, policy
+
+
+def test_bench_methods_draft_argument():
+    specs = parse_methods("fixed:k=8:draft=ngram,heuristic:draft=model+ngram,fixed:4")
+    assert [s.draft for s in specs] == ["ngram", "model+ngram", None]
+    assert [s.needs_draft for s in specs] == [False, True, True]
+    assert specs[0].args == {"k": "8"} and specs[0].draft_arg(None) == ["ngram"]
+    assert specs[1].draft_arg("M") == ["M", "ngram"] and specs[2].draft_arg("M") == "M"
+    for bad in ("specdecpp:draft=ngram", "ldlp:draft=ngram", "fixed:draft=other+ngram", "fixed:draft=none"):
+        with pytest.raises(MethodError):
+            parse_methods(bad)

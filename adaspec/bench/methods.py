@@ -23,6 +23,10 @@ every output. Names:
 - any adaspec policy: ``fixed:5`` (short for ``fixed:k=5``), ``heuristic``,
   ``context:branch=on``, ``oracle``, ... Arguments go to
   :func:`adaspec.policies.make_policy` unchanged, so new policies need no change here.
+  One more key, ``draft=``, picks the method's draft sources instead: ``draft=ngram``
+  (model-free, no draft model loaded for it), ``draft=model+ngram`` (the run's ``--draft``
+  plus the n-gram source, chosen per round), ``draft=model`` (the default), e.g.
+  ``fixed:k=8:draft=ngram`` or ``context:draft=model+ngram``.
 
 Any ``ar`` or policy method may end in ``@eager``, ``@compiled`` or ``@auto`` to run on that
 runtime instead of the run's ``--runtime`` (``ar@eager,ar`` compares the runtimes in one
@@ -60,6 +64,8 @@ class MethodSpec:
         args: ``key -> value`` strings (policy arguments or assistant settings).
         runtime: ``eager`` / ``compiled`` / ``auto`` from an ``@runtime`` suffix, else None
             (the run's ``--runtime``).
+        draft: a policy method's ``draft=`` value (``ngram``, ``model+ngram``), else None
+            (the run's draft model).
     """
 
     key: str
@@ -67,10 +73,26 @@ class MethodSpec:
     name: str
     args: dict[str, str] = field(default_factory=dict)
     runtime: str | None = None
+    draft: str | None = None
 
     @property
     def needs_draft(self) -> bool:
+        """Whether the method needs the run's draft model loaded."""
+        if self.draft is not None:
+            from ..drafters.registry import parse_draft
+
+            return parse_draft(self.draft).model is not None
         return self.kind not in ("ar", "llamacpp")
+
+    def draft_arg(self, model: LoadedModel | None) -> Any:
+        """The ``draft`` argument of :class:`adaspec.api.SpeculativeGenerator` for this method,
+        given the run's loaded draft model."""
+        if self.draft is None:
+            return model
+        from ..drafters.registry import parse_draft
+
+        spec = parse_draft(self.draft)
+        return ([model] if spec.model is not None else []) + list(spec.sources)
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -119,16 +141,23 @@ def parse_method(text: str) -> MethodSpec:
         if bad:
             raise MethodError(f"method {key!r}: unknown argument {bad[0]!r}; valid: {', '.join(HF_KEYS)}")
         return MethodSpec(key, "hf", name, {**_HF_PRESETS[name], **args})
+    from ..drafters.registry import check_policy, parse_draft
     from ..policies import POLICIES, make_policy
 
+    draft = args.pop("draft", None)
     try:
-        make_policy(name, args)  # validates the name and every argument now, not mid-run
+        policy = make_policy(name, args)  # validates the name and every argument now, not mid-run
+        if draft is not None:
+            spec = parse_draft(draft)
+            if spec.empty or spec.model not in (None, "default"):
+                raise MethodError(f"draft={draft!r}: use ngram, model or model+ngram (model = --draft)")
+            check_policy(policy, spec)
     except InvalidArgumentError as exc:
         if name not in POLICIES:
             raise MethodError(f"unknown method {name!r}; choose ar, hf, hf-heuristic, llamacpp or a policy: "
                               f"{', '.join(sorted(POLICIES))}") from None
         raise MethodError(f"method {key!r}: {exc}") from None
-    return MethodSpec(key, "policy", name, args, runtime or None)
+    return MethodSpec(key, "policy", name, args, runtime or None, draft)
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -165,7 +194,8 @@ class EngineRunner:
         if spec.kind == "ar":
             self.gen = SpeculativeGenerator(target, None, "fixed", runtime=runtime)
         else:
-            self.gen = SpeculativeGenerator(target, draft, spec.name, spec.args, runtime=runtime)
+            self.gen = SpeculativeGenerator(target, spec.draft_arg(draft), spec.name, spec.args,
+                                            runtime=runtime)
         self.runtime = self.gen.runtime
 
     def generate(self, ids: list[int], max_new_tokens: int, temperature: float,

@@ -1,0 +1,90 @@
+"""Several draft sources behind one drafter: per round, draft from the n-gram source, the
+draft model, or nothing.
+
+The choice is made before drafting, from the n-gram :class:`~.ngram.Match` of the current
+text (free to compute) and whatever the chooser has learned; it never looks at this round's
+draft tokens, so greedy output stays identical and sampling stays exact whatever is chosen.
+Without a chooser the rule is the simple one: the n-gram continuation when its match is at
+least ``min_match`` tokens long, else the model. A policy with a ``choose_source(match,
+budget)`` method (``context``) is wired in as the chooser by :func:`.registry.build_drafter`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from ..sampling import SamplingConfig
+from ..types import Draft
+from .base import BranchFn, DecideFn, DraftNeeds
+from .model import ModelDrafter
+from .ngram import Match, NgramDrafter
+
+SOURCES = ("ngram", "model", "none")
+Chooser = Callable[[Match, int], str]
+
+
+class MixedDrafter:
+    """The draft model plus the n-gram source; one of them (or none) drafts each round.
+
+    Args:
+        model: the model drafter.
+        ngram: the n-gram drafter (its own ``min_match`` is ignored here).
+        min_match: the simple rule's threshold on the match length (default 3).
+        chooser: ``(match, budget) -> "ngram" | "model" | "none"``; None = the simple rule.
+    """
+
+    def __init__(self, model: ModelDrafter, ngram: NgramDrafter, min_match: int = 3,
+                 chooser: Chooser | None = None) -> None:
+        self.model, self.ngram, self.min_match, self.chooser = model, ngram, min_match, chooser
+        self.max_context = model.max_context
+        self.rounds: Counter[str] = Counter()
+        self.last_source = "none"
+
+    def reset(self) -> None:
+        self.model.reset()
+        self.ngram.reset()
+        self.rounds = Counter()
+
+    def prefill(self, context: list[int]) -> None:
+        self.model.prefill(context)
+        self.ngram.prefill(context)
+
+    def rollback(self, committed: list[int]) -> None:
+        # after an n-gram round the model's cache lags; its next forward feeds the gap
+        self.model.rollback(committed)
+
+    def choose(self, match: Match, budget: int) -> str:
+        if self.chooser is not None:
+            source = self.chooser(match, budget)
+            if source not in SOURCES:
+                raise ValueError(f"draft source chooser returned {source!r}; expected one of {SOURCES}")
+            return source
+        return "ngram" if match.length >= self.min_match else "model"
+
+    def propose(
+        self,
+        context: list[int],
+        budget: int,
+        decide: DecideFn,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        needs: DraftNeeds,
+        branch: BranchFn | None = None,
+    ) -> Draft:
+        match = self.ngram.match(context, budget)
+        source = self.choose(match, budget)
+        if source == "ngram" and not match.tokens:
+            source = "model"  # nothing to copy: never worse than the model
+        self.rounds[source] += 1
+        self.last_source = source
+        if source == "ngram":
+            return self.ngram.draft_from(match, context, budget, decide, sampling)
+        if source == "model":
+            return self.model.propose(context, budget, decide, sampling, generator, needs, branch)
+        return Draft([], None, [], 0)
+
+    def report(self) -> dict:
+        return {"source_rounds": dict(self.rounds), **self.ngram.report()}

@@ -2,8 +2,9 @@
 
 ``python -m adaspec.bench.memory --runtime compiled [--target default --draft default]``
 prints ``{"runtime": ..., "peak_rss_mb": ...}``: a new interpreter loads the pair, runs
-one short greedy generation and reports its peak RSS (``ru_maxrss``), so runtimes never
-share (or hide) each other's memory. The benchmark runs it once per runtime it used and
+one short greedy generation and reports its peak RSS (``VmHWM`` of /proc/self/status;
+not ``ru_maxrss``, which Linux carries over from the parent across fork and exec), so
+runtimes never share (or hide) each other's memory. The benchmark runs it once per runtime it used and
 writes the figures to ``summary.json`` under ``meta.memory``.
 """
 
@@ -34,6 +35,17 @@ def measure_in_subprocess(runtime: str, target: str, draft: str | None, dtype: s
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft, "fixed",
                                {"k": 3}, dtype=args.dtype, runtime=args.runtime)
     gen.generate("def fibonacci(n):", max_new_tokens=args.max_new_tokens)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mb()
     print(json.dumps({"runtime": gen.runtime, "peak_rss_mb": round(peak, 1), "target": args.target,
                       "draft": args.draft, "max_new_tokens": args.max_new_tokens}))
     return 0

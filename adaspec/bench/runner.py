@@ -292,7 +292,8 @@ def run_benchmark(
         finished = True
         if measure_memory and new_rows:
             rts = {getattr(r, "runtime", "hf") for r in runners.values()} & {"eager", "compiled"}
-            meta["memory"] = peak_memory(cfg, sorted(rts), draft is not None)
+            meta["memory"] = peak_memory(cfg, sorted(rts), draft is not None,
+                                         str(target.dtype).removeprefix("torch."))
     finally:
         if bar is not None:
             bar.close()
@@ -303,13 +304,14 @@ def run_benchmark(
     return json.loads((out / "summary.json").read_text())
 
 
-def peak_memory(cfg: BenchConfig, runtimes: list[str], with_draft: bool) -> dict[str, Any]:
-    """Peak RSS of one generation per runtime, each in a fresh process, and their ratio."""
+def peak_memory(cfg: BenchConfig, runtimes: list[str], with_draft: bool, dtype: str) -> dict[str, Any]:
+    """Peak RSS of one generation per runtime (models in ``dtype``, the run's resolved one),
+    each in a fresh process, and their ratio."""
     from .memory import measure_in_subprocess
 
     out: dict[str, Any] = {}
     for rt in runtimes:
-        out[rt] = measure_in_subprocess(rt, cfg.target, cfg.draft if with_draft else None, cfg.dtype,
+        out[rt] = measure_in_subprocess(rt, cfg.target, cfg.draft if with_draft else None, dtype,
                                         cfg.threads)
     if all("peak_rss_mb" in out.get(rt, {}) for rt in ("eager", "compiled")):
         out["compiled_over_eager"] = round(out["compiled"]["peak_rss_mb"] / out["eager"]["peak_rss_mb"], 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,11 @@ import torch
 
 from adaspec.models import LoadedModel
 
-torch.set_num_threads(1)  # tiny models: threading only adds overhead on a shared 2-core box
+# tiny models: threading only adds overhead on a shared 2-core box (and pytest -n 2 runs two
+# workers): one torch thread and one thread for the compiled runtime's kernels (numba reads
+# NUMBA_NUM_THREADS when first imported; every thread of the process then uses one)
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 VOCAB = 262  # 256 bytes + a few specials
 EOS_ID = 257

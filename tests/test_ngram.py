@@ -13,12 +13,15 @@ from scipy.stats import chi2
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.bench.methods import MethodError, parse_methods
+from adaspec.drafters.mixed import SOURCES, MixedDrafter
+from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import Match, NgramDrafter, NgramIndex
 from adaspec.drafters.registry import DraftSpec, parse_draft
 from adaspec.engine import Engine, StopRules
 from adaspec.errors import InvalidArgumentError, PolicyArgumentError
 from adaspec.models import LoadedModel
 from adaspec.policies.fixed import FixedPolicy
+from adaspec.predictors.source_choice import SourceChoice
 from adaspec.sampling import SamplingConfig, processed_probs
 from adaspec.types import GenerationStats
 
@@ -168,11 +171,11 @@ def chi_square_p(counts: Counter, probs: dict) -> float:
     return float(chi2.sf(stat, len(probs) - 1))
 
 
-def sample_counts(model, drafter_factory, prompt, cfg_t: float, n: int, length: int):
+def sample_counts(model, drafter_factory, prompt, cfg_t: float, n: int, length: int, k: int = 4):
     counts: Counter = Counter()
     totals = Counter()
     for seed in range(n):
-        out, st = run(model, drafter_factory(), prompt, SamplingConfig(cfg_t, seed=seed), length, k=4)
+        out, st = run(model, drafter_factory(), prompt, SamplingConfig(cfg_t, seed=seed), length, k=k)
         counts[tuple(out)] += 1
         totals.update(drafted=st.drafted_tokens, accepted=st.accepted_tokens)
     return counts, totals
@@ -247,3 +250,54 @@ def test_bench_methods_draft_argument():
     for bad in ("specdecpp:draft=ngram", "ldlp:draft=ngram", "fixed:draft=other+ngram", "fixed:draft=none"):
         with pytest.raises(MethodError):
             parse_methods(bad)
+
+
+# ---------------------------------------------------------------------------- source choice
+
+
+def test_source_choice_follows_measured_rates():
+    sc = SourceChoice()
+    assert sc.choose(1) == "model" and sc.choose(5) == "ngram"  # explore a long match first
+    sc.update("ngram", 5, seconds=0.10, committed=6, drafted=8)  # 60 tok/s at match 5-8
+    assert sc.choose(5) == "model"  # the model is tried once before comparing
+    sc.update("model", 0, seconds=0.10, committed=2, drafted=3)  # 20 tok/s
+    assert sc.choose(6) == "ngram"
+    assert sc.choose(3) == "ngram"  # bucket 3-4 never tried, match >= 3: explore it
+    sc.update("ngram", 3, seconds=0.10, committed=1, drafted=8)  # 10 tok/s at match 3-4
+    assert sc.choose(3) == "model" and sc.choose(2) == "model"
+    sc.update("none", 0, seconds=0.02, committed=1, drafted=0)  # plain step: 50 tok/s
+    assert sc.choose(3) == "none" and sc.choose(7) == "ngram"
+
+
+def test_context_policy_chooses_sources_and_stays_greedy_identical():
+    target, draft = tiny_pair8()
+    gen = SpeculativeGenerator(target, [draft, "ngram"], "context", {"mode": "random", "k_max": 6})
+    plain = SpeculativeGenerator(target, None, "fixed")
+    sources: Counter = Counter()
+    for p in ([1, 2, 3, 1, 2], [7, 7, 6, 5, 7], [4, 5, 6, 4, 5, 6, 4]):
+        res = gen.generate(p, max_new_tokens=60)
+        assert res.token_ids == plain.generate(p, max_new_tokens=60).token_ids
+        sources.update(res.stats.extra["source_rounds"])
+    assert sources["ngram"] > 3 and sources["model"] > 3, sources
+
+
+def test_sampling_distribution_with_mixed_sources():
+    """Rounds draft from the n-gram source, the model or nothing (a deterministic rule on the
+    match length); 1,000 seeded samples of a 2-token continuation against the exact one
+    (every cell expects >= 23)."""
+    target, draft = layered_pair(vocab=4, seed=3, init=0.1)
+    prompt = [2, 2, 1, 2, 2, 1]
+    exact = exact_distribution(target.model, prompt, SamplingConfig(0.7), 2, 4)
+    used: Counter = Counter()
+
+    def factory() -> MixedDrafter:
+        def rule(m, budget):
+            used[SOURCES[m.length % 3]] += 1
+            return SOURCES[m.length % 3]
+
+        return MixedDrafter(ModelDrafter(draft, 4), NgramDrafter(4), chooser=rule)
+
+    counts, totals = sample_counts(target.model, factory, prompt, 0.7, 1000, 2, k=2)
+    assert min(used.values()) > 100, used
+    assert 0 < totals["accepted"] < totals["drafted"], totals
+    assert chi_square_p(counts, exact) > 1e-3

@@ -20,6 +20,11 @@ engine): an extra candidate j (the next most likely draft tokens) at kept positi
 when the chain reaches i, x_i is rejected and j is accepted instead, weighed against its
 verify cost:  P_{i-1} * (1 - p_i) * q_j / (1 - q_top) * T > max(b, node_floor * T).
 Up to ``max_branch`` candidates pass; the fewer, the more confident the model.
+Draft sources (``--draft model+ngram``): before each round :meth:`ContextPolicy.choose_source`
+picks the n-gram copy, the model or nothing from the measured yield and cost of each
+(:class:`~adaspec.predictors.source_choice.SourceChoice`); n-gram tokens (q one-hot, no
+hidden state) are kept as proposed, and only model rounds feed the predictor's features
+and the tau cost model.
 Ablations: ``adapt=false`` keeps tau fixed at ``tau``; ``mode=random`` drafts a uniformly
 random length in 1..k_max (no predictor); ``branch_rule=always`` spends the extra candidates
 without difficulty prediction: ``max_branch`` of them at every kept position.
@@ -37,6 +42,7 @@ from ..errors import PolicyArgumentError
 from ..predictors.costs import OnlineTau
 from ..predictors.features import RecentAcceptance, entropy_and_top, scalar_features
 from ..predictors.models import Predictor, load_predictor
+from ..predictors.source_choice import SourceChoice
 from ..types import Action, DraftStep, RoundContext, RoundOutcome
 from . import register
 from .base import Policy
@@ -83,6 +89,8 @@ class ContextPolicy(Policy):
     _probs: list = field(default_factory=list, init=False, repr=False)
     _last: tuple = field(default=(1.0, 1.0), init=False, repr=False)  # (P_{i-1}, p_i)
     _branch_on: bool = field(default=False, init=False, repr=False)
+    _sources: SourceChoice = field(default_factory=SourceChoice, init=False, repr=False)
+    _round: tuple = field(default=("model", 0), init=False, repr=False)  # (source, match length)
 
     def __post_init__(self) -> None:
         if not 0 < self.tau_min <= self.tau <= self.tau_max < 1 or self.k_max < 1:
@@ -108,6 +116,15 @@ class ContextPolicy(Policy):
         self._recent.reset()
         self._rng = random.Random(self.seed)
         self._probs = []
+        self._sources.reset()
+        self._round = ("model", 0)
+
+    def choose_source(self, match, budget: int) -> str:
+        """Draft source of this round with ``--draft model+ngram`` (``match``: the n-gram
+        :class:`~adaspec.drafters.ngram.Match`): the best measured tokens per second."""
+        source = self._sources.choose(match.length)
+        self._round = (source, match.length)
+        return source
 
     @property
     def current_tau(self) -> float:
@@ -131,8 +148,8 @@ class ContextPolicy(Policy):
         return float(pred.prob(pred.head(step.hidden.float(), s)))
 
     def decide(self, step: DraftStep) -> Action:
-        if self.mode == "random":
-            return Action.CONTINUE
+        if self.mode == "random" or getattr(step, "source", "model") == "ngram":
+            return Action.CONTINUE  # an n-gram copy is kept whole: its verify cost is flat
         p = self.predict(step)
         self._last = (self._prod, p)
         self._prod *= p
@@ -146,7 +163,8 @@ class ContextPolicy(Policy):
 
     def extra_candidates(self, step: DraftStep) -> int:
         """Extra candidates beside ``step.token`` at this kept position (rule in the module doc)."""
-        if not self._branch_on or self.mode != "model" or self.max_branch == 0:
+        if not self._branch_on or self.mode != "model" or self.max_branch == 0 or \
+                getattr(step, "source", "model") == "ngram":
             return 0
         if self.branch_rule == "always":
             return self.max_branch
@@ -166,6 +184,12 @@ class ContextPolicy(Policy):
 
     def observe(self, outcome: RoundOutcome) -> None:
         k, m = len(outcome.draft.tokens), outcome.verdict.accepted
+        source, match_len = self._round
+        self._round = ("model", 0)
+        self._sources.update(source, match_len, outcome.draft_s + outcome.verify_s, m + 1,
+                             outcome.draft.tree_size)
+        if source == "ngram":
+            return  # the predictor's features and the tau cost model describe model drafts
         self._recent.update(k, m)
         self._costs.update(outcome.draft_s, outcome.draft.forwards, outcome.verify_s,
                            outcome.draft.tree_size + 1, m + 1)  # tree: candidates are verified too
@@ -173,4 +197,5 @@ class ContextPolicy(Policy):
     def report(self) -> dict:
         c = self._costs
         return {"tau_trace": list(c.trace), "tau": self.current_tau, "tau_keep": c.tau_keep,
-                "draft_step_s": c.c_d, "verify_slope_s": c.slope, "s_per_token": c.T}
+                "draft_step_s": c.c_d, "verify_slope_s": c.slope, "s_per_token": c.T,
+                **(self._sources.report() if self._sources._ng_s.n else {})}

@@ -301,3 +301,13 @@ def test_sampling_distribution_with_mixed_sources():
     assert min(used.values()) > 100, used
     assert 0 < totals["accepted"] < totals["drafted"], totals
     assert chi_square_p(counts, exact) > 1e-3
+
+
+def test_copy_dataset_splits():
+    from adaspec.bench.datasets import data_root, load_dataset
+
+    if not (data_root() / "code_alpaca").is_dir():
+        pytest.skip("../shared/data is absent")
+    dev, test = load_dataset("copy", "dev"), load_dataset("copy", "test")
+    assert len(dev) > 20 and len(test) > 20 and not {p.id for p in dev} & {p.id for p in test}
+    assert all(p.category == "copy" and "\n\n" in p.turns[0] for p in dev)

@@ -15,6 +15,10 @@ dataset                category    bucket of a row
 ``gpteacher_codegen``  code        sha256("gpteacher_codegen:" + instruction + input)
 ``gpteacher_roleplay`` roleplay    sha256("gpteacher_roleplay:" + instruction + input)
 ``self_instruct_seed`` general     sha256("self_instruct_seed:" + id) mod 10
+``copy``               copy        rows of code_alpaca, gpteacher_codegen and self_instruct_seed
+                                   whose instruction rewrites / fixes / extracts / summarises
+                                   an ``input`` of >= 80 characters (outputs copy the input);
+                                   each row keeps its source set's bucket
 ``mix``                all above   round-robin over the sets above (same split), so that
                                    ``--limit N`` draws from every category
 ``jsonl:PATH``         per row     a Spec-Bench question file; the whole file is used
@@ -37,6 +41,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +237,26 @@ _SOURCES: dict[str, Callable[[str], list[Prompt]]] = {
                                     "roleplay", "response"),
     "self_instruct_seed": _self_instruct,
 }
+_COPY_WORDS = re.compile(
+    r"\b(rewrite|re-write|fix|correct|edit|extract|summari[sz]e|summary|convert|rephrase|paraphrase|"
+    r"format|modify|change|update|refactor|optimi[sz]e|improve|debug|clean|translate|replace|"
+    r"remove|add|sort|reverse|simplify|shorten|proofread)\b", re.IGNORECASE)
+_COPY_SOURCES = ("code_alpaca", "gpteacher_codegen", "self_instruct_seed")
+
+
+def _copy(split: str) -> list[Prompt]:
+    """Instructions that transform a long ``input`` (see the table): outputs quote their input."""
+    out = []
+    for name in _COPY_SOURCES:
+        for p in _SOURCES[name](split):
+            instruction, _, extra = p.turns[0].partition("\n\n")
+            if len(extra.strip()) >= 80 and _COPY_WORDS.search(instruction):
+                out.append(Prompt(f"copy/{p.id}", "copy", p.turns, reference=p.reference))
+    return out
+
+
 _MIX = ("gsm8k", "humaneval", "gpteacher_roleplay", "self_instruct_seed", "code_alpaca")
-DATASETS = (*_SOURCES, "mix", "jsonl:PATH")
+DATASETS = (*_SOURCES, "copy", "mix", "jsonl:PATH")
 
 
 def _mix(split: str) -> list[Prompt]:
@@ -257,6 +280,8 @@ def load_dataset(name: str, split: str = "test") -> list[Prompt]:
         return load_jsonl(name[6:])
     if name == "mix":
         return _mix(split)
+    if name == "copy":
+        return _copy(split)
     if name not in _SOURCES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return _SOURCES[name](split)

@@ -197,7 +197,10 @@ class Scheduler:
             return self._generators[key]
         base = self.generator
         policy = policy or make_policy(key[0], args)  # evicted since submit
-        gen = SpeculativeGenerator(base.target, base.draft, policy, runtime=self.runtime)
+        # the same draft model and model-free sources (e.g. n-gram) as the served generator
+        draft = ([base.draft] if base.draft else []) + list(base.draft_sources) \
+            if base.draft_sources else base.draft
+        gen = SpeculativeGenerator(base.target, draft, policy, runtime=self.runtime)
         self._generators[key] = gen
         while len(self._generators) > self.cache_size:
             self._generators.popitem(last=False)

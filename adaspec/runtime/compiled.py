@@ -59,6 +59,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     layer = model.model.layers[0]
     if getattr(layer.self_attn, "q_norm", None) is not None:
         return "q/k norms"
+    heads = int(cfg.num_attention_heads)
+    if heads % int(getattr(cfg, "num_key_value_heads", None) or heads):
+        return "query heads not a multiple of the key/value heads"
     return None
 
 
@@ -199,10 +202,11 @@ class LeanWeights:
         self._restore_hook = None
 
     def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """Zeroed K^T [L, KVH, hd, slots] and V [L, KVH, slots, hd] (slots <= capacity)."""
-        slots = min(slots, self.capacity)
+        """Zeroed K^T [L, KVH, hd, slots] and V [L, KVH, slots, hdp] (slots <= capacity; slots
+        and hdp = hd rounded up to 16: attention reads keys and values in blocks of 16)."""
+        slots = -(-min(slots, self.capacity) // 16) * 16
         kt = np.zeros((self.layers, self.kvh, self.hd, slots), np.float32)
-        vc = np.zeros((self.layers, self.kvh, slots, self.hd), np.float32)
+        vc = np.zeros((self.layers, self.kvh, slots, -(-self.hd // 16) * 16), np.float32)
         return kt, vc
 
     def run(self, ids: np.ndarray, pos: np.ndarray, start: int, mask: np.ndarray, n_out: int,
@@ -242,7 +246,7 @@ class CompiledRunner(RunnerBase):
     def _run(self, feed: list[int], pos: list[int], start: int, mask: np.ndarray, n_out: int,
              hidden: bool) -> ForwardOut:
         need = start + len(feed)
-        if need > self.kt.shape[-1]:  # grow the static cache (rare: doubling, copy what is held)
+        if -(-need // 16) * 16 > self.kt.shape[-1]:  # grow the static cache (rare: doubling, copy)
             if need > self.lean.capacity:
                 raise AdaspecError(f"the compiled runtime's KV cache holds {self.lean.capacity} positions")
             kt, vc = self.lean.new_cache(max(need, 2 * self.kt.shape[-1]))
@@ -410,13 +414,13 @@ def ensure_compiled() -> None:
 def _warm_up(kernels) -> None:
     """Run a 2-layer toy forward so every kernel is compiled or loaded from the cache."""
     rng = np.random.default_rng(0)
-    d, hd, heads, kvh, inter, cap, vocab, layers = 32, 8, 4, 2, 48, 8, 40, 2
+    d, hd, heads, kvh, inter, cap, vocab, layers = 32, 8, 4, 2, 48, 16, 40, 2
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     pk = kernels.pack_weight
     w = [np.stack([pk(f(n, k)) for _ in range(layers)])
          for n, k in (((heads + 2 * kvh) * hd, d), (d, heads * hd), (2 * inter, d), (d, inter))]
     kt = np.zeros((layers, kvh, hd, cap), np.float32)
-    vc = np.zeros((layers, kvh, cap, hd), np.float32)
+    vc = np.zeros((layers, kvh, cap, 16), np.float32)
     for n in (2, 1):
         kernels.forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1,
                         f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),

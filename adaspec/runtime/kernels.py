@@ -48,7 +48,7 @@ _I32 = ir.IntType(32)
 _FAST = {"contract"}  # allow FMA contraction only: no reassociation, so sums keep their order
 
 
-def _make_tile(mr: int, prefetch: bool = False):
+def _make_tile(mr: int, prefetch: bool = False, strided: bool = False):
     """An intrinsic computing out[0:mr, 0:16] = x[0:mr, 0:K] @ panel[0:K, 0:16].
 
     Arguments are addresses and strides in floats: (x, ldx, panel, K, out, ldo, pf);
@@ -61,7 +61,7 @@ def _make_tile(mr: int, prefetch: bool = False):
         sig = types.void(*([types.intp] * 7))
 
         def codegen(context, builder, signature, args):
-            xa, ldx, wa, kd, oa, ldo, pa = args
+            xa, ldx, wa, kd, oa, ldo, pa = args  # strided: pa is the panel's row stride (floats)
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fma.v8f32")
             xp = builder.inttoptr(xa, _F32.as_pointer())
@@ -80,15 +80,21 @@ def _make_tile(mr: int, prefetch: bool = False):
                 acc = builder.phi(_V8)
                 acc.add_incoming(zero, pre)
                 accs.append(acc)
-            if prefetch:
+            if prefetch and not strided:
                 i8p = ir.IntType(8).as_pointer()
                 pf_type = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
                 pf = cgutils.get_or_insert_function(builder.module, pf_type, "llvm.prefetch.p0")
                 line = builder.inttoptr(builder.add(pa, builder.mul(k, ir.Constant(_I64, 64))), i8p)
                 builder.call(pf, [line, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-            k2 = builder.mul(k, ir.Constant(_I64, 2))
-            w0 = builder.load(builder.gep(wp, [k2]), align=4)
-            w1 = builder.load(builder.gep(wp, [builder.add(k2, ir.Constant(_I64, 1))]), align=4)
+            if strided:  # row k of the panel starts k * pa floats in
+                row = builder.gep(builder.inttoptr(wa, _F32.as_pointer()), [builder.mul(k, pa)])
+                w0 = builder.load(builder.bitcast(row, _V8.as_pointer()), align=4)
+                w1 = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(_I64, 8)]), _V8.as_pointer()),
+                                  align=4)
+            else:
+                k2 = builder.mul(k, ir.Constant(_I64, 2))
+                w0 = builder.load(builder.gep(wp, [k2]), align=4)
+                w1 = builder.load(builder.gep(wp, [builder.add(k2, ir.Constant(_I64, 1))]), align=4)
             new = []
             splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
             for m in range(mr):
@@ -118,6 +124,24 @@ def _make_tile(mr: int, prefetch: bool = False):
 
 _tile1, _tile2, _tile3, _tile4 = (_make_tile(m) for m in (1, 2, 3, 4))
 _ptile1, _ptile2, _ptile3, _ptile4 = (_make_tile(m, True) for m in (1, 2, 3, 4))
+_stile1, _stile2, _stile3, _stile4 = (_make_tile(m, strided=True) for m in (1, 2, 3, 4))
+
+
+@njit(cache=True)
+def _strided_matmul(xa, ldx, rows, wa, ldw, kd, oa, ldo):
+    """out[0:rows, 0:16] = x[0:rows, 0:kd] @ W[0:kd, 0:16] for a row-major W with row stride
+    ``ldw`` floats (addresses; every output one sequential FMA chain over k)."""
+    m0 = 0
+    while m0 + 4 <= rows:
+        _stile4(xa + m0 * ldx * 4, ldx, wa, kd, oa + m0 * ldo * 4, ldo, ldw)
+        m0 += 4
+    rest = rows - m0
+    if rest == 1:
+        _stile1(xa + m0 * ldx * 4, ldx, wa, kd, oa + m0 * ldo * 4, ldo, ldw)
+    elif rest == 2:
+        _stile2(xa + m0 * ldx * 4, ldx, wa, kd, oa + m0 * ldo * 4, ldo, ldw)
+    elif rest == 3:
+        _stile3(xa + m0 * ldx * 4, ldx, wa, kd, oa + m0 * ldo * 4, ldo, ldw)
 
 
 def panels(n: int) -> int:
@@ -217,49 +241,60 @@ def _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, out, conc
     """Attention of T fed rows over the cache (slots < start) and the fed block (by mask).
 
     qkv: [T, >= (H + 2 KVH) hd] (rotary applied); kt: [L, KVH, hd, cap] keys, transposed;
-    vc: [L, KVH, cap, hd]; mask: [T, T] uint8 (row i sees fed row j); out: [T, H hd];
-    conc: [T, H] max attention weight per row and head.
-    Scores accumulate over the head dimension, softmax sums over slots in slot order.
+    vc: [L, KVH, cap, hdp] values (hdp = hd rounded up to 16, zero padded); mask: [T, T]
+    uint8 (row i sees fed row j); out: [T, H hd]; conc: [T, H] max attention weight per
+    row and head. cap >= start + T rounded up to 16.
+
+    One job per (row, KV head) serves its H / KVH query heads with the same micro-kernel as
+    the linears (keys and values read once for the group, FMAs from registers):
+        scores[a, s] = sum_e q[a, e] * K^T[e, s]      16 slots per tile, e in order
+        out[a, :]   = sum_s p[a, s] * V[s, :] / sum_s p[a, s]   s in slot order
+    so a row's result never depends on how many rows are fed with it.
     """
     rows = qkv.shape[0]
     group = heads // kvh
     total = start + rows
-    for job in prange(rows * heads):
-        i = job // heads
-        h = job % heads
-        g = h // group
-        kg = kt[layer, g]  # [hd, cap]
-        vg = vc[layer, g]  # [cap, hd]
-        sc = np.zeros(total, np.float32)
-        for e in range(hd):
-            qe = qkv[i, h * hd + e] * scale
+    cap = kt.shape[3]
+    width = (total + 15) // 16 * 16
+    for job in prange(rows * kvh):
+        i = job // kvh
+        g = job % kvh
+        h0 = g * group
+        q = np.empty((group, hd), np.float32)
+        for a in range(group):
+            for e in range(hd):
+                q[a, e] = qkv[i, (h0 + a) * hd + e] * scale
+        sc = np.empty((group, width), np.float32)
+        kbase = kt.ctypes.data + (layer * kvh + g) * hd * cap * 4
+        for b in range(width // 16):
+            _strided_matmul(q.ctypes.data, hd, group, kbase + b * 64, cap, hd, sc.ctypes.data + b * 64, width)
+        inv = np.empty(group, np.float32)
+        for a in range(group):
+            mx = np.float32(-np.inf)
             for s in range(total):
-                sc[s] += qe * kg[e, s]
-        mx = np.float32(-np.inf)
-        for s in range(total):
-            if s >= start and mask[i, s - start] == 0:
-                sc[s] = np.float32(-np.inf)
-            elif sc[s] > mx:
-                mx = sc[s]
-        den = np.float32(0.0)
-        best = np.float32(0.0)
-        for s in range(total):
-            p = np.float32(0.0) if sc[s] == -np.inf else np.float32(math.exp(sc[s] - mx))
-            sc[s] = p
-            den += p
-            if p > best:
-                best = p
-        o = out[i, h * hd: (h + 1) * hd]
-        o[:] = 0.0
-        for s in range(total):
-            p = sc[s]
-            if p != 0.0:
-                for e in range(hd):
-                    o[e] += p * vg[s, e]
-        inv = np.float32(1.0) / den
-        for e in range(hd):
-            o[e] *= inv
-        conc[i, h] = best * inv
+                if s >= start and mask[i, s - start] == 0:
+                    sc[a, s] = np.float32(-np.inf)
+                elif sc[a, s] > mx:
+                    mx = sc[a, s]
+            den = np.float32(0.0)
+            best = np.float32(0.0)
+            for s in range(total):
+                p = np.float32(0.0) if sc[a, s] == -np.inf else np.float32(math.exp(sc[a, s] - mx))
+                sc[a, s] = p
+                den += p
+                if p > best:
+                    best = p
+            inv[a] = np.float32(1.0) / den
+            conc[i, h0 + a] = best * inv[a]
+        hdp = vc.shape[3]
+        acc = np.empty((group, hdp), np.float32)
+        vbase = vc.ctypes.data + (layer * kvh + g) * cap * hdp * 4
+        for b in range(hdp // 16):
+            _strided_matmul(sc.ctypes.data, width, group, vbase + b * 64, hdp, total,
+                            acc.ctypes.data + b * 64, hdp)
+        for a in range(group):
+            for e in range(hd):
+                out[i, (h0 + a) * hd + e] = acc[a, e] * inv[a]
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from . import __version__
 from .cli_args import add_runtime_arg
-from .errors import AdaspecError
+from .errors import AdaspecError, InvalidArgumentError
 from .policies import parse_policy_args
 
 # Subcommands that live with their feature: (module, function that registers the parser)
@@ -71,7 +71,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from .api import SpeculativeGenerator
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = args.prompt
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(f"standard input is not UTF-8 text (byte {exc.start})") from None
     policy_args = parse_policy_args(args.policy_arg)
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                args.policy, policy_args, dtype=args.dtype, device=args.device,

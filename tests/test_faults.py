@@ -186,8 +186,6 @@ def test_unwritable_out_collect_and_train(pair_dirs, tmp_path, capsys):
                "--out", _blocked(tmp_path), "--epochs", "1")
 
 
-@pytest.mark.xfail(reason="bench/runner.py creates --out with a bare mkdir (fix reported to the lead)",
-                   strict=False)
 def test_unwritable_out_bench(model_dir, tmp_path, capsys):
     user_error(capsys, "not writable", "bench", "--dataset", "humaneval", "--methods", "ar", "--limit", "1",
                "--target", model_dir, "--out", _blocked(tmp_path))
@@ -335,3 +333,15 @@ def test_ctrl_c_in_train_draft_resumes_to_the_same_draft(tmp_path, capsys, monke
     b = torch.load(tmp_path / "work-broken" / "ckpt.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     _same_weights(tmp_path / "broken" / "model.safetensors", tmp_path / "clean" / "model.safetensors")
+
+
+def test_generate_stdin_not_utf8_is_one_line(model_dir, capsys, monkeypatch):
+    import io
+    import sys
+
+    class _Stdin:
+        buffer = io.BytesIO(b"def f(x):\n  \xff\xfe return x\n")
+
+    monkeypatch.setattr(sys, "stdin", _Stdin())
+    user_error(capsys, "standard input is not UTF-8 text (byte 12)", "generate", "-", "--target", model_dir,
+               "--draft", "none")

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..models import LoadedModel, load_model
 from .datasets import Prompt, load_dataset
 from .methods import EngineRunner, MethodSpec, build_runner, parse_methods
@@ -225,7 +225,7 @@ def run_benchmark(
         set_threads(cfg.threads)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "--out")
     results = out / "results.jsonl"
     _prepare_file(results)
     rows = read_results(results) if results.is_file() else []

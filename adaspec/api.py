@@ -22,7 +22,7 @@ from .engine import Engine, StopRules
 from .errors import InvalidArgumentError
 from .models import LoadedModel, check_vocab_compat, load_model
 from .policies import Policy, make_policy
-from .runtime import RUNTIMES, resolve_runtime, set_threads
+from .runtime import check_runtime, resolve_runtime, set_threads
 from .sampling import SamplingConfig
 from .types import GenerationStats
 
@@ -86,8 +86,7 @@ class SpeculativeGenerator:
     ) -> None:
         if threads:
             set_threads(threads)
-        if runtime not in RUNTIMES:
-            raise InvalidArgumentError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        check_runtime(runtime)  # before any model loads
         spec = parse_draft(draft)
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
         check_policy(self.policy, spec)  # e.g. specdecpp reads a hidden state an n-gram draft lacks

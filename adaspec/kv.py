@@ -128,7 +128,7 @@ class ModelRunner(RunnerBase):
 
     def attention_concentration(self) -> float:
         """mean over heads of the max last-layer attention weight of the newest query of the
-        last forward that asked for ``attentions``."""
+        last forward that asked for ``concentration``."""
         return self._conc
 
     @torch.inference_mode()

@@ -291,7 +291,7 @@ def run_benchmark(
                     break
         finished = True
         if measure_memory and new_rows:
-            rts = {getattr(r, "runtime", "hf") for r in runners.values()} & {"eager", "compiled"}
+            rts = set(meta["runtimes"].values()) & {"eager", "compiled"}
             meta["memory"] = peak_memory(cfg, sorted(rts), draft is not None,
                                          str(target.dtype).removeprefix("torch."))
     finally:

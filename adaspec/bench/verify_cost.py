@@ -104,12 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidArgumentError(f"--runtime takes a comma list of {', '.join(RUNTIMES)}")
         target = load_model(args.target, dtype=args.dtype, role="target",
                             runtime="compiled" if "compiled" in names or "auto" in names else "eager")
-        resolved = {}
-        for name in names:
-            rt, _ = resolve_runtime(name, target.model)
-            resolved.setdefault(rt, name)
-        med = measure(target.model, sizes, args.context, args.repeats, target.vocab_size,
-                      runtimes=tuple(resolved))
+        runtimes = tuple(dict.fromkeys(resolve_runtime(name, target.model)[0] for name in names))
+        med = measure(target.model, sizes, args.context, args.repeats, target.vocab_size, runtimes=runtimes)
     except AdaspecError as exc:
         print(f"verify_cost: error: {exc}")
         return 2

@@ -28,6 +28,12 @@ def compiled_unsupported(model: nn.Module) -> str | None:
     return unsupported_reason(model)
 
 
+def check_runtime(name: str) -> None:
+    """Raise InvalidArgumentError unless ``name`` is one of :data:`RUNTIMES`."""
+    if name not in RUNTIMES:
+        raise InvalidArgumentError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+
+
 def resolve_runtime(name: str, model: nn.Module) -> tuple[str, str]:
     """Resolve a runtime name for ``model`` to ``eager`` or ``compiled``.
 
@@ -36,8 +42,7 @@ def resolve_runtime(name: str, model: nn.Module) -> tuple[str, str]:
     Raises:
         InvalidArgumentError: an unknown name, or ``compiled`` for a model it cannot run.
     """
-    if name not in RUNTIMES:
-        raise InvalidArgumentError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    check_runtime(name)
     if name == "eager":
         return "eager", "eager (Hugging Face modules)"
     reason = compiled_unsupported(model)
@@ -74,4 +79,5 @@ def set_threads(n: int) -> None:
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
-__all__ = ["RUNTIMES", "compiled_unsupported", "make_runner", "resolve_runtime", "set_threads"]
+__all__ = ["RUNTIMES", "check_runtime", "compiled_unsupported", "make_runner", "resolve_runtime",
+           "set_threads"]

@@ -15,6 +15,7 @@ the engine and the drafters do not know which runtime they drive. Differences in
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import threading
@@ -62,6 +63,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     heads = int(cfg.num_attention_heads)
     if heads % int(getattr(cfg, "num_key_value_heads", None) or heads):
         return "query heads not a multiple of the key/value heads"
+    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if abs(getattr(layer.self_attn, "scaling", hd ** -0.5) - hd ** -0.5) > 1e-9:
+        return "a custom attention scale"
     return None
 
 
@@ -116,14 +120,12 @@ class LeanWeights:
         self.inter = int(cfg.intermediate_size)
         self.eps = float(cfg.rms_norm_eps)
         self.d = int(cfg.hidden_size)
-        scaling = getattr(layers[0].self_attn, "scaling", self.hd ** -0.5)
-        if abs(scaling - self.hd ** -0.5) > 1e-9:
-            raise UnsupportedModelError("the compiled runtime does not support a custom attention scale")
         ctx = getattr(cfg, "max_position_embeddings", None) or MAX_CAPACITY
         self.capacity = int(min(ctx, MAX_CAPACITY))
         self._model_ref = weakref.ref(model)
         self._restore_hook = None
         self._released: list[tuple[nn.Parameter, np.ndarray, int, int]] = []  # (param, packed, row0, rows)
+        maps = _file_maps() if release else []
         self.ln1 = np.stack([_np(ly.input_layernorm.weight) for ly in layers])
         self.ln2 = np.stack([_np(ly.post_attention_layernorm.weight) for ly in layers])
         self.normw = _np(model.model.norm.weight)
@@ -145,7 +147,7 @@ class LeanWeights:
                     self._released.append((w, packed[i], row0, w.shape[0]))
                     row0 += w.shape[0]
                     if release:
-                        _release(w)
+                        _release(w, maps)
             setattr(self, name, packed)
         head = model.get_output_embeddings()
         emb = model.get_input_embeddings().weight
@@ -156,7 +158,7 @@ class LeanWeights:
         self.emb = np.zeros((1, self.d), np.float32) if self.emb_packed else _np(emb, copy=False)
         self._released.append((head.weight, self.lm, 0, self.n_logits))
         if release:
-            _release(head.weight)
+            _release(head.weight, maps)
         ids = getattr(head, "token_ids", None)
         self.out_ids = None if ids is None else ids.detach().to(torch.long)
         self.vocab = int(getattr(head, "full_vocab_size", self.n_logits))
@@ -166,27 +168,26 @@ class LeanWeights:
         self.cos, self.sin = _np(cos[0]), _np(sin[0])
         self.layers = len(layers)
         if release:
-            self._restore_hook = model.register_forward_pre_hook(lambda *_: self.restore_eager_weights())
-            _own_remaining_tensors(model)
+            self._await_eager_forward(model)
 
-    def release_eager_weights(self) -> int:  # noqa: D401
+    def release_eager_weights(self) -> None:
         """Free the HF module's copies of the packed weights (the packed ones are the same
         numbers in another layout); an eager forward of the module rebuilds them first
-        (a forward pre-hook), so nothing breaks, it only costs the memory again.
-
-        Returns the bytes freed.
-        """
+        (a forward pre-hook), so nothing breaks, it only costs the memory again."""
         model = self._model_ref()
         if model is None or self._restore_hook is not None:
-            return 0
-        freed = 0
+            return
+        maps = _file_maps()
         for param, _, _, _ in self._released:
             if param.numel():
-                freed += param.numel() * param.element_size()
-                _release(param)
+                _release(param, maps)
+        self._await_eager_forward(model)
+
+    def _await_eager_forward(self, model: nn.Module) -> None:
+        """After a release: rebuild the weights before the module's next eager forward, and
+        let go of the checkpoint's memory map (the module's small tensors still pin it)."""
         self._restore_hook = model.register_forward_pre_hook(lambda *_: self.restore_eager_weights())
         _own_remaining_tensors(model)
-        return freed
 
     @torch.no_grad()
     def restore_eager_weights(self) -> None:
@@ -215,10 +216,8 @@ class LeanWeights:
         from .kernels import forward
 
         logits, hidden, conc = forward(ids, pos, start, mask, n_out, self.emb, self.emb_packed, self.ln1,
-                                       self.wqkv,
-                                       self.wo, self.ln2, self.wgu, self.wd, self.normw, self.lm,
-                                       self.cos, self.sin, kt, vc, self.heads, self.kvh,
-                                       self.inter, self.eps)
+                                       self.wqkv, self.wo, self.ln2, self.wgu, self.wd, self.normw, self.lm,
+                                       self.cos, self.sin, kt, vc, self.heads, self.kvh, self.inter, self.eps)
         return logits[:, : self.n_logits], hidden, conc
 
 
@@ -343,15 +342,15 @@ def _file_maps() -> list[tuple[int, int]]:
     return out
 
 
-def _release(param: torch.Tensor) -> None:
-    """Drop ``param``'s data. When it lives in a memory-mapped checkpoint (transformers maps
-    safetensors files), the whole map stays open while any tensor of it lives, so the
-    pages wholly inside this tensor are also handed back to the kernel (MADV_DONTNEED on a
-    private file map: they would be read from the file again if touched; no one will)."""
+def _release(param: torch.Tensor, maps: list[tuple[int, int]]) -> None:
+    """Drop ``param``'s data. When it lives in a memory-mapped checkpoint (``maps``, from
+    :func:`_file_maps`: transformers maps safetensors files), the whole map stays open while
+    any tensor of it lives, so the pages wholly inside this tensor are also handed back to
+    the kernel (MADV_DONTNEED on a private file map: they would be read from the file again
+    if touched; no one will)."""
     start = param.data_ptr()
     end = start + param.numel() * param.element_size()
     param.data = torch.empty(0, dtype=param.dtype)
-    maps = _file_maps()
     if not maps or not any(lo <= start and end <= hi for lo, hi in maps):
         return
     import ctypes
@@ -392,7 +391,7 @@ def ensure_compiled() -> None:
         return
     from . import kernels
 
-    cache = Path(kernels.os.environ["NUMBA_CACHE_DIR"])
+    cache = Path(os.environ["NUMBA_CACHE_DIR"])  # set by kernels on import
     fresh = not any(cache.rglob("*forward*.nbi")) if cache.is_dir() else True
     t0 = time.perf_counter()
     if fresh:

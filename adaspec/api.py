@@ -20,6 +20,7 @@ from .drafters import ModelDrafter
 from .drafters.registry import build_drafter, check_policy, parse_draft
 from .engine import Engine, StopRules
 from .errors import InvalidArgumentError
+from .head_model import head_dir, load_head
 from .models import LoadedModel, check_vocab_compat, load_model
 from .policies import Policy, make_policy
 from .runtime import check_runtime, resolve_runtime, set_threads
@@ -93,8 +94,18 @@ class SpeculativeGenerator:
         self.target = target if isinstance(target, LoadedModel) else load_model(
             target, dtype=dtype, device=device, role="target", runtime=runtime)
         self.draft_sources = spec.sources  # model-free draft sources, e.g. ("ngram",)
+        head_path = head_dir(spec.model)
+        self.head = None
         if spec.model is None:
             self.draft = None
+        elif head_path is not None:  # a feature head: reads the target's hidden states
+            from .models import vocab_fingerprint
+
+            sha = vocab_fingerprint(self.target.tokenizer) if self.target.tokenizer is not None else None
+            self.head = load_head(head_path, target_hidden=int(self.target.model.config.hidden_size),
+                                  target_vocab_sha=sha)
+            self.draft = LoadedModel(self.head, None, f"head:{head_path}", self.target.vocab_size,
+                                     self.target.max_context)
         else:
             self.draft = spec.model if isinstance(spec.model, LoadedModel) else load_model(
                 spec.model, dtype=dtype, device=device, role="draft", runtime=runtime)
@@ -103,7 +114,13 @@ class SpeculativeGenerator:
         self.runtime, note = resolve_runtime(runtime, self.target.model)
         self.runtime_note = f"runtime: target {note}"
         drafter = None
-        if self.draft:
+        if self.head is not None:
+            from .drafters.head import HeadDrafter
+
+            drafter = HeadDrafter(self.head, self.target.model, self.target.vocab_size, self.runtime,
+                                  self.target.max_context)
+            self.runtime_note += f"; draft: feature head on the {self.runtime} runtime"
+        elif self.draft:
             draft_runtime, dnote = resolve_runtime(runtime, self.draft.model)
             self.runtime_note += f"; draft {dnote}"
             drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned

@@ -21,6 +21,7 @@ from .policies import parse_policy_args
 _SUBCOMMANDS: list[tuple[str, str]] = [
     ("adaspec.bench.cli", "add_bench_parser"),
     ("adaspec.train.draft", "add_train_draft_parser"),
+    ("adaspec.train.head", "add_train_head_parser"),
     ("adaspec.predictors.cli", "add_collect_parser"),
     ("adaspec.predictors.cli", "add_train_predictor_parser"),
     ("adaspec.serve.cli", "add_serve_parser"),
@@ -34,7 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="draft: 'default' (the shipped adaspec draft), 'none' (plain decoding of the "
                         "target), a local directory or an HF id; 'ngram' (model-free: copy the "
                         "continuation of the longest earlier match of the text); 'model+ngram' (or "
-                        "ID+ngram: per round, the n-gram source or the model)")
+                        "ID+ngram: per round, the n-gram source or the model); 'head:DIR' (a feature "
+                        "head trained by `adaspec train-head`: drafts from the target's own hidden "
+                        "states; 'head:default' = the one shipped for the default target)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                    help="weights and activations dtype; auto (default) = bf16 on a GPU, fp32 on a CPU "
                         "(the compiled runtime computes in fp32); with --runtime eager, bf16 on a CPU "

@@ -106,6 +106,10 @@ class Engine:
             gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None
                                                 else int(torch.seed() % 2**63))
         needs: DraftNeeds = policy.needs
+        # a drafter that reads the target's features (a feature head) gets the target's
+        # last hidden state of every committed position, from prefill and from each verify
+        feeds = drafter is not None and getattr(drafter, "needs_target_hidden", False)
+        want_hidden = policy.needs_target_hidden or feeds
         max_new = min(rules.max_new_tokens, self.max_context - len(prompt))
         ctx_limit = min(self.max_context, drafter.max_context if drafter else self.max_context)
 
@@ -117,7 +121,9 @@ class Engine:
         if drafter is not None:
             drafter.reset()
             drafter.prefill(prompt[:-1])
-        self.target.prefill(prompt[:-1])
+        prompt_hidden = self.target.prefill(prompt[:-1], hidden=feeds)
+        if feeds and prompt_hidden is not None:
+            drafter.observe_target(len(prompt) - 1 - prompt_hidden.shape[0], prompt_hidden)
         _sync(device)
         stats.prefill_s = time.perf_counter() - t_start
 
@@ -158,11 +164,12 @@ class Engine:
             # 3. verify: one target forward over [last committed, x1..xK] -> p1..p(K+1)
             k = len(draft.tokens)
             if draft.branches:
-                verdict, logits, out = self._verify_tree(ids, draft, sampling, gen)
+                verdict, logits, out, path = self._verify_tree(ids, draft, sampling, gen, want_hidden)
                 stats.branch_rounds += 1
                 stats.branch_accepts += verdict.branch_rank > 0
             else:
-                out = self.target.forward(ids + draft.tokens, k + 1, hidden=policy.needs_target_hidden)
+                path = list(range(k))
+                out = self.target.forward(ids + draft.tokens, k + 1, hidden=want_hidden)
                 logits = out.logits[:, : self.vocab_size]  # [K+1, V]
                 if sampling.greedy:
                     verdict = verify_greedy(draft.tokens, logits)
@@ -190,6 +197,9 @@ class Engine:
                     reason = "max_new_tokens" if max_new == rules.max_new_tokens else "context"
                 if reason:
                     break
+            if feeds:  # target features of the last committed token and the accepted path
+                rows = [0] + [1 + j for j in path[: verdict.accepted]]
+                drafter.observe_target(len(ids) - 1, out.hidden[rows])
             ids.extend(committed)
             # 5. roll both caches back to the committed prefix (a crop, never a recompute);
             # a fully accepted draft's last token is fed with the next round's first forward
@@ -203,7 +213,9 @@ class Engine:
             stats.record_round(k, verdict.accepted)
             # 6. observe
             t4 = time.perf_counter()
-            hidden = None if out.hidden is None else out.hidden[: k + 1]  # root + chain rows
+            hidden = None  # root + chain rows
+            if policy.needs_target_hidden:
+                hidden = out.hidden[: k + 1]
             policy.observe(RoundOutcome(draft, verdict, logits, hidden, t2 - t1, t3 - t2, ctx))
             policy_s += time.perf_counter() - t4
             stats.new_tokens = len(new)
@@ -217,11 +229,12 @@ class Engine:
         stats.extra.update(policy.report())
 
     def _verify_tree(self, ids: list[int], draft: Draft, sampling: SamplingConfig,
-                     gen: torch.Generator | None):
+                     gen: torch.Generator | None, hidden: bool):
         """Verify the chain plus extra candidates in one target forward (tree attention),
         then keep only the accepted path in the target's cache.
 
-        Returns (verdict, chain logits [K+1, V], forward output over all tree rows).
+        Returns (verdict, chain logits [K+1, V], forward output over all tree rows
+        (row 0 the last committed token, row 1 + j tree node j), accepted path: node indices).
         """
         k = len(draft.tokens)
         nodes, parents = list(draft.tokens), list(range(-1, k - 1))
@@ -231,11 +244,11 @@ class Engine:
                 sib_nodes[(pos, c)] = len(nodes)
                 nodes.append(c)
                 parents.append(pos - 2)  # same parent as chain node pos-1
-        out = self.target.forward_tree(ids, nodes, parents, hidden=self.policy.needs_target_hidden)
+        out = self.target.forward_tree(ids, nodes, parents, hidden=hidden)
         logits = out.logits[:, : self.vocab_size]  # [1 + T, V]
         probs = None
         if not sampling.greedy:
             probs = (draft.probs.cpu(), processed_probs(logits, sampling).cpu())
         verdict, path = verify_tree(draft.tokens, draft.branches, logits, sib_nodes, probs, gen)
         self.target.keep_path(len(ids), nodes, path)
-        return verdict, logits[: k + 1], out
+        return verdict, logits[: k + 1], out, path

@@ -229,14 +229,21 @@ class ModelRunner(RunnerBase):
         self.tokens = self.tokens[:base] + [nodes[j] for j in path]
 
     @torch.inference_mode()
-    def prefill(self, seq: list[int]) -> None:
-        """Put ``seq`` into the cache without asking for outputs (no-op when empty)."""
+    def prefill(self, seq: list[int], hidden: bool = False) -> torch.Tensor | None:
+        """Put ``seq`` into the cache without asking for outputs (no-op when empty).
+
+        ``hidden``: also return the last hidden states [n, d] of the n fed (not already
+        cached) positions len(seq)-n .. len(seq)-1 (None when nothing was fed).
+        """
         start = self._sync_prefix(seq, 0)
         if start == len(seq):
-            return
+            return None
         feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)
         kwargs = {"past_key_values": self.cache, "use_cache": True}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1
-        self.model(feed, **kwargs)
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        out = self.model(feed, **kwargs)
         self.tokens.extend(seq[start:])
+        return out.hidden_states[-1][0].float() if hidden else None

@@ -201,6 +201,16 @@ def subset_draft(pair4, tmp_path_factory) -> LoadedModel:
     return load_model(str(path), dtype="fp32", role="draft")
 
 
+@pytest.fixture(scope="module")
+def head4(pair4, tmp_path_factory) -> str:
+    """A random feature head for the vocabulary-4 target scoring {0, 1, 3} (q(2) = 0)."""
+    from test_head import make_head
+
+    path = tmp_path_factory.mktemp("head4") / "head"
+    make_head(pair4[0].model, path, token_ids=[0, 1, 3], scale=1.0)
+    return f"head:{path}"
+
+
 # ---------------------------------------------------------------------------- variants
 
 
@@ -233,6 +243,7 @@ class Spec:
     length: int = 3
     needs: tuple[str, ...] = ("accepted", "rejected")
     subset: bool = False
+    head: bool = False  # draft with a feature head (reads the target's hidden states)
     runtime: str = "auto"  # what users get: the compiled runtime for these Llama models
 
 
@@ -276,16 +287,21 @@ SPECS = [
     Spec("tree-b2-eager", lambda _: BranchEvery(2, 2), needs=(*AR, *TREE), runtime=E),
     Spec("tree-b2-t0.8-topp0.95", lambda _: BranchEvery(2, 2), SamplingConfig(0.8, top_p=0.95),
          needs=(*AR, *TREE)),
+    Spec("head-fixed-k3", _named("fixed", k=3), head=True),
+    Spec("head-fixed-k3-eager", _named("fixed", k=3), head=True, runtime=E),
+    Spec("head-tree-b1-t0.7-topk3", lambda _: BranchEvery(2, 1), T07, needs=(*AR, *TREE), head=True),
 ]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
-def test_sampling_distribution(spec: Spec, pair4, subset_draft, predictors4, virtual_clock):
+def test_sampling_distribution(spec: Spec, pair4, subset_draft, head4, predictors4, virtual_clock):
     """N seeded samples of every variant against the exact target distribution."""
     target, draft = pair4
     if spec.subset:
         draft = subset_draft
     virtual_clock(target, draft)
+    if spec.head:
+        draft = head4
     run = sample(target, draft, spec.build(predictors4), spec.cfg, spec.length, runtime=spec.runtime)
     exact = exact_distribution(target.model, PROMPT, spec.cfg, spec.length)
     windows = [(0, 2)] + ([(spec.length - 2, spec.length)] if spec.length > 2 else [])

@@ -211,11 +211,14 @@ class LeanWeights:
         return kt, vc
 
     def run(self, ids: np.ndarray, pos: np.ndarray, start: int, mask: np.ndarray, n_out: int,
-            kt: np.ndarray, vc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One forward (see :func:`kernels.forward`); logits are [n_out, n_logits]."""
+            kt: np.ndarray, vc: np.ndarray, n_logits: int | None = None,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One forward (see :func:`kernels.forward`); logits are [n_logits (default n_out),
+        self.n_logits], hidden [n_out, d]."""
         from .kernels import forward
 
-        logits, hidden, conc = forward(ids, pos, start, mask, n_out, self.emb, self.emb_packed, self.ln1,
+        n_logits = n_out if n_logits is None else n_logits
+        logits, hidden, conc = forward(ids, pos, start, mask, n_out, n_logits, self.emb, self.emb_packed, self.ln1,
                                        self.wqkv, self.wo, self.ln2, self.wgu, self.wd, self.normw, self.lm,
                                        self.cos, self.sin, kt, vc, self.heads, self.kvh, self.inter, self.eps)
         return logits[:, : self.n_logits], hidden, conc
@@ -243,7 +246,7 @@ class CompiledRunner(RunnerBase):
         pass  # slots >= len(self.tokens) are simply overwritten by the next forward
 
     def _run(self, feed: list[int], pos: list[int], start: int, mask: np.ndarray, n_out: int,
-             hidden: bool) -> ForwardOut:
+             hidden: bool, n_logits: int | None = None) -> ForwardOut:
         need = start + len(feed)
         if -(-need // 16) * 16 > self.kt.shape[-1]:  # grow the static cache (rare: doubling, copy)
             if need > self.lean.capacity:
@@ -253,12 +256,12 @@ class CompiledRunner(RunnerBase):
             vc[:, :, :start] = self.vc[:, :, :start]
             self.kt, self.vc = kt, vc
         logits, hid, conc = self.lean.run(np.asarray(feed, np.int64), np.asarray(pos, np.int64), start,
-                                          mask, n_out, self.kt, self.vc)
+                                          mask, n_out, self.kt, self.vc, n_logits)
         self.forwards += 1
         self._conc = conc
         out = torch.from_numpy(logits)
         if self.lean.out_ids is not None:  # reduced-vocabulary head: q = 0 outside the subset
-            full = out.new_full((n_out, self.lean.vocab), float("-inf"))
+            full = out.new_full((out.shape[0], self.lean.vocab), float("-inf"))
             out = full.index_copy_(1, self.lean.out_ids, out)
         return ForwardOut(out, torch.from_numpy(hid) if hidden else None)
 
@@ -310,14 +313,20 @@ class CompiledRunner(RunnerBase):
                 self.vc[:, :, committed_len + i] = self.vc[:, :, committed_len + j]
         self.tokens = self.tokens[:committed_len] + [nodes[j] for j in path]
 
-    def prefill(self, seq: list[int]) -> None:
-        """Put ``seq`` into the cache without computing any logits."""
+    def prefill(self, seq: list[int], hidden: bool = False) -> torch.Tensor | None:
+        """Put ``seq`` into the cache without computing any logits.
+
+        ``hidden``: also return the last hidden states [n, d] of the n fed (not already
+        cached) positions len(seq)-n .. len(seq)-1 (None when nothing was fed).
+        """
         start = self._sync_prefix(seq, 0)
         if start == len(seq):
-            return
+            return None
         feed = seq[start:]
-        self._run(feed, list(range(start, len(seq))), start, _causal(len(feed)), 0, False)
+        n_out = len(feed) if hidden else 0
+        out = self._run(feed, list(range(start, len(seq))), start, _causal(len(feed)), n_out, hidden, 0)
         self.tokens.extend(feed)
+        return out.hidden
 
     def attention_concentration(self) -> float:
         """Last-layer attention concentration of the last forward's newest query."""
@@ -421,6 +430,6 @@ def _warm_up(kernels) -> None:
     kt = np.zeros((layers, kvh, hd, cap), np.float32)
     vc = np.zeros((layers, kvh, cap, 16), np.float32)
     for n in (2, 1):
-        kernels.forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1,
+        kernels.forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1, 1,
                         f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
                         pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)

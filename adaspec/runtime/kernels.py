@@ -287,7 +287,7 @@ def _silu_mul(gu, inter, out):
 
 
 @njit(cache=True)
-def forward(ids, pos, start, mask, n_out, emb, emb_packed, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+def forward(ids, pos, start, mask, n_out, n_logits, emb, emb_packed, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
             cos, sin, kt, vc, heads, kvh, inter, eps):
     """One forward of a Llama-style decoder over T fed tokens with a static KV cache.
 
@@ -300,20 +300,36 @@ def forward(ids, pos, start, mask, n_out, emb, emb_packed, ln1, wqkv, wo, ln2, w
     wd [L, P, inter, 16]; normw [d]; lm [P, d, 16]. cos, sin: [cap, hd] tables.
     kt: [L, KVH, hd, cap]; vc: [L, KVH, cap, hd].
 
-    Returns (logits [n_out, P_lm*16], hidden [n_out, d] after the final norm,
-    conc [n_out] last-layer attention concentration: mean over heads of the max weight).
+    Returns (logits [n_logits, P_lm*16] of the last n_logits <= n_out rows, hidden
+    [n_out, d] of the last n_out rows after the final norm, conc [n_out] last-layer
+    attention concentration: mean over heads of the max weight).
     """
-    rows = ids.shape[0]
-    d = emb.shape[1]
-    hd = cos.shape[1]
-    layers = ln1.shape[0]
-    scale = np.float32(1.0 / math.sqrt(hd))
-    h = np.empty((rows, d), np.float32)
-    for i in range(rows):
+    h = embed(ids, emb, emb_packed, lm)
+    return forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+                        cos, sin, kt, vc, heads, kvh, inter, eps)
+
+
+@njit(cache=True)
+def embed(ids, emb, emb_packed, lm):
+    """[T] ids -> [T, d] rows of emb [V, d], or of the tied head's panels lm [P, d, 16]."""
+    d = lm.shape[1] if emb_packed else emb.shape[1]
+    h = np.empty((ids.shape[0], d), np.float32)
+    for i in range(ids.shape[0]):
         if emb_packed:
             h[i] = lm[ids[i] // 16, :, ids[i] % 16]
         else:
             h[i] = emb[ids[i]]
+    return h
+
+
+@njit(cache=True)
+def forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+                 cos, sin, kt, vc, heads, kvh, inter, eps):
+    """:func:`forward` from input rows h [T, d] (fp32, overwritten) instead of token ids."""
+    rows, d = h.shape
+    hd = cos.shape[1]
+    layers = ln1.shape[0]
+    scale = np.float32(1.0 / math.sqrt(hd))
     xn = np.empty((rows, d), np.float32)
     qkv = np.empty((rows, wqkv.shape[1] * 16), np.float32)
     att = np.empty((rows, heads * hd), np.float32)
@@ -350,8 +366,8 @@ def forward(ids, pos, start, mask, n_out, emb, emb_packed, ln1, wqkv, wo, ln2, w
     tail = np.ascontiguousarray(h[rows - n_out:])
     hidden = np.empty((n_out, d), np.float32)
     _rmsnorm(tail, normw, eps, hidden)
-    logits = np.empty((n_out, lm.shape[0] * 16), np.float32)
-    linear(hidden, lm, logits)
+    logits = np.empty((n_logits, lm.shape[0] * 16), np.float32)
+    linear(np.ascontiguousarray(hidden[n_out - n_logits:]), lm, logits)
     cout = np.empty(n_out, np.float32)
     for i in range(n_out):
         cout[i] = conc[rows - n_out + i].sum() / heads

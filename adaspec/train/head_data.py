@@ -1,0 +1,212 @@
+"""Teacher-forced target features for training a feature head (``adaspec train-head``).
+
+One batched target pass over a text labels every position at once: the target's last
+hidden state (after its final norm) at each position is both the head's input (for the
+next position) and its regression target, and the target's own next-token distribution
+follows from it through the (frozen) LM head. Prefill is the efficient regime on a CPU,
+so this is far cheaper than generating the target's continuations token by token.
+
+Texts (train split of the benchmark's single split rule only, so no evaluation prompt
+is ever seen): chat prompt + reference answer + EOS for the instruction sets, and the
+source code of Python standard-library functions as raw code.
+
+Shards on disk (``DIR/shard-00000.pt``): ``tokens`` int32 [N, T] (pad = -1),
+``feats`` float16 [N, T, d].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+CHAT_SOURCES = ("gsm8k", "gpteacher_codegen", "gpteacher_roleplay", "self_instruct_seed")
+CODE_SOURCES = ("stdlib_code",)
+DEFAULT_SOURCES = CHAT_SOURCES + CODE_SOURCES
+
+
+def _stable(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+
+def training_texts(tokenizer: Any, sources: tuple[str, ...] = DEFAULT_SOURCES, split: str = "train",
+                   max_tokens: int = 512) -> list[tuple[str, list[int]]]:
+    """(source, token ids) of every training text, interleaved so any prefix is a mix.
+
+    Chat sets: chat-templated prompt + the set's reference answer + EOS, from the
+    benchmark loader's ``split`` (buckets 0-5 for ``train``). ``stdlib_code``: the source of
+    public pure-Python standard-library functions. Texts are cut to ``max_tokens``.
+    """
+    from ..bench.datasets import load_dataset
+    from .draft_data import stdlib_functions
+
+    eos = tokenizer.eos_token_id
+    per: dict[str, list[tuple[str, list[int]]]] = {}
+    for src in sources:
+        rows: list[tuple[str, list[int]]] = []
+        if src == "stdlib_code":
+            for qn, _, _, code in stdlib_functions():
+                ids = tokenizer.encode(code, add_special_tokens=False)
+                rows.append((_stable(qn), ids[:max_tokens]))
+        elif src in CHAT_SOURCES:
+            for p in load_dataset(src, split):
+                if not p.reference:
+                    continue
+                text = tokenizer.apply_chat_template([{"role": "user", "content": p.turns[0]}],
+                                                     tokenize=False, add_generation_prompt=True)
+                ids = tokenizer.encode(text + p.reference.strip(), add_special_tokens=False)
+                if eos is not None:
+                    ids.append(eos)
+                rows.append((_stable(p.id), ids[:max_tokens]))
+        else:
+            raise InvalidArgumentError(f"unknown head data source {src!r}; choose from {', '.join(DEFAULT_SOURCES)}")
+        rows.sort()
+        per[src] = rows
+    out: list[tuple[str, list[int]]] = []
+    pos = dict.fromkeys(per, 0)
+    while any(pos[s] < len(v) for s, v in per.items()):
+        for s, v in per.items():
+            if pos[s] < len(v):
+                out.append((s, v[pos[s]][1]))
+                pos[s] += 1
+    if not out:
+        raise InvalidArgumentError("no training texts: every selected source is empty")
+    return out
+
+
+def _batches(texts: list[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
+    """Length-sorted batches of about ``batch_tokens`` tokens (less padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    cur: list[list[int]] = []
+    for i in order:
+        t = texts[i]
+        if cur and (len(cur) + 1) * len(t) > batch_tokens:
+            yield cur
+            cur = []
+        cur.append(t)
+    if cur:
+        yield cur
+
+
+@torch.inference_mode()
+def target_features(model: Any, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded batch -> (tokens int32 [N, T] with pad -1, features float16 [N, T, d]).
+
+    Features are the target's last hidden states after its final norm (what the runners
+    return as ``hidden``).
+    """
+    n, t = len(batch), max(len(b) for b in batch)
+    ids = torch.zeros((n, t), dtype=torch.long)
+    mask = torch.zeros((n, t), dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b)] = torch.tensor(b)
+        mask[i, : len(b)] = 1
+    hid = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [N, T, d]
+    toks = torch.where(mask.bool(), ids, torch.full_like(ids, -1)).to(torch.int32)
+    return toks, hid.to(torch.float16)
+
+
+def extract(model: Any, texts: list[list[int]], out_dir: Path, *, minutes: float, batch_tokens: int = 2048,
+            shard_tokens: int = 65536, progress: bool = True) -> int:
+    """Write feature shards for ``texts`` into ``out_dir`` until done or ``minutes`` pass.
+
+    Resumable: texts already in existing shards (counted in ``progress.txt``) are skipped.
+    Returns the number of tokens in all shards.
+    """
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = out_dir / "progress.txt"
+    done_texts, done_tokens, shard_no = 0, 0, 0
+    if state.is_file():
+        done_texts, done_tokens, shard_no = (int(x) for x in state.read_text().split())
+    todo = texts[done_texts:]
+    deadline = time.monotonic() + minutes * 60
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pending_tok = pending_texts = 0
+    bar = tqdm(total=sum(len(t) for t in todo), unit="tok", desc="target features", disable=not progress)
+
+    def flush() -> None:
+        nonlocal pending, pending_tok, pending_texts, shard_no, done_texts, done_tokens
+        if not pending:
+            return
+        width = max(p[0].shape[1] for p in pending)
+        toks = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=-1) for p in pending])
+        feats = torch.cat([torch.nn.functional.pad(p[1], (0, 0, 0, width - p[1].shape[1])) for p in pending])
+        tmp = out_dir / f"shard-{shard_no:05d}.pt.tmp"
+        torch.save({"tokens": toks, "feats": feats}, tmp)
+        tmp.rename(out_dir / f"shard-{shard_no:05d}.pt")
+        shard_no += 1
+        done_texts += pending_texts
+        done_tokens += pending_tok
+        state.write_text(f"{done_texts} {done_tokens} {shard_no}\n")
+        pending, pending_tok, pending_texts = [], 0, 0
+
+    # shards keep text order (resume by count): batch within fixed windows of the list
+    window = 256
+    for w0 in range(0, len(todo), window):
+        chunk = todo[w0: w0 + window]
+        for batch in _batches(chunk, batch_tokens):
+            pending.append(target_features(model, batch))
+            n_tok = sum(len(b) for b in batch)
+            pending_tok += n_tok
+            bar.update(n_tok)
+        pending_texts += len(chunk)
+        if pending_tok >= shard_tokens:
+            flush()
+        if time.monotonic() > deadline:
+            break
+    flush()
+    bar.close()
+    return done_tokens
+
+
+def load_shards(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """All shards of ``data_dir`` -> (tokens int32 [N, T], feats float16 [N, T, d])."""
+    files = sorted(data_dir.glob("shard-*.pt"))
+    if not files:
+        raise InvalidArgumentError(f"no feature shards in {data_dir}")
+    parts = [torch.load(f) for f in files]
+    width = max(p["tokens"].shape[1] for p in parts)
+    toks = torch.cat([torch.nn.functional.pad(p["tokens"], (0, width - p["tokens"].shape[1]), value=-1)
+                      for p in parts])
+    feats = torch.cat([torch.nn.functional.pad(p["feats"], (0, 0, 0, width - p["feats"].shape[1]))
+                       for p in parts])
+    return toks, feats
+
+
+#: share of each source in any prefix of the mixed list (code first: the head's main use)
+SOURCE_SHARE = {"stdlib_code": 0.3, "gpteacher_codegen": 0.3, "gsm8k": 0.2, "gpteacher_roleplay": 0.15,
+                "self_instruct_seed": 0.05}
+
+
+def mix_texts(texts: list[tuple[str, list[int]]], seed: int = 0) -> list[tuple[str, list[int]]]:
+    """A fixed random order in which every prefix holds the sources in ~:data:`SOURCE_SHARE`
+    proportions (by tokens) until a source runs out."""
+    rng = random.Random(seed)
+    per: dict[str, list[tuple[str, list[int]]]] = {}
+    for src, ids in texts:
+        per.setdefault(src, []).append((src, ids))
+    for rows in per.values():
+        rng.shuffle(rows)
+    used = dict.fromkeys(per, 0)
+    pos = dict.fromkeys(per, 0)
+    out = []
+    while True:
+        live = [s for s in per if pos[s] < len(per[s])]
+        if not live:
+            return out
+        # the live source furthest below its share of the tokens so far
+        total = sum(used.values()) + 1
+        src = min(live, key=lambda s: used[s] / total - SOURCE_SHARE.get(s, 0.1))
+        row = per[src][pos[src]]
+        pos[src] += 1
+        used[src] += len(row[1])
+        out.append(row)

@@ -20,7 +20,7 @@ from .drafters import ModelDrafter
 from .drafters.registry import build_drafter, check_policy, parse_draft
 from .engine import Engine, StopRules
 from .errors import InvalidArgumentError
-from .head_model import head_dir, load_head
+from .head_model import FeatureHead, head_dir, load_head
 from .models import LoadedModel, check_vocab_compat, load_model
 from .policies import Policy, make_policy
 from .runtime import check_runtime, resolve_runtime, set_threads
@@ -106,6 +106,8 @@ class SpeculativeGenerator:
                                   target_vocab_sha=sha)
             self.draft = LoadedModel(self.head, None, f"head:{head_path}", self.target.vocab_size,
                                      self.target.max_context)
+        elif isinstance(spec.model, LoadedModel) and isinstance(spec.model.model, FeatureHead):
+            self.head, self.draft = spec.model.model, spec.model  # another generator's head
         else:
             self.draft = spec.model if isinstance(spec.model, LoadedModel) else load_model(
                 spec.model, dtype=dtype, device=device, role="draft", runtime=runtime)

@@ -133,3 +133,12 @@ def test_training_step_learns(target):
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first
+
+
+def test_draft_cost_reports_one_step_of_each(target, tmp_path):
+    from adaspec.bench.draft_cost import measure
+
+    make_head(target.model, tmp_path / "h")
+    row = measure(f"head:{tmp_path / 'h'}", target=target, context=40, repeats=3)
+    assert row["runtime"] == "compiled" and row["target_ms"] > 0 and row["draft_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["draft_ms"] / row["target_ms"], rel=0.05, abs=1e-3)

@@ -81,7 +81,8 @@ class MethodSpec:
         if self.draft is not None:
             from ..drafters.registry import parse_draft
 
-            return parse_draft(self.draft).model is not None
+            model = parse_draft(self.draft).model
+            return model is not None and not str(model).startswith("head:")
         return self.kind not in ("ar", "llamacpp")
 
     def draft_arg(self, model: LoadedModel | None) -> Any:
@@ -92,6 +93,8 @@ class MethodSpec:
         from ..drafters.registry import parse_draft
 
         spec = parse_draft(self.draft)
+        if isinstance(spec.model, str) and spec.model.startswith("head:"):
+            return [spec.model, *spec.sources]  # a feature head, loaded by the generator
         return ([model] if spec.model is not None else []) + list(spec.sources)
 
 
@@ -149,8 +152,10 @@ def parse_method(text: str) -> MethodSpec:
         policy = make_policy(name, args)  # validates the name and every argument now, not mid-run
         if draft is not None:
             spec = parse_draft(draft)
-            if spec.empty or spec.model not in (None, "default"):
-                raise MethodError(f"draft={draft!r}: use ngram, model or model+ngram (model = --draft)")
+            is_head = isinstance(spec.model, str) and spec.model.startswith("head:")
+            if spec.empty or (spec.model not in (None, "default") and not is_head):
+                raise MethodError(f"draft={draft!r}: use ngram, model, model+ngram (model = --draft), "
+                                  "head or head+ngram (the shipped feature head)")
             check_policy(policy, spec)
     except InvalidArgumentError as exc:
         if name not in POLICIES:

@@ -39,7 +39,8 @@ class _EagerCore:
         self.cache = DynamicCache(config=self.head.config)
 
     @torch.inference_mode()
-    def step(self, tokens: list[int], feats: torch.Tensor, pos0: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def step(self, tokens: list[int], feats: torch.Tensor, pos0: int,
+             ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Rows for positions pos0.. (tokens [T], previous features [T, d]) ->
         (subset logits [Vs] and estimated feature [d] of the last row, concentration)."""
         e = self.emb[torch.tensor(tokens)].to(self.w_sub.dtype)[None]
@@ -72,7 +73,8 @@ class _CompiledCore:
     def reset(self) -> None:
         pass  # rows past the current length are overwritten
 
-    def step(self, tokens: list[int], feats: torch.Tensor, pos0: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def step(self, tokens: list[int], feats: torch.Tensor, pos0: int,
+             ) -> tuple[torch.Tensor, torch.Tensor, float]:
         from ..runtime.compiled import _causal
         from ..runtime.kernels import embed, forward_rows, linear
 
@@ -149,6 +151,7 @@ class HeadDrafter:
                      else _EagerCore(self.head, emb, w_sub))
         self.feats = torch.zeros((0, head.hidden_size))
         self.known = 0  # features f_0 .. f_{known-1} are stored
+        self._first: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self.cached = 0  # head rows for positions 1 .. cached are in the cache (true features)
 
     def reset(self) -> None:
@@ -179,7 +182,8 @@ class HeadDrafter:
         return full.index_copy_(0, self.token_ids, sub)
 
     def propose(self, context: list[int], budget: int, decide: DecideFn, sampling: SamplingConfig,
-                generator: torch.Generator | None, needs: DraftNeeds, branch: BranchFn | None = None) -> Draft:
+                generator: torch.Generator | None, needs: DraftNeeds, branch: BranchFn | None = None,
+                ) -> Draft:
         n = len(context)
         if n < 2 or self.known < n - 1:  # the features of the committed text are not all known
             return Draft([], None, [], 0)
@@ -192,10 +196,14 @@ class HeadDrafter:
         pos0 = self.cached + 1
         forwards = 0
         for i in range(1, budget + 1):
-            sub, fhat, conc = self.core.step(pend_tok, pend_feat, pos0)
-            forwards += 1
+            if pend_tok:
+                sub, fhat, conc = self.core.step(pend_tok, pend_feat, pos0)
+                forwards += 1
+            else:  # the same context as the last round's first step (nothing committed since)
+                sub, fhat, conc = self._first
             if i == 1:
                 self.cached = n - 1
+                self._first = (sub, fhat, conc)
             logits = self._full(sub)
             probs = processed_probs(logits, sampling)
             token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)

@@ -42,6 +42,12 @@ class MixedDrafter:
         self.max_context = model.max_context
         self.rounds: Counter[str] = Counter()
         self.last_source = "none"
+        # a feature head as the model source reads the target's features every round
+        self.needs_target_hidden = getattr(model, "needs_target_hidden", False)
+
+    def observe_target(self, pos0: int, hidden: torch.Tensor) -> None:
+        """Pass the target's features on to a model source that reads them (a feature head)."""
+        self.model.observe_target(pos0, hidden)
 
     def reset(self) -> None:
         self.model.reset()

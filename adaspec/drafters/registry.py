@@ -23,7 +23,7 @@ from .ngram import NgramDrafter
 MODEL_FREE: dict[str, Callable[[int], Any]] = {
     "ngram": lambda vocab_size: NgramDrafter(vocab_size),
 }
-MODEL_ALIASES = {"model": "default"}
+MODEL_ALIASES = {"model": "default", "head": "head:default"}
 
 
 @dataclass(frozen=True)

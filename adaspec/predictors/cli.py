@@ -62,6 +62,9 @@ def run_collect(args: argparse.Namespace) -> int:
     prompts, source = _prompts(gen, args)
     kw = dict(k=args.k, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
               attention=args.attention, source=source, progress=not args.quiet)
+    if args.replay and gen.head is not None:
+        raise InvalidArgumentError("collect --replay teacher-forces a draft model; a feature head drafts "
+                                   "from the target's features: collect without --replay")
     if args.replay and args.runtime == "compiled":
         raise InvalidArgumentError("collect --replay runs teacher-forced batched passes of the HF "
                                    "modules; use --runtime auto or eager with it")

@@ -216,3 +216,24 @@ def test_bench_rejects_bad_arguments(capsys):
     assert main(["--batches", "1,x"]) == 2
     assert main(["--adaspec", "hf"]) == 2
     assert "unknown hf" in capsys.readouterr().err
+
+
+def test_bench_table_marks_the_best_ngram_k_and_identity():
+    from adaspec.integrations.vllm_bench import build_table
+
+    ref = [[1, 2, 3], [4, 5]]
+    def res(tps1: float, tps8: float | None, ids=ref) -> dict:
+        out = {"1": {"tokens": 5, "seconds": 5 / tps1, "ids": ids}}
+        if tps8 is not None:
+            out["8"] = {"tokens": 5, "seconds": 5 / tps8, "ids": ids}
+        return out
+    results = {"vllm-plain": res(20, 100), "vllm-ngram:k=2": res(25, 90), "vllm-ngram:k=4": res(30, 80),
+               "vllm+adaspec:k=12": res(36, 104, [[1, 2, 3], [4, 6]]), "adaspec-engine:ngram": res(28, None)}
+    rows, table = build_table(results, [1, 8], [2, 4])
+    by = {(r["method"], r["batch"]): r for r in rows}
+    assert by[("vllm-ngram:k=4", 1)]["best_vllm_ngram"] and by[("vllm-ngram:k=2", 8)]["best_vllm_ngram"]
+    assert by[("vllm+adaspec:k=12", 1)]["vs_best_vllm_ngram"] == pytest.approx(36 / 30)
+    assert by[("vllm+adaspec:k=12", 8)]["speedup_vs_plain"] == pytest.approx(1.04)
+    assert by[("vllm+adaspec:k=12", 1)]["identical"] == 0.5
+    assert ("adaspec-engine:ngram", 8) not in by
+    assert table.count("\n") == 2 + len(rows)

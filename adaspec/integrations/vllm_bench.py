@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -99,21 +100,24 @@ def run_adaspec(cfg: dict, draft: str, policy: str, policy_args: dict) -> dict:
 
 
 def _in_subprocess(cfg: dict) -> dict:
-    """Run one configuration in a fresh interpreter (vLLM engines do not share a process well)."""
-    proc = subprocess.run([sys.executable, "-m", __name__, _WORKER_FLAG],
-                          input=json.dumps(cfg), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cfg['name']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run one configuration in a fresh interpreter (vLLM engines do not share a process
+    well); the result comes back through a file (vLLM logs to stdout)."""
+    with tempfile.TemporaryDirectory(prefix="adaspec-vllm-") as tmp:
+        result = Path(tmp) / "result.json"
+        proc = subprocess.run([sys.executable, "-m", __name__, _WORKER_FLAG, str(result)],
+                              input=json.dumps(cfg), capture_output=True, text=True)
+        if proc.returncode != 0 or not result.is_file():
+            raise RuntimeError(f"{cfg['name']} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(result.read_text())
 
 
-def _worker() -> None:
+def _worker(result: str) -> None:
     cfg = json.loads(sys.stdin.read())
     if cfg["kind"] == "vllm":
         res = run_vllm(cfg)
     else:
         res = run_adaspec(cfg, cfg["draft"], cfg["policy"], cfg["policy_args"])
-    print(json.dumps(res))
+    Path(result).write_text(json.dumps(res))
 
 
 def _identical(ids: list[list[int]], ref: list[list[int]]) -> float:
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == [_WORKER_FLAG]:
-        _worker()
+    if len(sys.argv) == 3 and sys.argv[1] == _WORKER_FLAG:
+        _worker(sys.argv[2])
     else:
         sys.exit(main())

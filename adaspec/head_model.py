@@ -129,7 +129,8 @@ def is_head_dir(path: Path) -> bool:
         return False
 
 
-def load_head(path: Path, *, target_hidden: int | None = None, target_vocab_sha: str | None = None) -> FeatureHead:
+def load_head(path: Path, *, target_hidden: int | None = None, target_vocab_sha: str | None = None,
+              ) -> FeatureHead:
     """Load a head written by :func:`save_head`, refusing one trained for another target.
 
     Raises:
@@ -143,8 +144,8 @@ def load_head(path: Path, *, target_hidden: int | None = None, target_vocab_sha:
     raw = json.loads((path / "config.json").read_text())
     meta = raw.pop(HEAD_KEY)
     if target_hidden is not None and int(raw["hidden_size"]) != target_hidden:
-        raise ModelLoadError(f"feature head {path} reads hidden size {raw['hidden_size']} but the target's is "
-                             f"{target_hidden}: it was trained for another target")
+        raise ModelLoadError(f"feature head {path} reads hidden size {raw['hidden_size']} but the "
+                             f"target's is {target_hidden}: it was trained for another target")
     want = meta.get("target_vocab_sha256")
     if target_vocab_sha is not None and want and want != target_vocab_sha:
         raise ModelLoadError(f"feature head {path} was trained for {meta.get('target', 'another target')} "

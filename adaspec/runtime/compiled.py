@@ -218,7 +218,8 @@ class LeanWeights:
         from .kernels import forward
 
         n_logits = n_out if n_logits is None else n_logits
-        logits, hidden, conc = forward(ids, pos, start, mask, n_out, n_logits, self.emb, self.emb_packed, self.ln1,
+        logits, hidden, conc = forward(ids, pos, start, mask, n_out, n_logits, self.emb, self.emb_packed,
+                                       self.ln1,
                                        self.wqkv, self.wo, self.ln2, self.wgu, self.wd, self.normw, self.lm,
                                        self.cos, self.sin, kt, vc, self.heads, self.kvh, self.inter, self.eps)
         return logits[:, : self.n_logits], hidden, conc

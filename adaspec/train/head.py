@@ -18,7 +18,6 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +108,7 @@ def train(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     target = load_model(args.target, dtype="float32")
     if target.tokenizer is None:
-        raise InvalidArgumentError(f"target {args.target!r} has no tokenizer (needed to build training texts)")
+        raise InvalidArgumentError(f"target {args.target!r} has no tokenizer (needed for the training texts)")
     work = Path(args.work_dir or Path(args.out) / "work").expanduser()
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else work / "features"
     if args.extract_minutes > 0:
@@ -118,7 +117,8 @@ def train(args: argparse.Namespace) -> None:
     dev_dir = work / "dev-features"
     if not (dev_dir / "progress.txt").is_file():
         dev = hd.mix_texts(hd.training_texts(target.tokenizer, split="dev", max_tokens=args.seq_len), seed=1)
-        hd.extract(target.model, [ids for _, ids in dev[: args.eval_texts]], dev_dir, minutes=60, progress=False)
+        hd.extract(target.model, [ids for _, ids in dev[: args.eval_texts]], dev_dir, minutes=60,
+                   progress=False)
     toks, feats = hd.load_shards(data_dir)
     dtoks, dfeats = hd.load_shards(dev_dir)
     toks, feats = toks[:, : args.seq_len], feats[:, : args.seq_len]
@@ -133,7 +133,8 @@ def train(args: argparse.Namespace) -> None:
     if state is not None:
         token_ids = state["token_ids"]
     else:
-        token_ids = subset_ids(toks, args.vocab, [i for i in (eos, target.tokenizer.bos_token_id) if i is not None])
+        always = [i for i in (eos, target.tokenizer.bos_token_id) if i is not None]
+        token_ids = subset_ids(toks, args.vocab, always)
     meta = {"target": target.name, "target_vocab_sha256": vocab_fingerprint(target.tokenizer),
             "target_hidden_size": int(target.model.config.hidden_size)}
     head = FeatureHead(body_config(target.model.config, args.intermediate), token_ids, meta)
@@ -158,7 +159,8 @@ def train(args: argparse.Namespace) -> None:
         idx = torch.randint(len(toks), (args.batch_size,), generator=gen)
         bt = toks[idx]
         width = int((bt >= 0).sum(1).max())
-        loss, (a1, a2) = _rows(head, emb_w, bt[:, :width], feats[idx, :width].float(), loss_fn, args.second_pass)
+        loss, (a1, a2) = _rows(head, emb_w, bt[:, :width], feats[idx, :width].float(), loss_fn,
+                               args.second_pass)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -175,7 +177,8 @@ def train(args: argparse.Namespace) -> None:
         if step % args.save_every == 0 or step == args.steps:
             work.mkdir(parents=True, exist_ok=True)
             head.meta.update(steps=step, tokens_seen=seen, history=history)
-            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "token_ids": token_ids,
+            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "token_ids": token_ids,
                         "history": history, "tokens_seen": seen}, str(ckpt) + ".tmp")
             Path(str(ckpt) + ".tmp").rename(ckpt)
             save_head(head, Path(args.out))
@@ -196,7 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--kl-weight", type=float, default=0.5)
-    p.add_argument("--second-pass", type=float, default=0.5, help="weight of the self-fed second pass (0: off)")
+    p.add_argument("--second-pass", type=float, default=0.5,
+                   help="weight of the self-fed second pass (0: off)")
     p.add_argument("--vocab", type=int, default=8192, help="size of the head's output vocabulary subset")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: the target's)")
     p.add_argument("--eval-texts", type=int, default=64)

@@ -66,7 +66,8 @@ def training_texts(tokenizer: Any, sources: tuple[str, ...] = DEFAULT_SOURCES, s
                     ids.append(eos)
                 rows.append((_stable(p.id), ids[:max_tokens]))
         else:
-            raise InvalidArgumentError(f"unknown head data source {src!r}; choose from {', '.join(DEFAULT_SOURCES)}")
+            raise InvalidArgumentError(f"unknown head data source {src!r}; "
+                                       f"choose from {', '.join(DEFAULT_SOURCES)}")
         rows.sort()
         per[src] = rows
     out: list[tuple[str, list[int]]] = []
@@ -138,7 +139,8 @@ def extract(model: Any, texts: list[list[int]], out_dir: Path, *, minutes: float
         if not pending:
             return
         width = max(p[0].shape[1] for p in pending)
-        toks = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=-1) for p in pending])
+        toks = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=-1)
+                          for p in pending])
         feats = torch.cat([torch.nn.functional.pad(p[1], (0, 0, 0, width - p[1].shape[1])) for p in pending])
         tmp = out_dir / f"shard-{shard_no:05d}.pt.tmp"
         torch.save({"tokens": toks, "feats": feats}, tmp)

@@ -20,8 +20,9 @@ from adaspec.drafters.registry import DraftSpec, parse_draft
 from adaspec.engine import Engine, StopRules
 from adaspec.errors import InvalidArgumentError, PolicyArgumentError
 from adaspec.models import LoadedModel
+from adaspec.policies.context import ContextPolicy
 from adaspec.policies.fixed import FixedPolicy
-from adaspec.predictors.source_choice import SourceChoice
+from adaspec.predictors.source_choice import Plan, SourceChoice, prior_survival
 from adaspec.sampling import SamplingConfig, processed_probs
 from adaspec.types import GenerationStats
 
@@ -171,6 +172,20 @@ def chi_square_p(counts: Counter, probs: dict) -> float:
     return float(chi2.sf(stat, len(probs) - 1))
 
 
+def pooled(counts: Counter, probs: dict, min_expected: float) -> tuple[Counter, dict]:
+    """Cells expected fewer than ``min_expected`` times merged into one ("rare",) cell."""
+    n = sum(counts.values())
+    rare = {key for key, p in probs.items() if p * n < min_expected}
+    cell = lambda key: ("rare",) if key in rare else key  # noqa: E731
+    out_counts: Counter = Counter()
+    out_probs: dict = {}
+    for key, c in counts.items():
+        out_counts[cell(key)] += c
+    for key, p in probs.items():
+        out_probs[cell(key)] = out_probs.get(cell(key), 0.0) + p
+    return out_counts, out_probs
+
+
 def sample_counts(model, drafter_factory, prompt, cfg_t: float, n: int, length: int, k: int = 4):
     counts: Counter = Counter()
     totals = Counter()
@@ -255,18 +270,56 @@ def test_bench_methods_draft_argument():
 # ---------------------------------------------------------------------------- source choice
 
 
-def test_source_choice_follows_measured_rates():
+def measured_choice(verify_a: float = 0.02, verify_b: float = 0.002) -> SourceChoice:
+    """A SourceChoice that has seen plain steps and verifies of 2..17 tokens (v(n) = a + b n)
+    and one model round committing 2 tokens in 0.036 s (55 tok/s; a plain step: 45 tok/s)."""
     sc = SourceChoice()
-    assert sc.choose(1) == "model" and sc.choose(5) == "ngram"  # explore a long match first
-    sc.update("ngram", 5, seconds=0.10, committed=6, drafted=8)  # 60 tok/s at match 5-8
-    assert sc.choose(5) == "model"  # the model is tried once before comparing
-    sc.update("model", 0, seconds=0.10, committed=2, drafted=3)  # 20 tok/s
-    assert sc.choose(6) == "ngram"
-    assert sc.choose(3) == "ngram"  # bucket 3-4 never tried, match >= 3: explore it
-    sc.update("ngram", 3, seconds=0.10, committed=1, drafted=8)  # 10 tok/s at match 3-4
-    assert sc.choose(3) == "model" and sc.choose(2) == "model"
-    sc.update("none", 0, seconds=0.02, committed=1, drafted=0)  # plain step: 50 tok/s
-    assert sc.choose(3) == "none" and sc.choose(7) == "ngram"
+    for n in (1, 2, 5, 9, 17, 1, 3):
+        sc.update("none", 0, 0.0, 0.0, verify_a + verify_b * n, n, n - 1, 0, 1)
+    sc.update("model", 0, 0.0, 0.01, verify_a + verify_b * 3, 3, 2, 1, 2)
+    return sc
+
+
+def test_prior_survival_grows_with_match_length_and_recurrence():
+    short, long = prior_survival(2, 1.0, 8), prior_survival(20, 1.0, 8)
+    assert all(a > b for a, b in zip(short, short[1:]))  # S_j falls with j
+    assert all(lo < hi for lo, hi in zip(short, long))
+    assert prior_survival(5, 0.5, 3) == [0.5 * x for x in prior_survival(5, 1.0, 3)]
+    assert prior_survival(0, 1.0, 2) == [0.0, 0.0] and prior_survival(1, 1.0, 2) == [0.0, 0.0]
+
+
+def test_source_choice_sets_the_ngram_length_from_the_match():
+    sc = measured_choice()
+    assert sc.verify_s(9) == pytest.approx(0.02 + 0.002 * 9, rel=1e-6)
+    plans = {length: sc.plan(length, 1.0, 16) for length in (1, 2, 4, 12, 40)}
+    assert plans[1].source == "model"  # below min_len: never copied
+    lengths = [plans[n].length for n in (4, 12, 40) if plans[n].source == "ngram"]
+    assert len(lengths) == 3 and lengths == sorted(lengths) and lengths[0] < lengths[-1], plans
+    assert sc.plan(40, 1.0, 5).length <= 5 and sc.plan(40, 1.0, 16, copyable=3).length <= 3
+    # an ambiguous continuation (followed something else most times) is copied less, or not at all
+    amb = sc.plan(12, 0.3, 16)
+    assert amb.source != "ngram" or amb.length < plans[12].length
+
+
+def test_source_choice_learns_from_rejected_copies():
+    sc = measured_choice()
+    assert sc.plan(6, 1.0, 16).source == "ngram"
+    for _ in range(30):  # copies of 5-8-token matches are always rejected at once
+        sc.update("ngram", 6, 1.0, 0.0, 0.03, 8, 7, 0, 1)
+    assert sc.plan(6, 1.0, 16).source != "ngram"
+    assert sc.plan(40, 1.0, 16).source == "ngram"  # another class keeps its prior
+
+
+def test_source_choice_model_none_and_exploration():
+    sc = SourceChoice()
+    assert sc.plan(1, 1.0, 8) == Plan("model") and sc.plan(5, 1.0, 8) == Plan("ngram", 8)  # explore
+    sc = measured_choice()
+    for _ in range(20):  # the model commits 1 token per 0.06 s: slower than a plain step
+        sc.update("model", 0, 0.0, 0.052, 0.028, 4, 3, 0, 1)
+    assert sc.plan(1, 1.0, 8) == Plan("none")  # right after a model round
+    sc.update("none", 0, 0.0, 0.0, 0.022, 1, 0, 0, 1)
+    assert sc.plan(1, 1.0, 8) == Plan("model")  # re-measured after explore_every rounds
+    assert SourceChoice(explore_every=10**9).reset() is None
 
 
 def test_context_policy_chooses_sources_and_stays_greedy_identical():
@@ -301,6 +354,40 @@ def test_sampling_distribution_with_mixed_sources():
     assert min(used.values()) > 100, used
     assert 0 < totals["accepted"] < totals["drafted"], totals
     assert chi_square_p(counts, exact) > 1e-3
+
+
+def test_context_policy_cuts_the_copy_at_the_planned_length():
+    policy = ContextPolicy(mode="random", k_max=16)
+    policy._sources = measured_choice()
+    drafter = NgramDrafter(64)
+    for length, expect_cut in ((4, True), (40, False)):
+        match = Match(length, 1, 1.0, tuple(range(16)))
+        assert policy.choose_source(match, 16) == "ngram"
+        planned = policy._sources.plan(length, 1.0, 16, 16).length
+        draft = drafter.draft_from(match, [0] * 50, 16, policy.decide, SamplingConfig())
+        assert len(draft.tokens) == planned and (planned < 16) == expect_cut, (length, planned)
+
+
+def test_sampling_distribution_with_context_chosen_sources_and_lengths():
+    """The context policy picks the source and the copy's length from measured times (they
+    vary run to run); 1,000 seeded samples of a 3-token continuation (27 cells) against the
+    exact one."""
+    target, draft = layered_pair(vocab=3, seed=3, init=0.1)
+    prompt = [2, 2, 1, 2, 2, 1]
+    exact = exact_distribution(target.model, prompt, SamplingConfig(0.7), 3, 3)
+    counts: Counter = Counter()
+    used: Counter = Counter()
+    for seed in range(1000):
+        policy = ContextPolicy(mode="random", k_max=3, seed=seed)
+        mixed = MixedDrafter(ModelDrafter(draft, 3), NgramDrafter(3), chooser=policy.choose_source)
+        eng = Engine(target.model, 3, 256, mixed, policy)
+        out: list[int] = []
+        for chunk in eng.run(prompt, SamplingConfig(0.7, seed=seed), StopRules(3), GenerationStats()):
+            out.extend(chunk)
+        counts[tuple(out)] += 1
+        used.update(mixed.rounds)
+    assert used["ngram"] > 300 and used["model"] > 50, used
+    assert chi_square_p(*pooled(counts, exact, min_expected=5)) > 1e-3
 
 
 def test_copy_dataset_splits():

@@ -21,10 +21,11 @@ when the chain reaches i, x_i is rejected and j is accepted instead, weighed aga
 verify cost:  P_{i-1} * (1 - p_i) * q_j / (1 - q_top) * T > max(b, node_floor * T).
 Up to ``max_branch`` candidates pass; the fewer, the more confident the model.
 Draft sources (``--draft model+ngram``): before each round :meth:`ContextPolicy.choose_source`
-picks the n-gram copy, the model or nothing from the measured yield and cost of each
-(:class:`~adaspec.predictors.source_choice.SourceChoice`); n-gram tokens (q one-hot, no
-hidden state) are kept as proposed, and only model rounds feed the predictor's features
-and the tau cost model.
+picks the n-gram copy, the model or nothing, and the copy's length, by predicted tokens per
+second (:class:`~adaspec.predictors.source_choice.SourceChoice`: the copy's acceptance
+predicted from its match length and recurrence, corrected online; the model's yield and
+every verify cost measured). An n-gram draft (q one-hot, no hidden state) is cut at that
+length; only model rounds feed the predictor's features and the tau cost model.
 Ablations: ``adapt=false`` keeps tau fixed at ``tau``; ``mode=random`` drafts a uniformly
 random length in 1..k_max (no predictor); ``branch_rule=always`` spends the extra candidates
 without difficulty prediction: ``max_branch`` of them at every kept position.
@@ -90,7 +91,8 @@ class ContextPolicy(Policy):
     _last: tuple = field(default=(1.0, 1.0), init=False, repr=False)  # (P_{i-1}, p_i)
     _branch_on: bool = field(default=False, init=False, repr=False)
     _sources: SourceChoice = field(default_factory=SourceChoice, init=False, repr=False)
-    _round: tuple = field(default=("model", 0), init=False, repr=False)  # (source, match length)
+    _round: tuple = field(default=("model", 0, 0.0, 0), init=False, repr=False)
+    # (source, match length, agreement, n-gram draft length) of the round being drafted
 
     def __post_init__(self) -> None:
         if not 0 < self.tau_min <= self.tau <= self.tau_max < 1 or self.k_max < 1:
@@ -117,14 +119,15 @@ class ContextPolicy(Policy):
         self._rng = random.Random(self.seed)
         self._probs = []
         self._sources.reset()
-        self._round = ("model", 0)
+        self._round = ("model", 0, 0.0, 0)
 
     def choose_source(self, match, budget: int) -> str:
         """Draft source of this round with ``--draft model+ngram`` (``match``: the n-gram
-        :class:`~adaspec.drafters.ngram.Match`): the best measured tokens per second."""
-        source = self._sources.choose(match.length)
-        self._round = (source, match.length)
-        return source
+        :class:`~adaspec.drafters.ngram.Match`): the best predicted tokens per second; an
+        n-gram draft's length is kept for :meth:`decide`."""
+        plan = self._sources.plan(match.length, match.agreement, budget, len(match.tokens))
+        self._round = (plan.source, match.length, match.agreement, plan.length)
+        return plan.source
 
     @property
     def current_tau(self) -> float:
@@ -148,8 +151,10 @@ class ContextPolicy(Policy):
         return float(pred.prob(pred.head(step.hidden.float(), s)))
 
     def decide(self, step: DraftStep) -> Action:
-        if self.mode == "random" or getattr(step, "source", "model") == "ngram":
-            return Action.CONTINUE  # an n-gram copy is kept whole: its verify cost is flat
+        if getattr(step, "source", "model") == "ngram":  # the copy's length was chosen with it
+            return Action.STOP if step.index >= self._round[3] else Action.CONTINUE
+        if self.mode == "random":
+            return Action.CONTINUE
         p = self.predict(step)
         self._last = (self._prod, p)
         self._prod *= p
@@ -184,10 +189,10 @@ class ContextPolicy(Policy):
 
     def observe(self, outcome: RoundOutcome) -> None:
         k, m = len(outcome.draft.tokens), outcome.verdict.accepted
-        source, match_len = self._round
-        self._round = ("model", 0)
-        self._sources.update(source, match_len, outcome.draft_s + outcome.verify_s, m + 1,
-                             outcome.draft.tree_size)
+        source, match_len, agreement, _ = self._round
+        self._round = ("model", 0, 0.0, 0)
+        self._sources.update(source, match_len, agreement, outcome.draft_s, outcome.verify_s,
+                             outcome.draft.tree_size + 1, k, m, m + 1)
         if source == "ngram":
             return  # the predictor's features and the tau cost model describe model drafts
         self._recent.update(k, m)
@@ -198,4 +203,4 @@ class ContextPolicy(Policy):
         c = self._costs
         return {"tau_trace": list(c.trace), "tau": self.current_tau, "tau_keep": c.tau_keep,
                 "draft_step_s": c.c_d, "verify_slope_s": c.slope, "s_per_token": c.T,
-                **(self._sources.report() if self._sources._ng_s.n else {})}
+                **(self._sources.report() if self._sources.ngram_rounds else {})}

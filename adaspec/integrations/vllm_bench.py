@@ -104,7 +104,9 @@ def _in_subprocess(cfg: dict) -> dict:
     well); the result comes back through a file (vLLM logs to stdout)."""
     with tempfile.TemporaryDirectory(prefix="adaspec-vllm-") as tmp:
         result = Path(tmp) / "result.json"
-        proc = subprocess.run([sys.executable, "-m", __name__, _WORKER_FLAG, str(result)],
+        # the module's import name (``__name__`` is "__main__" under ``python -m``)
+        proc = subprocess.run([sys.executable, "-m", "adaspec.integrations.vllm_bench", _WORKER_FLAG,
+                               str(result)],
                               input=json.dumps(cfg), capture_output=True, text=True)
         if proc.returncode != 0 or not result.is_file():
             raise RuntimeError(f"{cfg['name']} failed:\n{proc.stderr[-4000:]}")

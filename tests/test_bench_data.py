@@ -9,9 +9,9 @@ import json
 import pytest
 
 from adaspec.bench.cli import add_bench_parser
-from adaspec.bench.datasets import DatasetError, data_root, humaneval_bucket, load_dataset, load_jsonl
 from adaspec.bench.methods import MethodError, parse_method, parse_methods
 from adaspec.bench.report import read_results, report_only, summarize
+from adaspec.data import DatasetError, data_root, humaneval_bucket, load_dataset, load_jsonl
 from adaspec.errors import InvalidArgumentError
 
 # The instruction sets are read in place from ../shared/data (or $ADASPEC_DATA) and are not

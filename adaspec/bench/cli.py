@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_args import add_runtime_arg
+from ..data import DATASETS, SPLITS
 from ..errors import InvalidArgumentError
-from .datasets import DATASETS, SPLITS
 from .report import category_table, markdown_table, report_only
 from .runner import BenchConfig, run_benchmark
 

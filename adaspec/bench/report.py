@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .datasets import DatasetError, read_jsonl_objects
+from ..data import DatasetError, read_jsonl_objects
 
 _REQUIRED = ("prompt_id", "category", "method", "repeat", "new_tokens", "wall_s")
 

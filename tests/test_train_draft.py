@@ -159,3 +159,15 @@ def test_greedy_batch_matches_one_prompt_at_a_time(arch: str) -> None:
         want = run[:run.index(eos) + 1] if eos in run else run
         assert got == want
     assert any(len(o) < 12 for o in out) and any(len(o) == 12 for o in out)
+
+
+def test_prompts_follow_the_benchmark_split(tiny: tuple[Path, Path]) -> None:
+    """train-draft trains on the benchmark's train buckets only and evaluates on its dev buckets."""
+    from adaspec.data import load_dataset
+    from adaspec.train.draft_data import load_prompts
+
+    data = tiny[1]
+    bench = {s: {p.id for p in load_dataset("gsm8k", s, root=data)} for s in ("train", "dev", "test")}
+    assert all(bench.values()), "60 rows put some in every split"
+    for split in ("train", "dev"):
+        assert {p.id for p in load_prompts(["gsm8k"], data, split)} == bench[split]

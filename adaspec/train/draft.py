@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..data import Prompt
 from ..draft_model import save_subset_draft
 from ..errors import InvalidArgumentError, ModelLoadError
 from .draft_data import (
@@ -43,6 +44,7 @@ from .draft_data import (
     load_prompts,
     load_shards,
     parse_sources,
+    prompt_text,
     reference_examples,
     resolve_data_dir,
 )
@@ -188,16 +190,16 @@ def _lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def _heldout(target: Any, tok: Any, prompts: list, cache: Path, n: int, args: Any, log: Logger,
+def _heldout(target: Any, tok: Any, prompts: list[Prompt], cache: Path, n: int, args: Any, log: Logger,
              ) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """Target continuations of ``n`` held-out code and ``n`` held-out chat prompts."""
-    code = [p for p in prompts if p.heldout and p.source in CODE_SOURCES][:n]
-    chat = [p for p in prompts if p.heldout and p.source not in CODE_SOURCES and p.style == "chat"][:n]
+    """Target continuations of ``n`` held-out (``dev`` split) code and ``n`` chat prompts."""
+    code = [p for p in prompts if p.source in CODE_SOURCES][:n]
+    chat = [p for p in prompts if p.source not in CODE_SOURCES and not p.raw][:n]
     generate_shards(target, tok, code + chat, cache, batch_size=args.gen_batch,
                     max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, log=log)
     exs = {e.key: e for e in load_shards(cache)}
-    return {"code": [(exs[p.key].prompt, exs[p.key].response) for p in code if p.key in exs],
-            "chat": [(exs[p.key].prompt, exs[p.key].response) for p in chat if p.key in exs]}
+    return {"code": [(exs[p.id].prompt, exs[p.id].response) for p in code if p.id in exs],
+            "chat": [(exs[p.id].prompt, exs[p.id].response) for p in chat if p.id in exs]}
 
 
 def run_train_draft(args: argparse.Namespace) -> int:
@@ -234,8 +236,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     data_dir = resolve_data_dir(args.data_dir)
-    prompts = load_prompts(sources, data_dir, tok)
-    train_prompts = [p for p in prompts if not p.heldout]
+    train_prompts = load_prompts(sources, data_dir, "train")
     if args.max_prompts:
         train_prompts = train_prompts[: args.max_prompts]
     cache = Path(args.data_cache).expanduser() if args.data_cache else work / "data"
@@ -246,18 +247,19 @@ def run_train_draft(args: argparse.Namespace) -> int:
                         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         deadline=time.time() + 60 * args.gen_minutes,
                         log=log)
-    allowed = {p.key for p in train_prompts}
+    allowed = {p.id for p in train_prompts}
     examples = [e for e in load_shards(cache) if e.key in allowed]
     if not examples:
         raise InvalidArgumentError(f"no training data: no generated continuations in {cache} "
                                    "(raise --gen-minutes or check --data)")
-    heldout = _heldout(target.model, tok, prompts, work / "heldout", args.eval_prompts, args, log)
+    dev_prompts = load_prompts(sources, data_dir, "dev") if args.eval_prompts > 0 else []
+    heldout = _heldout(target.model, tok, dev_prompts, work / "heldout", args.eval_prompts, args, log)
 
     # ---- output subset: responses weigh 1, prompt text 0.2 -------------------------------
     vocab = target.model.get_input_embeddings().weight.shape[0]
     code_ids = [i for s in CODE_STRINGS for i in tok.encode(s, add_special_tokens=False)]
     special = [t for t in (tok.eos_token_id, tok.bos_token_id) if t is not None]
-    prompt_ids = [tok.encode(p.text, add_special_tokens=False) for p in train_prompts[:20000]]
+    prompt_ids = [tok.encode(prompt_text(p, tok), add_special_tokens=False) for p in train_prompts[:20000]]
     ckpt_path = work / "ckpt.pt"
     state = None
     if args.resume and ckpt_path.is_file():
@@ -290,7 +292,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
     remap = torch.full((vocab,), -100, dtype=torch.long)
     remap[subset] = torch.arange(len(subset))
     seqs = _sequences(examples, args.seq_len)
-    refs = _sequences(reference_examples(sources, data_dir, tok, {p.key for p in prompts if p.heldout}),
+    refs = _sequences(reference_examples(sources, data_dir, tok, "train"),
                       args.seq_len, args.ref_weight) if args.ref_fraction > 0 else []
     n_ref = round(args.batch_size * args.ref_fraction) if refs else 0
     log(f"reference text: {len(refs)} sequences, {sum(len(s) for s, _, _ in refs)} tokens, "

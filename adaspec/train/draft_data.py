@@ -12,8 +12,13 @@ Prompt sources (read in place, never copied into the repository):
 | ``stdlib_code``     | Python standard library (``inspect``)   | PSF-2.0          | raw   |
 | ``stdlib_chat``     | Python standard library (``inspect``)   | PSF-2.0          | chat  |
 
-``<data>`` is ``$ADASPEC_DATA``, else ``--data-dir``, else ``../shared/data`` next to the
+``<data>`` is ``--data-dir``, else ``$ADASPEC_DATA``, else ``../shared/data`` next to the
 repository root. ``code_alpaca`` is non-commercial and is not in :data:`DEFAULT_SOURCES`.
+
+Splits: the one rule of :mod:`adaspec.data` (sha256 buckets 0-5 ``train``, 6-7 ``dev``,
+8-9 ``test``; instruction rows bucketed exactly as the benchmark buckets them, stdlib
+functions on ``stdlib:<qualname>``). Training reads ``train`` only, the held-out evaluation
+``dev``; ``test`` rows are never read, so no benchmark test prompt (or its answer) is trained on.
 
 Chat prompts go through the target's chat template (``add_generation_prompt=True``); raw
 prompts are a Python signature plus docstring, fed as-is (the way HumanEval is fed).
@@ -27,20 +32,19 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import json
-import os
 import pkgutil
 import re
 import sys
 import time
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data import Prompt, bucket_of, data_root, in_split, load_dataset
 from ..errors import InvalidArgumentError
 
 ALL_SOURCES = ("gsm8k", "codegen", "roleplay", "self_instruct", "code_alpaca", "stdlib_code", "stdlib_chat")
@@ -49,7 +53,6 @@ DEFAULT_SOURCES = ("stdlib_code", "stdlib_chat", "codegen", "gsm8k", "roleplay",
 SOURCE_WEIGHTS = {"stdlib_code": 4, "stdlib_chat": 1, "codegen": 3, "gsm8k": 2, "roleplay": 2,
                   "self_instruct": 1, "code_alpaca": 2}
 CODE_SOURCES = ("stdlib_code",)
-HELDOUT_PERCENT = 3
 
 _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data",
                  "lib2to3", "ensurepip", "venv", "test", "__main__", "xxsubtype", "msilib", "winreg",
@@ -57,35 +60,14 @@ _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtled
                  "readline", "curses", "ctypes", "idle", "sre_compile", "sre_parse", "sre_constants"}
 
 
-@dataclass
-class Prompt:
-    """One training prompt.
-
-    Attributes:
-        text: the full string fed to the tokenizer (chat template already applied for chat).
-        source: the source name (one of :data:`ALL_SOURCES`).
-        style: ``"chat"`` or ``"raw"``.
-        key: stable id, used for the held-out split.
-    """
-
-    text: str
-    source: str
-    style: str
-    key: str
-
-    @property
-    def heldout(self) -> bool:
-        """Deterministic ~3 % held-out split by hash of ``key``."""
-        return int(hashlib.sha1(self.key.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+_BENCH_SET = {"gsm8k": "gsm8k", "codegen": "gpteacher_codegen", "roleplay": "gpteacher_roleplay",
+              "self_instruct": "self_instruct_seed", "code_alpaca": "code_alpaca"}
+_CALC = re.compile(r"<<[^>]*>>")
 
 
 def resolve_data_dir(arg: str | None) -> Path:
-    """``--data-dir`` > ``$ADASPEC_DATA`` > ``<repo>/../shared/data``."""
-    if arg:
-        return Path(arg).expanduser()
-    if os.environ.get("ADASPEC_DATA"):
-        return Path(os.environ["ADASPEC_DATA"]).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """``--data-dir`` > ``$ADASPEC_DATA`` > ``<repo>/../shared/data`` (:func:`adaspec.data.data_root`)."""
+    return data_root(arg)
 
 
 def parse_sources(spec: str) -> list[str]:
@@ -102,32 +84,34 @@ def parse_sources(spec: str) -> list[str]:
     return names
 
 
-def _read_json_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise InvalidArgumentError(f"data file {path} not found (set --data-dir or ADASPEC_DATA)")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
+def _instruction_prompts(source: str, data_dir: Path, split: str) -> list[Prompt]:
+    """Rows of an instruction set in ``split`` (the benchmark's buckets), keyed ``source/row``.
+
+    Keys keep the form earlier caches used (``codegen/12``, ``self_instruct/seed_task_3/0``),
+    so generated continuations are reused on resume.
+    """
+    out = []
+    for p in load_dataset(_BENCH_SET[source], split, root=data_dir):
+        row = p.id.rsplit("/", 1)[1]
+        key = f"{source}/{row}/0" if source == "self_instruct" else f"{source}/{row}"
+        reference = p.reference
+        if source == "gsm8k" and reference:
+            reference = _CALC.sub("", reference).replace("####", "The answer is")
+        out.append(Prompt(key, p.category, p.turns, reference=reference, source=source))
+    return out
 
 
-def _instruction_rows(source: str, data_dir: Path) -> Iterator[tuple[str, str]]:
-    """Yield (key, user message) for the instruction data sets."""
-    if source == "gsm8k":
-        for i, r in enumerate(_read_json_rows(data_dir / "gsm8k" / "train.jsonl")):
-            yield f"gsm8k/{i}", r["question"]
-    elif source in ("codegen", "roleplay", "code_alpaca"):
-        path = {"codegen": "gpteacher_codegen/codegen-instruct.json",
-                "roleplay": "gpteacher_roleplay/roleplay-simple-deduped-roleplay-instruct.json",
-                "code_alpaca": "code_alpaca/code_alpaca_2k.json"}[source]
-        for i, r in enumerate(_read_json_rows(data_dir / path)):
-            msg = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-            yield f"{source}/{i}", msg
-    elif source == "self_instruct":
-        for r in _read_json_rows(data_dir / "self_instruct_seed" / "seed_tasks.jsonl"):
-            for j, inst in enumerate(r["instances"]):
-                msg = r["instruction"] + (f"\n\n{inst['input']}" if inst.get("input") else "")
-                yield f"self_instruct/{r['id']}/{j}", msg
+def stdlib_in_split(qualname: str, split: str) -> bool:
+    """The split of a standard-library function: the one bucket rule on ``stdlib:<qualname>``."""
+    return in_split(bucket_of("stdlib:" + qualname), split)
+
+
+def prompt_text(prompt: Prompt, tokenizer: Any) -> str:
+    """The string fed to the tokenizer: the raw text, or the chat template with a generation prompt."""
+    if prompt.raw:
+        return prompt.turns[0]
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def _submodules(name: str) -> list[pkgutil.ModuleInfo]:
@@ -186,41 +170,40 @@ def _raw_code_prompt(mod: str, def_line: str, doc: str) -> str:
     return f'{header}{def_line}\n    """{body.lstrip()}\n    """\n'
 
 
-def load_prompts(sources: list[str], data_dir: Path, tokenizer: Any, max_prompt_chars: int = 2000,
+def load_prompts(sources: list[str], data_dir: Path, split: str = "train", max_prompt_chars: int = 2000,
                  ) -> list[Prompt]:
-    """Build every prompt of ``sources``, interleaved by :data:`SOURCE_WEIGHTS`.
+    """Every prompt of ``sources`` in ``split`` (the one bucket rule of :mod:`adaspec.data`),
+    interleaved by :data:`SOURCE_WEIGHTS`. ``train`` feeds training, ``dev`` the held-out eval.
 
     Raises:
         InvalidArgumentError: a data file is missing or no prompt was produced.
     """
     per_source: dict[str, list[Prompt]] = {}
-
-    def chat(msg: str) -> str:
-        return tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
-                                             add_generation_prompt=True)
-
     std = stdlib_functions() if {"stdlib_code", "stdlib_chat"} & set(sources) else []
     for src in sources:
         items: list[Prompt] = []
         if src == "stdlib_code":
             for qn, def_line, doc, _ in std:
-                if _doc_ok(doc):
-                    items.append(Prompt(_raw_code_prompt(qn, def_line, doc), src, "raw", f"std/{qn}"))
+                if _doc_ok(doc) and stdlib_in_split(qn, split):
+                    items.append(Prompt(f"std/{qn}", "code", [_raw_code_prompt(qn, def_line, doc)], raw=True,
+                                        source=src))
         elif src == "stdlib_chat":
             for qn, def_line, doc, _ in std:
-                if not _doc_ok(doc):
+                if not _doc_ok(doc) or not stdlib_in_split(qn, split):
                     continue
                 first = doc.split("\n\n")[0]
                 msg = f"Write a Python function `{def_line[4:-1]}`.\n\n{first}"
-                items.append(Prompt(chat(msg), src, "chat", f"stdchat/{qn}"))
+                items.append(Prompt(f"stdchat/{qn}", "code", [msg], source=src))
         else:
-            for key, msg in _instruction_rows(src, data_dir):
-                if msg.strip() and len(msg) <= max_prompt_chars:
-                    items.append(Prompt(chat(msg), src, "chat", key))
+            items = [p for p in _instruction_prompts(src, data_dir, split)
+                     if p.turns[0].strip() and len(p.turns[0]) <= max_prompt_chars]
         # deterministic shuffle by key hash
-        items.sort(key=lambda p: hashlib.sha1(p.key.encode()).hexdigest())
+        items.sort(key=lambda p: hashlib.sha1(p.id.encode()).hexdigest())
         per_source[src] = items
-    return interleave(per_source)
+    out = interleave(per_source)
+    if not out and split == "train":
+        raise InvalidArgumentError("no training prompts: every selected data source is empty")
+    return out
 
 
 def interleave(per_source: dict[str, list[Prompt]]) -> list[Prompt]:
@@ -233,22 +216,16 @@ def interleave(per_source: dict[str, list[Prompt]]) -> list[Prompt]:
                 if pos[s] < len(v):
                     out.append(v[pos[s]])
                     pos[s] += 1
-    if not out:
-        raise InvalidArgumentError("no training prompts: every selected data source is empty")
     return out
 
 
-_CALC = re.compile(r"<<[^>]*>>")
-
-
-def reference_examples(sources: list[str], data_dir: Path, tokenizer: Any, exclude: set[str],
+def reference_examples(sources: list[str], data_dir: Path, tokenizer: Any, split: str = "train",
                        ) -> list[Example]:
-    """The data sets' own answers (and stdlib function sources) as plain LM text.
+    """The data sets' own answers (and stdlib function sources) of ``split`` as plain LM text.
 
     Cheap auxiliary data: no target compute. Chat sets become chat prompt + reference
-    answer + EOS; ``stdlib_code`` becomes the source code of stdlib functions whose
-    prompt key is not in ``exclude`` (the held-out ones). ``code_alpaca`` is included
-    only if it is in ``sources``.
+    answer + EOS; ``stdlib_code`` becomes the source code of the stdlib functions in
+    ``split``. ``code_alpaca`` is included only if it is in ``sources``.
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
@@ -256,38 +233,16 @@ def reference_examples(sources: list[str], data_dir: Path, tokenizer: Any, exclu
     for src in sources:
         if src == "stdlib_code":
             for qn, _, _, code in stdlib_functions():
-                if f"std/{qn}" not in exclude and f"stdchat/{qn}" not in exclude:
+                if stdlib_in_split(qn, split):
                     out.append(Example([], enc(code), "ref:stdlib_code", f"ref/std/{qn}"))
             continue
         if src == "stdlib_chat":
             continue
-        answers = _reference_answers(src, data_dir)
-        for key, msg in _instruction_rows(src, data_dir):
-            if key in exclude or key not in answers or not answers[key].strip():
-                continue
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
-                                                   add_generation_prompt=True)
-            out.append(Example(enc(prompt), enc(answers[key]) + eos, f"ref:{src}", f"ref/{key}"))
+        for p in _instruction_prompts(src, data_dir, split):
+            if p.reference and p.reference.strip():
+                out.append(Example(enc(prompt_text(p, tokenizer)), enc(p.reference) + eos, f"ref:{src}",
+                                   f"ref/{p.id}"))
     return out
-
-
-def _reference_answers(source: str, data_dir: Path) -> dict[str, str]:
-    """key -> reference answer text, keyed like :func:`_instruction_rows`."""
-    if source == "gsm8k":
-        rows = _read_json_rows(data_dir / "gsm8k" / "train.jsonl")
-        return {f"gsm8k/{i}": _CALC.sub("", r["answer"]).replace("####", "The answer is")
-                for i, r in enumerate(rows)}
-    if source in ("codegen", "roleplay", "code_alpaca"):
-        path = {"codegen": "gpteacher_codegen/codegen-instruct.json",
-                "roleplay": "gpteacher_roleplay/roleplay-simple-deduped-roleplay-instruct.json",
-                "code_alpaca": "code_alpaca/code_alpaca_2k.json"}[source]
-        field = "output" if source == "code_alpaca" else "response"
-        return {f"{source}/{i}": r[field] for i, r in enumerate(_read_json_rows(data_dir / path))}
-    if source == "self_instruct":
-        rows = _read_json_rows(data_dir / "self_instruct_seed" / "seed_tasks.jsonl")
-        return {f"self_instruct/{r['id']}/{j}": inst["output"] for r in rows
-                for j, inst in enumerate(r["instances"])}
-    return {}
 
 
 @dataclass
@@ -368,12 +323,13 @@ def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Pa
     """
     cache.mkdir(parents=True, exist_ok=True)
     done = {ex.key for ex in load_shards(cache)}
-    todo = [p for p in prompts if p.key not in done]
+    todo = [p for p in prompts if p.id not in done]
     # Long prompts cost as much per token as generated ones; skip them (never truncate:
     # a cut chat prompt would lose its generation prompt).
     if not todo:
         return 0
-    lens = [len(ids) for ids in tokenizer([p.text for p in todo], add_special_tokens=False)["input_ids"]]
+    text = {p.id: prompt_text(p, tokenizer) for p in todo}
+    lens = [len(ids) for ids in tokenizer([text[p.id] for p in todo], add_special_tokens=False)["input_ids"]]
     todo = [p for p, n in zip(todo, lens, strict=True) if n <= max_prompt_tokens]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -383,12 +339,12 @@ def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Pa
     shard_id = len(list(cache.glob("shard_*.pt")))
     chunk = 4 * batch_size
     for c in range(0, len(todo), chunk):
-        group = sorted(todo[c:c + chunk], key=lambda p: len(p.text))
+        group = sorted(todo[c:c + chunk], key=lambda p: len(text[p.id]))
         for b in range(0, len(group), batch_size):
             if deadline is not None and time.time() > deadline:
                 return n_new
             batch = group[b:b + batch_size]
-            enc = tokenizer([p.text for p in batch], return_tensors="pt", padding=True,
+            enc = tokenizer([text[p.id] for p in batch], return_tensors="pt", padding=True,
                             add_special_tokens=False)
             enc = enc.to(next(model.parameters()).device)
             out = greedy_batch(model, enc.input_ids, enc.attention_mask, max_new_tokens, eos)
@@ -396,7 +352,7 @@ def generate_shards(model: Any, tokenizer: Any, prompts: list[Prompt], cache: Pa
             for i, p in enumerate(batch):
                 prompt = enc.input_ids[i][enc.attention_mask[i].bool()].cpu().tolist()
                 resp = out[i]  # ends with EOS when the target ended: predicting the end is drafting
-                rows.append({"prompt": prompt, "response": resp, "source": p.source, "key": p.key})
+                rows.append({"prompt": prompt, "response": resp, "source": p.source, "key": p.id})
                 n_tok += len(resp)
             tmp = cache / f".shard_{shard_id:05d}.tmp"
             torch.save(rows, tmp)

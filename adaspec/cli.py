@@ -23,8 +23,8 @@ _SUBCOMMANDS: list[tuple[str, str]] = [
     ("adaspec.train.draft", "add_train_draft_parser"),
     ("adaspec.train.head", "add_train_head_parser"),
     ("adaspec.train.distill", "add_distill_parser"),
-    ("adaspec.predictors.cli", "add_collect_parser"),
-    ("adaspec.predictors.cli", "add_train_predictor_parser"),
+    ("adaspec.train.predictor_cli", "add_collect_parser"),
+    ("adaspec.train.predictor_cli", "add_train_predictor_parser"),
     ("adaspec.serve.cli", "add_serve_parser"),
 ]
 

@@ -157,8 +157,8 @@ def pair() -> tuple[LoadedModel, LoadedModel]:
 @pytest.fixture(scope="session")
 def trained_predictors(pair, tmp_path_factory) -> dict[str, Path]:
     """collect -> train-predictor for every kind on :func:`pair` (exercises that pipeline)."""
-    from adaspec.predictors.traces import collect
-    from adaspec.predictors.train import train_predictor
+    from adaspec.train.predictor import train_predictor
+    from adaspec.train.traces import collect
 
     root = tmp_path_factory.mktemp("pred")
     target, draft = pair

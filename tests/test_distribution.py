@@ -169,8 +169,8 @@ def pair4() -> tuple[LoadedModel, LoadedModel]:
 @pytest.fixture(scope="module")
 def predictors4(pair4, tmp_path_factory) -> dict[str, Path]:
     """collect -> train-predictor for every kind on the vocabulary-4 pair itself."""
-    from adaspec.predictors.traces import collect
-    from adaspec.predictors.train import train_predictor
+    from adaspec.train.predictor import train_predictor
+    from adaspec.train.traces import collect
 
     root = tmp_path_factory.mktemp("pred4")
     collect(*pair4, rand_prompts(42, vocab=V, seed=7), root / "traces", k=4, max_new_tokens=16,

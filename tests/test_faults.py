@@ -201,7 +201,7 @@ def _prompt_file(tmp_path: Path, n: int) -> Path:
 
 
 def _traces(path: Path) -> dict[str, torch.Tensor]:
-    from adaspec.predictors.traces import load_traces
+    from adaspec.train.traces import load_traces
 
     _, t = load_traces(path)
     return {k: v for k, v in t.items() if not k.endswith("_s")}  # timings differ run to run

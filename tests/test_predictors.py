@@ -14,11 +14,11 @@ from conftest import rand_prompts as prompts
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.errors import InvalidArgumentError, PolicyArgumentError
-from adaspec.predictors.calibration import auc, brier, ece, fit_platt
 from adaspec.predictors.costs import OnlineTau
 from adaspec.predictors.models import Predictor, build_head, load_predictor, save_predictor
-from adaspec.predictors.traces import collect, load_traces
-from adaspec.predictors.train import train_predictor
+from adaspec.train.calibration import auc, brier, ece, fit_platt
+from adaspec.train.predictor import train_predictor
+from adaspec.train.traces import collect, load_traces
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_calibration_metrics():
 
 def test_attention_probe_matches_eager(pair):
     from adaspec.kv import ModelRunner
-    from adaspec.predictors.attention import AttentionProbe
+    from adaspec.runtime.attention import AttentionProbe
 
     target, _ = tiny_pair()
     model = target.model
@@ -197,7 +197,7 @@ def test_collect_train_generate_end_to_end(pair, traces, tmp_path):
 
 
 def test_cli_parsers(tmp_path, pair):
-    from adaspec.predictors.cli import add_collect_parser, add_train_predictor_parser
+    from adaspec.train.predictor_cli import add_collect_parser, add_train_predictor_parser
 
     target, draft = pair
     target.model.save_pretrained(tmp_path / "t")
@@ -219,7 +219,7 @@ def test_cli_parsers(tmp_path, pair):
 
 def test_replay_traces_equal_engine_traces_on_tried_positions(pair, tmp_path):
     """collect --replay records exactly what the engine records at every tried position."""
-    from adaspec.predictors.replay import collect_replay
+    from adaspec.train.replay import collect_replay
 
     ps = prompts(6, seed=21)
     collect(*pair, ps, tmp_path / "eng", k=4, max_new_tokens=16, shard_size=3, attention=True,

@@ -89,7 +89,7 @@ def run_collect(args: argparse.Namespace) -> int:
 def add_collect_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="record verification traces for predictor training",
                        description="Run speculative decoding with a fixed draft length over a prompt set "
-                                   "and write per-token features and labels (see adaspec.predictors.traces).")
+                                   "and write per-token features and labels (see adaspec.train.traces).")
     p.add_argument("--target", default="default")
     p.add_argument("--draft", default="default")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
@@ -119,7 +119,7 @@ def add_collect_parser(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import train_predictor
+    from .predictor import train_predictor
 
     if args.threads:
         torch.set_num_threads(args.threads)

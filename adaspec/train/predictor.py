@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, ensure_writable_dir
+from ..predictors.models import KINDS, LengthHead, Predictor, build_head, save_predictor
 from .calibration import binary_report, fit_platt, plot_reliability
-from .models import KINDS, LengthHead, Predictor, build_head, save_predictor
 from .traces import load_traces
 
 DEV_MOD, DEV_REM = 7, 3

@@ -44,8 +44,8 @@ from ..drafters.base import DraftNeeds
 from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..models import LoadedModel, vocab_fingerprint
 from ..policies.base import Policy
+from ..predictors.features import SCALAR_FEATURES, RecentAcceptance, scalar_features, soft_label
 from ..types import Action, DraftStep, RoundContext, RoundOutcome
-from .features import SCALAR_FEATURES, RecentAcceptance, scalar_features, soft_label
 
 TRACE_FORMAT = "adaspec-traces/1"
 

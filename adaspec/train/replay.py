@@ -13,7 +13,7 @@ continuation. Replay therefore
    differs from the target token ends it (accepted m), the target's own token at t+m is
    the committed extra token, and the next round starts at t+m+1.
 
-It writes the same trace format as the engine-based :func:`adaspec.predictors.traces.collect`
+It writes the same trace format as the engine-based :func:`adaspec.train.traces.collect`
 (``meta.args.replay = true``) with two differences: only tried positions are recorded
 (the engine also records the draft's own continuation after a rejection, which no policy
 ever acts on), and ``round_draft_s`` / ``round_verify_s`` are NaN (nothing is timed).
@@ -31,8 +31,8 @@ from ..drafters.model import fit_vocab
 from ..errors import InvalidArgumentError
 from ..kv import ModelRunner
 from ..models import LoadedModel
+from ..predictors.features import RecentAcceptance, scalar_features, soft_label
 from ..types import DraftStep
-from .features import RecentAcceptance, scalar_features, soft_label
 from .traces import RecorderPolicy, _atomic_json, open_trace_dir, write_shard
 
 
@@ -43,7 +43,7 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
 
     Returns the number of rounds. ``response`` must be the target's greedy continuation.
     """
-    from .attention import AttentionProbe
+    from ..runtime.attention import AttentionProbe
 
     n = len(response)
     if n < 2 or not prompt:
@@ -122,11 +122,11 @@ def collect_replay(
 ) -> dict:
     """Replayed greedy traces of ``prompts`` (token ids) under ``out``; returns the meta dict.
 
-    Same output and resume rules as :func:`adaspec.predictors.traces.collect`.
+    Same output and resume rules as :func:`adaspec.train.traces.collect`.
     """
     from tqdm import tqdm
 
-    from ..train.draft_data import greedy_batch
+    from .draft_data import greedy_batch
 
     if k < 1 or shard_size < 1 or max_new_tokens < 1 or batch_size < 1:
         raise InvalidArgumentError("collect: k, shard_size, batch size and max_new_tokens must be >= 1")

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .drafters.base import Drafter, DraftNeeds
+from .drafters.base import Drafter
 from .errors import InvalidArgumentError, PromptTooLongError
 from .policies.base import Policy
 from .runtime import make_runner
 from .sampling import SamplingConfig, processed_probs
-from .types import Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome
+from .types import Draft, DraftNeeds, DraftStep, GenerationStats, RoundContext, RoundOutcome
 from .verify import verify_greedy, verify_sampling, verify_tree
 
 
@@ -71,12 +71,10 @@ class Engine:
         self.drafter = drafter
         self.policy = policy
 
-    def reference_greedy(self, prompt: list[int], rules: StopRules) -> list[int]:
-        """The target's own greedy continuation (plain decoding, untimed; for the oracle)."""
-        from .policies.fixed import FixedPolicy
-
-        plain = Engine(self.target.model, self.vocab_size, self.max_context, None, FixedPolicy(1),
-                       self.runtime)
+    def plain_greedy(self, prompt: list[int], rules: StopRules) -> list[int]:
+        """The target's own greedy continuation (plain decoding: no drafter, so the base
+        policy is never asked for a budget)."""
+        plain = Engine(self.target.model, self.vocab_size, self.max_context, None, Policy(), self.runtime)
         ids: list[int] = []
         for chunk in plain.run(prompt, SamplingConfig(), rules, GenerationStats()):
             ids.extend(chunk)
@@ -99,8 +97,7 @@ class Engine:
             raise PromptTooLongError(
                 f"prompt has {len(prompt)} tokens but the model's context is {self.max_context}")
         policy, drafter, device = self.policy, self.drafter, self.target.device
-        if policy.needs_reference:
-            policy.set_reference(self.reference_greedy(prompt, rules))
+        policy.before_generate(prompt, lambda: self.plain_greedy(prompt, rules))
         gen = None
         if not sampling.greedy:
             gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None

@@ -22,6 +22,14 @@ class Action(enum.Enum):
     DROP = "drop"          # discard the token, end the draft before it
 
 
+@dataclass(frozen=True)
+class DraftNeeds:
+    """Which optional draft outputs the policy reads (each costs something to compute)."""
+
+    hidden: bool = False
+    attention: bool = False
+
+
 @dataclass
 class DraftStep:
     """One drafted position, as a policy sees it before deciding.

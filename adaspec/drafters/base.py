@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ..sampling import SamplingConfig
-from ..types import Action, Draft, DraftStep
+from ..types import Action, Draft, DraftNeeds, DraftStep
 
 DecideFn = Callable[[DraftStep], Action]
 BranchFn = Callable[[DraftStep], int]
 
-
-@dataclass(frozen=True)
-class DraftNeeds:
-    """Which optional draft outputs the policy reads (each costs something to compute)."""
-
-    hidden: bool = False
-    attention: bool = False
+__all__ = ["BranchFn", "DecideFn", "DraftNeeds", "Drafter"]  # DraftNeeds lives in adaspec.types
 
 
 class Drafter(Protocol):

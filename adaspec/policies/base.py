@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
-from ..drafters.base import DraftNeeds
-from ..types import Action, DraftStep, RoundContext, RoundOutcome
+from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome
 
 
 class Policy:
     """Base class. Subclasses override what they need; state is reset per generate call.
 
-    Lifecycle per generate(): ``reset()``, then per round ``begin_round(ctx) -> budget``,
-    ``decide(step)`` after every drafted token, ``observe(outcome)`` after verification.
+    Lifecycle per generate(): ``before_generate(prompt, plain_greedy)``, ``reset()``, then
+    per round ``begin_round(ctx) -> budget``, ``decide(step)`` after every drafted token,
+    ``observe(outcome)`` after verification.
     """
 
     name: ClassVar[str] = "base"
     needs: DraftNeeds = DraftNeeds()
     needs_target_hidden: bool = False
-    needs_reference: bool = False  # oracle only: wants the target's own greedy output
 
     def reset(self) -> None:
         """Forget per-call state."""
@@ -56,5 +56,10 @@ class Policy:
         """Policy-specific statistics for GenerationStats.extra (e.g. threshold trace)."""
         return {}
 
-    def set_reference(self, token_ids: list[int]) -> None:
-        """Oracle only: the target's own greedy continuation of the prompt."""
+    def before_generate(self, prompt: list[int], plain_greedy: Callable[[], list[int]]) -> None:
+        """Called once per generate(), before ``reset()`` and before timing starts.
+
+        ``plain_greedy()`` runs plain greedy decoding of the target on ``prompt`` (same stop
+        rules) and returns the new ids; it costs a full generation, so only analysis
+        policies (the oracle) call it. Default: nothing.
+        """

@@ -38,13 +38,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..drafters.base import DraftNeeds
 from ..errors import PolicyArgumentError
 from ..predictors.costs import OnlineTau
 from ..predictors.features import RecentAcceptance, entropy_and_top, scalar_features
 from ..predictors.models import Predictor, load_predictor
 from ..predictors.source_choice import SourceChoice
-from ..types import Action, DraftStep, RoundContext, RoundOutcome
+from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome
 from . import register
 from .base import Policy
 

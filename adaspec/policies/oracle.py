@@ -1,7 +1,7 @@
 """``oracle``: drafts exactly the tokens the target's greedy decoding would accept.
 
-Analysis only: it peeks at the target's own greedy continuation (computed untimed by
-the engine before the call). It compares the draft's *argmax* with that reference (a
+Analysis only: it peeks at the target's own greedy continuation (asked of the engine,
+untimed, through the ``before_generate`` hook). It compares the draft's *argmax* with that reference (a
 function of the draft distribution, not of the sampled token), so under sampling it
 stays lossless, although it is then only a heuristic.
 
@@ -13,6 +13,7 @@ peek at and drafts (almost) nothing. ``report()`` gives where that happened
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import PolicyArgumentError
@@ -32,7 +33,6 @@ class OraclePolicy(Policy):
     """
 
     name = "oracle"
-    needs_reference = True
     k_max: int = 64
     _ref: list = field(default_factory=list, init=False, repr=False)
     _pos: int = field(default=0, init=False, repr=False)
@@ -46,8 +46,8 @@ class OraclePolicy(Policy):
     def reset(self) -> None:
         self._diverged, self._checked = None, 0
 
-    def set_reference(self, token_ids: list[int]) -> None:
-        self._ref = list(token_ids)
+    def before_generate(self, prompt: list[int], plain_greedy: Callable[[], list[int]]) -> None:
+        self._ref = list(plain_greedy())  # the target's own greedy continuation (untimed)
 
     def begin_round(self, ctx: RoundContext) -> int:
         self._pos = len(ctx.committed) - ctx.prompt_len  # reference index of the next token

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..drafters.base import DraftNeeds
 from ..errors import PolicyArgumentError
 from ..predictors.models import Predictor, load_predictor
-from ..types import Action, DraftStep, RoundContext
+from ..types import Action, DraftNeeds, DraftStep, RoundContext
 from . import register
 from .base import Policy
 

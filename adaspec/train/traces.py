@@ -40,12 +40,11 @@ from pathlib import Path
 
 import torch
 
-from ..drafters.base import DraftNeeds
 from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..models import LoadedModel, vocab_fingerprint
 from ..policies.base import Policy
 from ..predictors.features import SCALAR_FEATURES, RecentAcceptance, scalar_features, soft_label
-from ..types import Action, DraftStep, RoundContext, RoundOutcome
+from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome
 
 TRACE_FORMAT = "adaspec-traces/1"
 

@@ -1,0 +1,126 @@
+"""The package's import rules (DESIGN §3), read from the source with ``ast`` so they stay true.
+
+- Runtime code (what runs while decoding) never imports offline or tool code.
+- The engine knows policies and drafters only through their protocols.
+- Policies, drafters and predictors talk through :mod:`adaspec.types`, not through each other.
+- No import loop between the runtime's parts.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Decode-time code. Everything else (adaspec.train, adaspec.bench, adaspec.data, the CLIs,
+# the server, integrations) is a tool built on top of it.
+RUNTIME = ("adaspec.api", "adaspec.engine", "adaspec.verify", "adaspec.kv", "adaspec.types",
+           "adaspec.sampling", "adaspec.errors", "adaspec.metrics", "adaspec.models", "adaspec.draft_model",
+           "adaspec.head_model", "adaspec.runtime", "adaspec.drafters", "adaspec.policies",
+           "adaspec.predictors")
+OFFLINE = ("adaspec.train", "adaspec.bench", "adaspec.data", "adaspec.cli", "adaspec.cli_args",
+           "adaspec.serve", "adaspec.integrations")
+# Parts of the runtime as nodes of the loop check (a module or a package, by prefix).
+PARTS = {"adaspec.kv": "runtime", "adaspec.runtime": "runtime", "adaspec.draft_model": "models",
+         "adaspec.head_model": "models", "adaspec.models": "models"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> adaspec modules it imports (top-level and inside functions alike)."""
+    out: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "adaspec").rglob("*.py")):
+        mod = _module_name(path)
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    name = ".".join(base + ([node.module] if node.module else []))
+                    # "from . import x" / "from .pkg import mod": the names may be modules
+                    found.update(f"{name}.{a.name}" for a in node.names)
+                else:
+                    name = node.module or ""
+                found.add(name)
+        out[mod] = {n for n in found if n == "adaspec" or n.startswith("adaspec.")}
+    return out
+
+
+IMPORTS = _imports()
+
+
+def _under(mod: str, prefixes: tuple[str, ...]) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def _edges(src: tuple[str, ...], dst: tuple[str, ...]) -> list[str]:
+    return sorted(f"{m} -> {n}" for m, names in IMPORTS.items() if _under(m, src)
+                  for n in names if _under(n, dst) and not _under(n, src))
+
+
+def _part(mod: str) -> str:
+    for prefix, part in PARTS.items():
+        if _under(mod, (prefix,)):
+            return part
+    return mod.split(".")[1] if "." in mod else mod
+
+
+def test_the_scan_sees_the_package() -> None:
+    assert "adaspec.engine" in IMPORTS and "adaspec.policies.base" in IMPORTS["adaspec.engine"]
+
+
+def test_runtime_never_imports_offline_code() -> None:
+    assert _edges(RUNTIME, OFFLINE) == []
+
+
+@pytest.mark.parametrize(("src", "dst"), [
+    (("adaspec.policies",), ("adaspec.drafters", "adaspec.api", "adaspec.engine")),
+    (("adaspec.drafters",), ("adaspec.policies", "adaspec.api", "adaspec.engine")),
+    (("adaspec.predictors",), ("adaspec.policies", "adaspec.drafters", "adaspec.api", "adaspec.engine")),
+    (("adaspec.verify", "adaspec.types", "adaspec.sampling"),
+     ("adaspec.policies", "adaspec.drafters", "adaspec.predictors", "adaspec.engine", "adaspec.api",
+      "adaspec.runtime", "adaspec.kv")),
+])
+def test_parts_talk_through_types(src: tuple[str, ...], dst: tuple[str, ...]) -> None:
+    assert _edges(src, dst) == []
+
+
+def test_engine_knows_only_protocols() -> None:
+    """No concrete policy or drafter in the loop (the oracle's reference run is a policy hook)."""
+    allowed = ("adaspec.policies.base", "adaspec.drafters.base")
+    bad = sorted(n for n in IMPORTS["adaspec.engine"]
+                 if _under(n, ("adaspec.policies", "adaspec.drafters")) and not _under(n, allowed))
+    assert bad == []
+
+
+def test_no_import_loop_between_runtime_parts() -> None:
+    graph: dict[str, set[str]] = {}
+    for mod, names in IMPORTS.items():
+        if _under(mod, RUNTIME):
+            graph.setdefault(_part(mod), set()).update(
+                _part(n) for n in names if _under(n, RUNTIME) and _part(n) != _part(mod))
+    loops, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                loops.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack
+                             else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert loops == []

@@ -18,12 +18,17 @@ from .types import Verdict
 
 
 def verify_greedy(draft_tokens: list[int], target_logits: torch.Tensor) -> Verdict:
-    """draft_tokens: K ids; target_logits: [K+1, V]. Returns accepted m and the extra token."""
-    target_argmax = target_logits.argmax(dim=-1).tolist()  # [K+1]
-    for i, tok in enumerate(draft_tokens):
-        if tok != target_argmax[i]:
-            return Verdict(i, target_argmax[i], "recovered")
-    return Verdict(len(draft_tokens), target_argmax[len(draft_tokens)], "bonus")
+    """draft_tokens: K ids; target_logits: [K+1, V]. Returns accepted m and the extra token.
+
+    A chain is a tree without siblings: the rule is :func:`verify_tree`'s.
+    """
+    return verify_tree(draft_tokens, {}, target_logits, {})[0]
+
+
+def greedy_from_argmax(draft_tokens: list[int], target_argmax: list[int]) -> Verdict:
+    """:func:`verify_greedy` when the target's argmax ids ([K+1]) are already known
+    (teacher-forced replays, which score many rounds from one forward)."""
+    return _greedy(draft_tokens, {}, target_argmax, {})[0]
 
 
 def verify_sampling(
@@ -32,7 +37,7 @@ def verify_sampling(
     target_probs: torch.Tensor,
     generator: torch.Generator | None,
 ) -> Verdict:
-    """Exact speculative sampling.
+    """Exact speculative sampling of a chain (the rule is :func:`verify_tree`'s).
 
     Args:
         draft_tokens: K ids, x_i ~ q_i.
@@ -40,24 +45,7 @@ def verify_sampling(
         target_probs: [K+1, V] p_1..p_{K+1} (processed the same way).
         generator: RNG for the acceptance coins and the recovered / bonus samples.
     """
-    k = len(draft_tokens)
-    if k:
-        idx = torch.tensor(draft_tokens, device=target_probs.device)
-        rows = torch.arange(k, device=target_probs.device)
-        p_x = target_probs[rows, idx]  # [K] p_i(x_i)
-        q_x = draft_probs[rows, idx]  # [K] q_i(x_i) > 0 since x_i was drawn from q_i
-        coins = torch.rand(k, generator=generator, device=target_probs.device)
-        # accept iff u < p/q  <=>  u * q < p  (no division, q > 0)
-        rejected = (coins * q_x >= p_x).tolist()
-        for i in range(k):
-            if rejected[i]:
-                residual = (target_probs[i] - draft_probs[i]).clamp_min(0)
-                total = residual.sum()
-                # total == 0 only if p_i == q_i, where rejection has probability 0;
-                # guard against round-off anyway by falling back to p_i.
-                dist = residual / total if total > 0 else target_probs[i]
-                return Verdict(i, sample(dist, generator), "recovered")
-    return Verdict(k, sample(target_probs[k], generator), "bonus")
+    return verify_tree(draft_tokens, {}, target_probs, {}, (draft_probs, target_probs), generator)[0]
 
 
 def _accept_candidate(residual: torch.Tensor, candidates: list[int],
@@ -108,33 +96,53 @@ def verify_tree(
     Sampling: the chain token first faces min(1, p/q); after a rejection the residual
     norm(max(p - q, 0)) is sampled by testing the candidates in turn (exact).
     """
+    if sampling_probs is None:
+        return _greedy(draft_tokens, branches, node_logits.argmax(dim=-1).tolist(), sib_nodes)
+    return _sampling(draft_tokens, branches, *sampling_probs, sib_nodes, generator)
+
+
+def _greedy(draft_tokens: list[int], branches: dict[int, list[int]], argmax: list[int],
+            sib_nodes: dict[tuple[int, int], int]) -> tuple[Verdict, list[int]]:
+    """Greedy rule over the target's argmax per node row (``argmax[0]`` the root's)."""
     k = len(draft_tokens)
     for i in range(1, k + 2):
-        row = i - 1  # parent of position i: root (0) or chain node i-2 (row i-1)
-        cands = branches.get(i, [])
-        if sampling_probs is None:
-            best = int(node_logits[row].argmax())
-            if i <= k and draft_tokens[i - 1] == best:
-                continue
-            if best in cands:
-                j = sib_nodes[(i, best)]
-                bonus = int(node_logits[1 + j].argmax())
-                return Verdict(i, bonus, "recovered", cands.index(best) + 1), list(range(i - 1)) + [j]
-            return Verdict(i - 1, best, "bonus" if i > k else "recovered"), list(range(i - 1))
-        q, p = sampling_probs
-        if i > k:
-            return Verdict(k, sample(p[row], generator), "bonus"), list(range(k))
-        x = draft_tokens[i - 1]
-        if float(torch.rand((), generator=generator)) * float(q[i - 1, x]) < float(p[row, x]):
+        best = argmax[i - 1]  # row of the parent of position i: root or chain node i-2
+        if i <= k and draft_tokens[i - 1] == best:
             continue
-        residual = (p[row] - q[i - 1]).clamp_min(0)
-        total = residual.sum()
-        residual = residual / total if total > 0 else p[row].clone()
-        hit = _accept_candidate(residual, cands, generator) if cands else None
-        if hit is not None:
-            rank, c = hit
-            j = sib_nodes[(i, c)]
-            bonus = sample(p[1 + j], generator)
-            return Verdict(i, bonus, "recovered", rank), list(range(i - 1)) + [j]
-        return Verdict(i - 1, sample(residual, generator), "recovered"), list(range(i - 1))
+        cands = branches.get(i, [])
+        if best in cands:
+            j = sib_nodes[(i, best)]
+            return Verdict(i, argmax[1 + j], "recovered", cands.index(best) + 1), list(range(i - 1)) + [j]
+        return Verdict(i - 1, best, "bonus" if i > k else "recovered"), list(range(i - 1))
     raise AssertionError("unreachable")
+
+
+def _sampling(draft_tokens: list[int], branches: dict[int, list[int]], q: torch.Tensor, p: torch.Tensor,
+              sib_nodes: dict[tuple[int, int], int], generator: torch.Generator | None,
+              ) -> tuple[Verdict, list[int]]:
+    """Sampling rule; q: [K, V] chain draft probs, p: [1 + T, V] target probs per node row."""
+    k = len(draft_tokens)
+    if k:
+        idx = torch.tensor(draft_tokens, device=p.device)
+        rows = torch.arange(k, device=p.device)
+        p_x = p[rows, idx]  # [K] p_i(x_i): row i-1 is the parent of position i on the chain
+        q_x = q[rows, idx]  # [K] q_i(x_i) > 0 since x_i was drawn from q_i
+        coins = torch.rand(k, generator=generator, device=p.device)
+        # accept iff u < p/q  <=>  u * q < p  (no division, q > 0)
+        rejected = (coins * q_x >= p_x).tolist()
+        for i in range(1, k + 1):
+            if not rejected[i - 1]:
+                continue
+            residual = (p[i - 1] - q[i - 1]).clamp_min(0)
+            total = residual.sum()
+            # total == 0 only if p_i == q_i, where rejection has probability 0;
+            # guard against round-off anyway by falling back to p_i.
+            residual = residual / total if total > 0 else p[i - 1].clone()
+            cands = branches.get(i, [])
+            hit = _accept_candidate(residual, cands, generator) if cands else None
+            if hit is not None:
+                rank, c = hit
+                j = sib_nodes[(i, c)]
+                return Verdict(i, sample(p[1 + j], generator), "recovered", rank), list(range(i - 1)) + [j]
+            return Verdict(i - 1, sample(residual, generator), "recovered"), list(range(i - 1))
+    return Verdict(k, sample(p[k], generator), "bonus"), list(range(k))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..draft_model import build_subset_draft
+from ..verify import greedy_from_argmax
 
 # Tokens a code draft should always be able to propose (whitespace runs, brackets, keywords).
 CODE_STRINGS = ["\n", "\n\n", "    ", "        ", "            ", "(", ")", "):", "[", "]", "{", "}", ":",
@@ -155,14 +156,15 @@ def agreement_stats(draft: nn.Module, seqs: list[tuple[list[int], list[int]]], k
         match = [int(a == b) for a, b in zip(pred, resp[-r:], strict=True)]
         hits += sum(match)
         total += r
+        target = resp[-r:] + [-1]  # the target's greedy ids; no bonus row past the end
         t = 0
         while t < r:
-            n = 0
-            while n < k and t + n < r and match[t + n]:
-                pos_try[n] += 1
-                pos_ok[n] += 1
-                n += 1
-            if n < k and t + n < r:
+            kk = min(k, r - t)  # the last round's draft stops at the end of the response
+            n = greedy_from_argmax(pred[t:t + kk], target[t:t + kk + 1]).accepted
+            for i in range(n):
+                pos_try[i] += 1
+                pos_ok[i] += 1
+            if n < kk:
                 pos_try[n] += 1
             committed += min(n + 1, r - t)
             rounds += 1

@@ -33,6 +33,7 @@ from ..kv import ModelRunner
 from ..models import LoadedModel
 from ..predictors.features import RecentAcceptance, scalar_features, soft_label
 from ..types import DraftStep
+from ..verify import greedy_from_argmax
 from .traces import RecorderPolicy, _atomic_json, open_trace_dir, write_shard
 
 
@@ -64,23 +65,26 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
             probe.remove()
     t_logits, t_hidden = t_out.logits, t_out.hidden  # [n, V], [n, d_t]
     d_logits, d_hidden = fit_vocab(d_out.logits, target.vocab_size), d_out.hidden  # [n, V], [n, d]
-    t_arg = t_logits.argmax(-1)  # [n]: equals response[j] up to batching numerics
+    t_arg = t_logits.argmax(-1).tolist()  # [n]: equals response[j] up to batching numerics
+    d_arg = d_logits.argmax(-1).tolist()  # [n]: the draft's greedy proposal at each position
     recent = RecentAcceptance()
     r0 = len(rec.rnd["prompt"])
     t = 0
     while t < n - 1:
         budget = min(k, n - 1 - t)  # the engine never drafts past the last committed token
-        m = 0
+        # proposals after an accepted prefix are the teacher-forced argmaxes; rows t..t+budget
+        # of the target are the verify forward over [last committed, x_1..x_budget]
+        m = greedy_from_argmax(d_arg[t:t + budget], t_arg[t:t + budget + 1]).accepted
         r = len(rec.rnd["prompt"])
-        for i in range(1, budget + 1):
+        for i in range(1, min(m + 1, budget) + 1):
             j = t + i - 1
             logits = d_logits[j]
             probs = torch.softmax(logits, dim=-1)
-            token = int(logits.argmax())
+            token = d_arg[j]
             step = DraftStep(i, token, logits, probs, hidden=d_hidden[j],
                              attn_concentration=None if conc is None else float(conc[j]),
                              context_len=len(prompt) + t)
-            match = int(token == int(t_arg[j]))
+            match = int(i <= m)
             rec.tok["hidden"].append(d_hidden[j].to(torch.float16))
             rec.tok["scalars"].append(scalar_features(step, recent.value))
             rec.tok["match"].append(match)
@@ -89,9 +93,6 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
             rec.tok["qx"].append(step.token_prob)
             rec.tok["pos"].append(i)
             rec.tok["round"].append(r)
-            if not match:
-                break
-            m += 1
         rec.rnd["prompt"].append(rec.prompt_index)
         rec.rnd["index"].append(r - r0)
         rec.rnd["k"].append(budget)
@@ -100,7 +101,7 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
         rec.rnd["verify_s"].append(float("nan"))
         rec.rnd["draft_forwards"].append(min(m + 1, budget))
         rec.rnd["hidden"].append(t_hidden[t + m].to(torch.float16))
-        rec.rnd["token"].append(int(t_arg[t + m]))
+        rec.rnd["token"].append(t_arg[t + m])
         recent.update(budget, m)
         t += m + 1
     return len(rec.rnd["prompt"]) - r0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from .errors import InvalidArgumentError, PromptTooLongError
 from .policies.base import Policy
 from .runtime import make_runner
 from .sampling import SamplingConfig, processed_probs
-from .types import Draft, DraftNeeds, DraftStep, GenerationStats, RoundContext, RoundOutcome
+from .types import Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome, Verdict
 from .verify import verify_greedy, verify_sampling, verify_tree
 
 
@@ -58,6 +59,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StageTimer:
+    """Stage clocks of one generate call, in seconds (``time.perf_counter``).
+
+    ``policy`` holds ``begin_round`` and ``observe``; ``hooks`` the per-token policy hooks,
+    which run inside drafting, so a round's draft time excludes them (:meth:`end_round`).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.policy = self.hooks = 0.0
+        self.start = self.now(sync=True)
+
+    def now(self, sync: bool = False) -> float:
+        """The clock, after waiting for queued device work when ``sync``."""
+        if sync:
+            _sync(self.device)
+        return time.perf_counter()
+
+    def hooked(self, hook: Callable[[DraftStep], Any]) -> Callable[[DraftStep], Any]:
+        """``hook`` with its time counted as policy time, not draft time."""
+
+        def call(step: DraftStep) -> Any:
+            t = time.perf_counter()
+            result = hook(step)
+            self.hooks += time.perf_counter() - t
+            return result
+
+        return call
+
+    @contextmanager
+    def policy_time(self) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.policy += time.perf_counter() - t
+
+    def end_round(self, stats: GenerationStats, t_draft: float, hooks_before: float, t_verify: float,
+                  t_end: float) -> None:
+        """Add one round's draft (minus its policy hooks) and verify time to ``stats``."""
+        stats.draft_s += (t_verify - t_draft) - (self.hooks - hooks_before)
+        stats.verify_s += t_end - t_verify
+
+
 class Engine:
     """Speculative decoding of one target with one drafter under one policy (batch size 1)."""
 
@@ -91,139 +134,108 @@ class Engine:
 
         ``stats`` is filled in place (final once the iterator is exhausted).
         """
-        if not prompt:
-            raise InvalidArgumentError("prompt is empty (no tokens)")
-        if len(prompt) >= self.max_context:
-            raise PromptTooLongError(
-                f"prompt has {len(prompt)} tokens but the model's context is {self.max_context}")
-        policy, drafter, device = self.policy, self.drafter, self.target.device
-        policy.before_generate(prompt, lambda: self.plain_greedy(prompt, rules))
-        gen = None
-        if not sampling.greedy:
-            gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None
-                                                else int(torch.seed() % 2**63))
-        needs: DraftNeeds = policy.needs
+        policy, drafter = self.policy, self.drafter
+        gen = self._start(prompt, sampling, rules)
         # a drafter that reads the target's features (a feature head) gets the target's
         # last hidden state of every committed position, from prefill and from each verify
         feeds = drafter is not None and getattr(drafter, "needs_target_hidden", False)
         want_hidden = policy.needs_target_hidden or feeds
         max_new = min(rules.max_new_tokens, self.max_context - len(prompt))
         ctx_limit = min(self.max_context, drafter.max_context if drafter else self.max_context)
-
         stats.prompt_tokens = len(prompt)
-        _sync(device)
-        t_start = time.perf_counter()
-        self.target.reset()
-        policy.reset()
-        if drafter is not None:
-            drafter.reset()
-            drafter.prefill(prompt[:-1])
-        prompt_hidden = self.target.prefill(prompt[:-1], hidden=feeds)
-        if feeds and prompt_hidden is not None:
-            drafter.observe_target(len(prompt) - 1 - prompt_hidden.shape[0], prompt_hidden)
-        _sync(device)
-        stats.prefill_s = time.perf_counter() - t_start
-
-        ids = list(prompt)
-        new: list[int] = []
-        policy_s = 0.0  # begin_round + observe + per-token decisions
-        decide_s = 0.0  # the per-token part, spent inside drafting
-
-        def timed(hook: Callable[[DraftStep], Any]) -> Callable[[DraftStep], Any]:
-            """Wrap a per-token policy hook so its time counts as policy, not draft, time."""
-
-            def call(step: DraftStep) -> Any:
-                nonlocal decide_s
-                t = time.perf_counter()
-                result = hook(step)
-                decide_s += time.perf_counter() - t
-                return result
-
-            return call
-
-        timed_decide, timed_branch = timed(policy.decide), timed(policy.extra_candidates)
-
+        clock = StageTimer(self.target.device)
+        self._prefill(prompt, feeds)
+        stats.prefill_s = clock.now(sync=True) - clock.start
+        ids, new = list(prompt), []
+        decide, branch = clock.hooked(policy.decide), clock.hooked(policy.extra_candidates)
         while True:
             # 1. budget: never draft past max_new_tokens (a round commits K + 1) or the context
             room = min(max_new - len(new) - 1, ctx_limit - len(ids))
             ctx = RoundContext(ids, len(prompt), stats.rounds, max(room, 0))
-            t0 = time.perf_counter()
-            budget = min(policy.begin_round(ctx), room) if drafter is not None else 0
-            policy_s += time.perf_counter() - t0
+            with clock.policy_time():
+                budget = min(policy.begin_round(ctx), room) if drafter is not None else 0
             # 2. draft
-            t1, decide_before = time.perf_counter(), decide_s
+            t1, hooks_before = clock.now(), clock.hooks
+            draft = Draft([], None, [], 0)
             if budget > 0:
-                draft = drafter.propose(ids, budget, timed_decide, sampling, gen, needs, timed_branch)
-            else:
-                draft = Draft([], None, [], 0)
-            _sync(device)
-            t2 = time.perf_counter()
+                draft = drafter.propose(ids, budget, decide, sampling, gen, policy.needs, branch)
+            t2 = clock.now(sync=True)
             # 3. verify: one target forward over [last committed, x1..xK] -> p1..p(K+1)
-            k = len(draft.tokens)
-            if draft.branches:
-                verdict, logits, out, path = self._verify_tree(ids, draft, sampling, gen, want_hidden)
-                stats.branch_rounds += 1
-                stats.branch_accepts += verdict.branch_rank > 0
-            else:
-                path = list(range(k))
-                out = self.target.forward(ids + draft.tokens, k + 1, hidden=want_hidden)
-                logits = out.logits[:, : self.vocab_size]  # [K+1, V]
-                if sampling.greedy:
-                    verdict = verify_greedy(draft.tokens, logits)
-                else:
-                    p = processed_probs(logits, sampling).cpu()
-                    verdict = verify_sampling(draft.tokens, draft.probs.cpu() if k else p[:0], p, gen)
-            stats.tree_nodes += draft.tree_size
-            _sync(device)
-            t3 = time.perf_counter()
+            verdict, logits, out, path = self._verify(ids, draft, sampling, gen, want_hidden, stats)
+            t3 = clock.now(sync=True)
             # 4. commit the accepted prefix plus one token, honouring EOS / stop / budget
-            if verdict.branch_rank:  # an extra candidate replaced the chain token at `accepted`
-                alt = draft.branches[verdict.accepted][verdict.branch_rank - 1]
-                proposal = draft.tokens[: verdict.accepted - 1] + [alt, verdict.token]
-            else:
-                proposal = draft.tokens[: verdict.accepted] + [verdict.token]
-            committed, reason = [], ""
-            for tok in proposal:
-                committed.append(tok)
-                new.append(tok)
-                if tok in rules.eos_ids:
-                    reason = "eos"
-                elif rules.hit_stop_string(new):
-                    reason = "stop_string"
-                elif len(new) >= max_new:
-                    reason = "max_new_tokens" if max_new == rules.max_new_tokens else "context"
-                if reason:
-                    break
+            committed, reason = _commit(draft, verdict, new, rules, max_new)
             if feeds:  # target features of the last committed token and the accepted path
-                rows = [0] + [1 + j for j in path[: verdict.accepted]]
-                drafter.observe_target(len(ids) - 1, out.hidden[rows])
+                drafter.observe_target(len(ids) - 1, out.hidden[[0, *(1 + j for j in path)]])
             ids.extend(committed)
             # 5. roll both caches back to the committed prefix (a crop, never a recompute);
             # a fully accepted draft's last token is fed with the next round's first forward
             self.target.rollback(ids)
             if drafter is not None:
                 drafter.rollback(ids)
-            stats.draft_s += (t2 - t1) - (decide_s - decide_before)
-            stats.verify_s += t3 - t2
+            clock.end_round(stats, t1, hooks_before, t2, t3)
             stats.target_forwards += 1
             stats.draft_forwards += draft.forwards
-            stats.record_round(k, verdict.accepted)
-            # 6. observe
-            t4 = time.perf_counter()
-            hidden = None  # root + chain rows
-            if policy.needs_target_hidden:
-                hidden = out.hidden[: k + 1]
-            policy.observe(RoundOutcome(draft, verdict, logits, hidden, t2 - t1, t3 - t2, ctx))
-            policy_s += time.perf_counter() - t4
+            stats.record_round(len(draft.tokens), verdict.accepted)
+            # 6. observe (the policy may read the target's root + chain rows)
+            with clock.policy_time():
+                hidden = out.hidden[: len(draft.tokens) + 1] if policy.needs_target_hidden else None
+                policy.observe(RoundOutcome(draft, verdict, logits, hidden, t2 - t1, t3 - t2, ctx))
             stats.new_tokens = len(new)
             yield committed
             if reason:
                 stats.stop_reason = reason
                 break
-        _sync(device)
-        stats.wall_s = time.perf_counter() - t_start
-        stats.policy_s = policy_s + decide_s
+        stats.wall_s = clock.now(sync=True) - clock.start
+        stats.policy_s = clock.policy + clock.hooks
         stats.extra.update(policy.report())
+
+    def _start(self, prompt: list[int], sampling: SamplingConfig, rules: StopRules) -> torch.Generator | None:
+        """Check the prompt, let the policy ask for a reference (untimed); the sampling RNG."""
+        if not prompt:
+            raise InvalidArgumentError("prompt is empty (no tokens)")
+        if len(prompt) >= self.max_context:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt)} tokens but the model's context is {self.max_context}")
+        self.policy.before_generate(prompt, lambda: self.plain_greedy(prompt, rules))
+        if sampling.greedy:
+            return None
+        return torch.Generator().manual_seed(sampling.seed if sampling.seed is not None
+                                             else int(torch.seed() % 2**63))
+
+    def _prefill(self, prompt: list[int], feeds: bool) -> None:
+        """Reset everything and prefill both models with the prompt minus its last token."""
+        self.target.reset()
+        self.policy.reset()
+        if self.drafter is not None:
+            self.drafter.reset()
+            self.drafter.prefill(prompt[:-1])
+        prompt_hidden = self.target.prefill(prompt[:-1], hidden=feeds)
+        if feeds and prompt_hidden is not None:
+            self.drafter.observe_target(len(prompt) - 1 - prompt_hidden.shape[0], prompt_hidden)
+
+    def _verify(self, ids: list[int], draft: Draft, sampling: SamplingConfig, gen: torch.Generator | None,
+                hidden: bool, stats: GenerationStats):
+        """One target forward over the draft (chain or tree) and the verdict.
+
+        Returns (verdict, chain logits [K+1, V], forward output (row 0 the last committed
+        token, row 1 + j draft node j), accepted path: the node indices of the accepted tokens).
+        """
+        k = len(draft.tokens)
+        stats.tree_nodes += draft.tree_size
+        if draft.branches:
+            stats.branch_rounds += 1
+            verdict, logits, out, path = self._verify_tree(ids, draft, sampling, gen, hidden)
+            stats.branch_accepts += verdict.branch_rank > 0
+            return verdict, logits, out, path[: verdict.accepted]
+        out = self.target.forward(ids + draft.tokens, k + 1, hidden=hidden)
+        logits = out.logits[:, : self.vocab_size]  # [K+1, V]
+        if sampling.greedy:
+            verdict = verify_greedy(draft.tokens, logits)
+        else:
+            p = processed_probs(logits, sampling).cpu()
+            verdict = verify_sampling(draft.tokens, draft.probs.cpu() if k else p[:0], p, gen)
+        return verdict, logits, out, list(range(verdict.accepted))
 
     def _verify_tree(self, ids: list[int], draft: Draft, sampling: SamplingConfig,
                      gen: torch.Generator | None, hidden: bool):
@@ -249,3 +261,26 @@ class Engine:
         verdict, path = verify_tree(draft.tokens, draft.branches, logits, sib_nodes, probs, gen)
         self.target.keep_path(len(ids), nodes, path)
         return verdict, logits[: k + 1], out, path
+
+
+def _commit(draft: Draft, verdict: Verdict, new: list[int], rules: StopRules, max_new: int,
+            ) -> tuple[list[int], str]:
+    """The ids a round commits (appended to ``new`` too) and the stop reason ("" to go on)."""
+    if verdict.branch_rank:  # an extra candidate replaced the chain token at `accepted`
+        alt = draft.branches[verdict.accepted][verdict.branch_rank - 1]
+        proposal = draft.tokens[: verdict.accepted - 1] + [alt, verdict.token]
+    else:
+        proposal = draft.tokens[: verdict.accepted] + [verdict.token]
+    committed, reason = [], ""
+    for tok in proposal:
+        committed.append(tok)
+        new.append(tok)
+        if tok in rules.eos_ids:
+            reason = "eos"
+        elif rules.hit_stop_string(new):
+            reason = "stop_string"
+        elif len(new) >= max_new:
+            reason = "max_new_tokens" if max_new == rules.max_new_tokens else "context"
+        if reason:
+            break
+    return committed, reason

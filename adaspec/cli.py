@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .cli_args import add_runtime_arg
+from .cli_args import add_model_args
 from .errors import AdaspecError, InvalidArgumentError
 from .policies import parse_policy_args
 
@@ -29,32 +29,13 @@ _SUBCOMMANDS: list[tuple[str, str]] = [
 ]
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="default",
-                   help="target model: 'default' (SmolLM2-135M-Instruct), a local directory or an HF id")
-    p.add_argument("--draft", default="default",
-                   help="draft: 'default' (the shipped adaspec draft), 'none' (plain decoding of the "
-                        "target), a local directory or an HF id; 'ngram' (model-free: copy the "
-                        "continuation of the longest earlier match of the text); 'model+ngram' (or "
-                        "ID+ngram: per round, the n-gram source or the model); 'head:DIR' (a feature "
-                        "head trained by `adaspec train-head`: drafts from the target's own hidden "
-                        "states; 'head:default' = the one shipped for the default target)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                   help="weights and activations dtype; auto (default) = bf16 on a GPU, fp32 on a CPU "
-                        "(the compiled runtime computes in fp32); with --runtime eager, bf16 on a CPU "
-                        "with native bf16 (AVX-512 BF16 / AMX)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    add_runtime_arg(p)
-
-
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate", help="generate text with speculative decoding",
         description="Generate a continuation of PROMPT. Output is token-identical to plain decoding "
                     "of the target under greedy, and distributed exactly like it under sampling.")
     p.add_argument("prompt", help="prompt text ('-' reads standard input)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--policy", default="fixed",
                    help="drafting policy: fixed, heuristic, confidence, entropy, specdecpp, context, "
                         "ldlp, oracle (default fixed)")
@@ -131,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .models import quiet_transformers
+
     try:
-        return int(args.func(args) or 0)
+        with quiet_transformers():  # a command's terminal shows adaspec's output, not transformers' chatter
+            return int(args.func(args) or 0)
     except AdaspecError as exc:
         print(f"adaspec: error: {exc}", file=sys.stderr)
         return 2

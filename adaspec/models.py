@@ -15,6 +15,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,23 @@ def _max_context(config: Any) -> int:
     return 1 << 30
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Transformers' logging at error level and no progress bars inside the block; the
+    previous settings come back after it (no process-wide change for library users)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     spec: str,
     *,
@@ -190,11 +209,13 @@ def load_model(
     torch_dtype = parse_dtype(dtype, device, runtime)
     if not spec or not spec.strip():
         raise ModelLoadError(f"empty {role} model name")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    with quiet_transformers():
+        return _load(spec, torch_dtype, device, role)
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+
+def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if spec == "default":
         path = default_target_dir() if role == "target" else DEFAULT_DRAFT_DIR
         name = DEFAULT_TARGET_NAME if role == "target" else "adaspec-default-draft"

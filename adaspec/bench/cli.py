@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli_args import add_runtime_arg
+from ..cli_args import add_model_args
 from ..data import DATASETS, SPLITS
 from ..errors import InvalidArgumentError
 from .report import category_table, markdown_table, report_only
@@ -50,17 +50,12 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32", "fp16"),
-                   help="default: auto (bf16 on a GPU or a CPU with native bf16, else fp32)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    add_runtime_arg(p)
+    add_model_args(p)
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per method (default: 1)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method; the "
                    "median tokens/s is used (default: 1)")
     p.add_argument("--out", default=None, help="output folder; rerunning with the same folder resumes "
                    "(default: runs/bench-DATASET-SPLIT)")
-    p.add_argument("--target", default="default", help="target model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--draft", default="default", help="draft model (default: the shipped draft)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap every prompt in the target's chat template")
@@ -119,7 +114,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 0
     cfg = BenchConfig(methods=args.methods, dataset=args.dataset, split=args.split, limit=args.limit,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                      dtype=args.dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                      dtype=args.dtype, device=args.device, threads=args.threads, warmup=args.warmup,
+                      repeats=args.repeats,
                       out=str(out), target=args.target, draft=args.draft, chat=args.chat,
                       progress=not args.no_progress, command=_command(), runtime=args.runtime,
                       memory=not args.no_memory)

@@ -47,8 +47,6 @@ def peak_rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     from ..api import SpeculativeGenerator
 
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.memory", description=__doc__.split("\n\n")[0])
@@ -59,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft, "fixed",
-                               {"k": 3}, dtype=args.dtype, runtime=args.runtime)
+                               {"k": 3}, dtype=args.dtype, runtime=args.runtime, threads=args.threads)
     gen.generate("def fibonacci(n):", max_new_tokens=args.max_new_tokens)
     peak = peak_rss_mb()
     print(json.dumps({"runtime": gen.runtime, "peak_rss_mb": round(peak, 1), "target": args.target,

@@ -63,6 +63,7 @@ class BenchConfig:
     temperature: float = 0.0
     seed: int | None = 0
     dtype: str = "auto"
+    device: str = "cpu"
     threads: int | None = None
     runtime: str = "auto"
     warmup: int = 1
@@ -244,11 +245,12 @@ def run_benchmark(
 
     # one dtype for every method: fp32 on a CPU unless every method runs eager
     rt = "eager" if cfg.runtime == "eager" and all(s.runtime in (None, "eager") for s in specs) else "auto"
-    measure_memory = cfg.memory and target is None  # models given in code: no spec to reload
+    # models given in code: no spec to reload; the probe measures host memory (CPU runs)
+    measure_memory = cfg.memory and target is None and cfg.device == "cpu"
     if target is None:
-        target = load_model(cfg.target, dtype=cfg.dtype, role="target", runtime=rt)
+        target = load_model(cfg.target, dtype=cfg.dtype, device=cfg.device, role="target", runtime=rt)
     if draft is None and any(s.needs_draft for s in specs):
-        draft = load_model(cfg.draft, dtype=cfg.dtype, role="draft", runtime=rt)
+        draft = load_model(cfg.draft, dtype=cfg.dtype, device=cfg.device, role="draft", runtime=rt)
     eos = eos_ids(target)
     runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads) for s in specs}
     meta = run_metadata(cfg, target, draft)

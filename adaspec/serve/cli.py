@@ -16,7 +16,7 @@ from ..policies import parse_policy_args
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from ..cli import _add_model_args
+    from ..cli_args import add_model_args
 
     p = subparsers.add_parser(
         "serve", help="serve the target through an OpenAI-compatible HTTP API",
@@ -24,7 +24,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "GET /v1/models, /health and /metrics. One sequence at a time; output is the "
                     "target's own (lossless speculative decoding). A request may override the policy "
                     'with {"adaspec": {"policy": NAME, "policy_args": {...}}}.')
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--policy", default="fixed", help="default drafting policy (default fixed)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="default policy argument, repeatable (e.g. --policy-arg k=5)")

@@ -37,6 +37,7 @@ import torch
 from ..data import Prompt
 from ..draft_model import save_subset_draft
 from ..errors import InvalidArgumentError, ModelLoadError
+from ..runtime import set_threads
 from .draft_data import (
     CODE_SOURCES,
     Example,
@@ -223,7 +224,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
         / hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10])
     _check_writable(work, "--work-dir")
     log = Logger(work / "train.log")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     log(f"train-draft: target={args.target} out={out} work={work} sources={','.join(sources)}")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..runtime import set_threads
 from .draft_data import CODE_SOURCES, load_shards
 from .draft_model_init import agreement_stats, coverage
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-dtype", default="fp32")
     ap.add_argument("--skip-cost", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from ..models import load_model, vocab_fingerprint
 
     target = load_model("default", dtype="bf16")

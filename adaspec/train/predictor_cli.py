@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_args import add_runtime_arg
+from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
 
 
@@ -49,14 +49,11 @@ def _prompts(gen, args: argparse.Namespace) -> tuple[list[list[int]], str]:
 
 
 def run_collect(args: argparse.Namespace) -> int:
-    import torch
-
     from ..api import SpeculativeGenerator
     from .traces import collect
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    gen = SpeculativeGenerator(args.target, args.draft, "fixed", dtype=args.dtype, device=args.device)
+    gen = SpeculativeGenerator(args.target, args.draft, "fixed", dtype=args.dtype, device=args.device,
+                               threads=args.threads)
     if gen.draft is None:
         raise InvalidArgumentError("collect needs a draft model (--draft)")
     prompts, source = _prompts(gen, args)
@@ -90,13 +87,7 @@ def add_collect_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="record verification traces for predictor training",
                        description="Run speculative decoding with a fixed draft length over a prompt set "
                                    "and write per-token features and labels (see adaspec.train.traces).")
-    p.add_argument("--target", default="default")
-    p.add_argument("--draft", default="default")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                   help="auto: bf16 on CUDA or a CPU with native bf16, else fp32 (default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    add_runtime_arg(p)
+    add_model_args(p)
     p.add_argument("--dataset", action="append", default=[], metavar="NAME[:SPLIT]",
                    help="bench dataset and split (default split train; test is refused), repeatable")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (or JSONL with 'prompt')")
@@ -117,12 +108,11 @@ def add_collect_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..runtime import set_threads
     from .predictor import train_predictor
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     pred = train_predictor(Path(args.traces), args.kind, Path(args.out), epochs=args.epochs, lr=args.lr,
                            batch=args.batch, patience=args.patience, rejection_weight=args.rejection_weight,
                            calibrate=args.calibrate, width=args.width, seed=args.seed,

@@ -60,6 +60,10 @@ def test_greedy_identity_every_policy(pair, trained_predictors, virtual_clock, r
         for p, w in zip(ps, want, strict=True):
             res = gen.generate(p, max_new_tokens=40)
             assert res.token_ids == w, f"{name} {args} changed greedy output"
+            if name == "specdecpp":  # calibration pairs: one per tested token, labels = accepted
+                pairs = res.stats.extra["calibration"]
+                assert len(pairs) == sum(res.stats.pos_tested)
+                assert sum(label for _, label in pairs) == res.stats.accepted_tokens
             c.update(accepted=res.stats.accepted_tokens,
                      rejected=res.stats.drafted_tokens - res.stats.accepted_tokens,
                      tree_rounds=res.stats.branch_rounds, candidate_wins=res.stats.branch_accepts)

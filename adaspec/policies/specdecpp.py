@@ -14,7 +14,7 @@ import torch
 
 from ..errors import PolicyArgumentError
 from ..predictors.models import Predictor, load_predictor
-from ..types import Action, DraftNeeds, DraftStep, RoundContext
+from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome
 from . import register
 from .base import Policy
 
@@ -39,14 +39,19 @@ class SpecDecPPPolicy(Policy):
     k_max: int = 20
     _pred: Predictor | None = field(default=None, init=False, repr=False)
     _prod: float = field(default=1.0, init=False, repr=False)
+    _round_p: list = field(default_factory=list, init=False, repr=False)  # p_hat of this round's tokens
+    _pairs: list = field(default_factory=list, init=False, repr=False)  # [p_hat, accepted] per tested token
 
     def __post_init__(self) -> None:
         if not 0.0 < self.h < 1.0 or not 1 <= self.k_min <= self.k_max:
             raise PolicyArgumentError(f"specdecpp: need 0 < h < 1 and 1 <= k_min <= k_max; got {self}")
         self._pred = load_predictor(self.predictor, "specdecpp")
 
+    def reset(self) -> None:
+        self._pairs = []
+
     def begin_round(self, ctx: RoundContext) -> int:
-        self._prod = 1.0
+        self._prod, self._round_p = 1.0, []
         return self.k_max
 
     @torch.inference_mode()
@@ -58,6 +63,16 @@ class SpecDecPPPolicy(Policy):
             pred.check_dim("draft", step.hidden.shape[-1])
         p = float(pred.prob(pred.head(step.hidden.float())))
         self._prod *= p
+        self._round_p.append(p)
         if step.index >= self.k_min and 1.0 - self._prod > self.h:
             return Action.STOP
         return Action.CONTINUE
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        """Record (p_hat, accepted) for every token the target put to the test: the accepted
+        ones and the first rejected one (the bench's calibration plot reads them)."""
+        m = outcome.verdict.accepted
+        self._pairs += [[round(p, 4), int(i < m)] for i, p in enumerate(self._round_p[: m + 1])]
+
+    def report(self) -> dict:
+        return {"calibration": list(self._pairs)}

@@ -103,6 +103,18 @@ def _row(pid, method, tps, cat="c", ids=(1, 2), **kw):
             "token_ids": [list(ids)], **kw}
 
 
+def test_policy_efficiency_against_the_oracle_with_the_same_draft():
+    rows = [_row("a", "ar", 10.0), _row("b", "ar", 10.0),
+            _row("a", "oracle", 20.0), _row("b", "oracle", 40.0),
+            _row("a", "fixed:3", 10.0), _row("b", "fixed:3", 30.0),
+            _row("a", "fixed:3:draft=ngram", 10.0), _row("b", "fixed:3:draft=ngram", 30.0)]
+    m = summarize(rows)["methods"]
+    assert m["fixed:3"]["efficiency_vs_oracle"] == pytest.approx((10 / 20 + 30 / 40) / 2)
+    assert m["oracle"]["efficiency_vs_oracle"] == pytest.approx(1.0)
+    # no oracle ran with the n-gram source, and plain decoding is no policy
+    assert "efficiency_vs_oracle" not in m["fixed:3:draft=ngram"] and "efficiency_vs_oracle" not in m["ar"]
+
+
 def test_speedup_is_mean_of_per_prompt_ratios(tmp_path):
     rows = [_row("a", "ar", 10.0), _row("b", "ar", 40.0, cat="d"),
             _row("a", "m", 20.0, tf=5), _row("b", "m", 40.0, cat="d", ids=(1, 3), tf=5),

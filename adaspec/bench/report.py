@@ -192,8 +192,33 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
                         {k: v for k, v in ar.items() if v["category"] == c} if ar else None, m == "ar")
             for c in cats}
         methods[m] = entry
+    for m, eff in policy_efficiency(pp).items():
+        methods[m]["efficiency_vs_oracle"] = eff
     return {"methods": methods, "categories": sorted({r["category"] for r in rows}),
             "n_rows": len(rows), "mismatches": mismatches(pp), "meta": meta or {}}
+
+
+def policy_efficiency(pp: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
+    """method -> policy efficiency (DESIGN §2): mean over prompts of tokens/s of the method
+    divided by tokens/s of the ``oracle`` policy with the same draft source and runtime
+    (only for policy methods, when such an oracle ran on the same prompts)."""
+    from .methods import MethodError, parse_method
+
+    specs = {}
+    for m in pp:
+        try:
+            specs[m] = parse_method(m)
+        except MethodError:
+            continue
+    oracles = {(s.draft, s.runtime): m for m, s in specs.items() if s.kind == "policy" and s.name == "oracle"}
+    out = {}
+    for m, s in specs.items():
+        ref = pp.get(oracles.get((s.draft, s.runtime), ""), {})
+        vals = [p["tokens_per_s"] / ref[k]["tokens_per_s"] for k, p in pp[m].items()
+                if s.kind == "policy" and k in ref and ref[k]["tokens_per_s"] > 0]
+        if vals:
+            out[m] = statistics.fmean(vals)
+    return out
 
 
 def running_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -282,7 +307,12 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
             "Speed-up: mean over prompts of tokens/s(method) / tokens/s(ar) on the same prompt "
             "(Spec-Bench). τ: tokens per target forward. Acceptance: accepted / drafted "
             "(depends on the draft length). Identical: share of prompts whose greedy output equals "
-            "`ar` token for token.", "", "## Per category", "", category_table(summary), "",
+            "`ar` token for token.", ""]
+    eff = {m: e["efficiency_vs_oracle"] for m, e in summary["methods"].items() if "efficiency_vs_oracle" in e}
+    if eff:
+        out += ["Policy efficiency (mean over prompts of tokens/s(method) / tokens/s(oracle with the same "
+                "draft and runtime)): " + ", ".join(f"`{m}` {v:.2f}" for m, v in eff.items()), ""]
+    out += ["## Per category", "", category_table(summary), "",
             "## Details", "", details_table(summary), "",
             "Stage times are shares of wall time (`–` for `hf`: transformers does not expose them). "
             "pN: P(token N accepted | tokens 1..N-1 accepted), over the rounds whose draft reached "

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pytest
 
 from adaspec.bench.cli import add_bench_parser
 from adaspec.bench.methods import MethodError, parse_method, parse_methods
-from adaspec.bench.report import read_results, report_only, summarize
+from adaspec.bench.report import markdown_table, read_results, report_only, summarize
 from adaspec.data import DatasetError, data_root, humaneval_bucket, load_dataset, load_jsonl
 from adaspec.errors import InvalidArgumentError
 
@@ -130,6 +131,10 @@ def test_speedup_is_mean_of_per_prompt_ratios(tmp_path):
     assert m["per_category"]["c"]["speedup_vs_ar"] == pytest.approx(2.0)
     assert m["per_category"]["d"]["speedup_vs_ar"] == pytest.approx(1.0)
     assert s["methods"]["r"]["speedup_vs_ar"] == pytest.approx(3.0)
+    # mean ± spread over repeats: stdev of the per-repeat means (one prompt: 10, 30, 100)
+    assert s["methods"]["r"]["tokens_per_s_spread"] == pytest.approx(statistics.stdev([10.0, 30.0, 100.0]))
+    assert s["methods"]["m"]["tokens_per_s_spread"] is None  # one repeat: no spread
+    assert f"{statistics.median([10.0, 30.0, 100.0]):.1f} ± " in markdown_table(s)
     assert s["methods"]["ar"]["speedup_vs_ar"] == 1.0
     assert s["mismatches"] == [{"method": "m", "prompt_id": "b", "turn": 0, "first_diff": 1, "len": 2,
                                 "ar_len": 2}]

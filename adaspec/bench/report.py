@@ -66,6 +66,7 @@ def per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
         rs.sort(key=lambda r: r["repeat"])
         agg: dict[str, Any] = {"category": rs[0]["category"], "repeats": len(rs),
                                "tokens_per_s": statistics.median(_tps(r) for r in rs),
+                               "tps_repeats": [_tps(r) for r in rs],
                                "token_ids": rs[0].get("token_ids"),
                                "temperature": (rs[0].get("cfg") or {}).get("temperature", 0.0)}
         for k in ("new_tokens", "wall_s", "target_forwards", "draft_forwards", "drafted_tokens",
@@ -115,9 +116,15 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
             acc.extend([0] * (len(v) - len(acc)))
             for i, x in enumerate(v):
                 acc[i] += x
+    # spread over --repeats: sample standard deviation of the mean tokens/s of each repeat
+    reps = {len(p["tps_repeats"]) for p in ps}
+    spread = None
+    if len(reps) == 1 and min(reps) > 1:
+        spread = statistics.stdev(statistics.fmean(p["tps_repeats"][r] for p in ps) for r in range(min(reps)))
     return {
         "n": len(ps),
         "tokens_per_s": statistics.fmean(p["tokens_per_s"] for p in ps) if ps else 0.0,
+        "tokens_per_s_spread": spread,
         "speedup_vs_ar": 1.0 if is_ar and ps else (statistics.fmean(speedups) if speedups else None),
         "speedup_n": len(speedups),
         "tau": _ratio(new, tf),
@@ -248,7 +255,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
              "policy overhead | identical to ar | n |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, e in summary["methods"].items():
-        lines.append(f"| `{m}` | {_f(e['speedup_vs_ar'], '.2f')}× | {_f(e['tokens_per_s'], '.1f')} | "
+        tps = _f(e["tokens_per_s"], ".1f") + (f" ± {e['tokens_per_s_spread']:.1f}"
+                                                if e.get("tokens_per_s_spread") is not None else "")
+        lines.append(f"| `{m}` | {_f(e['speedup_vs_ar'], '.2f')}× | {tps} | "
                      f"{_f(e['tau'], '.2f')} | {_pct(e['acceptance_rate'])} | "
                      f"{_f(e['draft_forwards_per_token'], '.2f')} | {_f(e['overhead_pct'], '.1f', '%')} | "
                      f"{_pct(e['identical_to_ar_rate'])} | {e['n']} |")

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..head_model import FeatureHead
 from ..sampling import SamplingConfig, processed_probs, sample
-from ..types import Action, Draft, DraftStep
+from ..types import Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
-from .model import top_candidates
+from .model import keep_step
 
 
 class _EagerCore:
@@ -209,15 +209,7 @@ class HeadDrafter:
             token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)
             step = DraftStep(i, token, logits, probs, hidden=fhat if needs.hidden else None,
                              attn_concentration=conc if needs.attention else None, context_len=n)
-            action = decide(step)
-            if action is Action.DROP:
-                break
-            tokens.append(token)
-            steps.append(step)
-            n_extra = branch(step) if branch is not None else 0
-            if n_extra > 0:
-                branches[i] = top_candidates(probs, token, n_extra)
-            if action is Action.STOP:
+            if not keep_step(step, decide, branch, tokens, steps, branches):
                 break
             pend_tok, pend_feat, pos0 = [token], fhat[None], n - 1 + i
         self.core.crop(self.cached)

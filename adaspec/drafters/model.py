@@ -57,15 +57,7 @@ class ModelDrafter:
             step = DraftStep(i, token, logits, probs,
                              hidden=None if out.hidden is None else out.hidden[0],
                              attn_concentration=conc, context_len=len(context))
-            action = decide(step)
-            if action is Action.DROP:
-                break
-            tokens.append(token)
-            steps.append(step)
-            n_extra = branch(step) if branch is not None else 0
-            if n_extra > 0:
-                branches[i] = top_candidates(probs, token, n_extra)
-            if action is Action.STOP:
+            if not keep_step(step, decide, branch, tokens, steps, branches):
                 break
         probs_kq = None
         if not sampling.greedy and steps:
@@ -84,6 +76,21 @@ def fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return logits[..., :vocab_size]
     pad = logits.new_full((*logits.shape[:-1], vocab_size - v), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
+
+
+def keep_step(step: DraftStep, decide: DecideFn, branch: BranchFn | None, tokens: list[int],
+              steps: list[DraftStep], branches: dict[int, list[int]]) -> bool:
+    """Ask the policy about a drafted token and record what it keeps (token, step, extra
+    candidates from the same q). Returns True when drafting should go on."""
+    action = decide(step)
+    if action is Action.DROP:
+        return False
+    tokens.append(step.token)
+    steps.append(step)
+    n_extra = branch(step) if branch is not None else 0
+    if n_extra > 0:
+        branches[step.index] = top_candidates(step.probs, step.token, n_extra)
+    return action is not Action.STOP
 
 
 def top_candidates(probs: torch.Tensor, chosen: int, n: int) -> list[int]:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..drafters.ngram import NgramIndex
+from ..predictors.costs import DecayedLine
 from ..predictors.source_choice import length_bucket
 
 N_BUCKETS = length_bucket(1 << 30) + 1
@@ -63,7 +64,7 @@ class StepCost:
     max_ratio: float = 8.0
     b: float = 0.0
     steps: int = 0
-    _s: list = field(default_factory=lambda: [0.0] * 5)  # w, wN, wN^2, wt, wNt
+    _line: DecayedLine = field(default_factory=DecayedLine)  # (tokens verified N, step seconds)
     _t: float = 0.0
     _c: float = 0.0
 
@@ -75,10 +76,8 @@ class StepCost:
         a = max(self.alpha, 1.0 / self.steps)
         self._t += a * (seconds - self._t)
         self._c += a * (committed - self._c)
-        d = 1.0 - self.alpha
-        s = self._s
-        for i, x in enumerate((1.0, verified, verified * verified, seconds, verified * seconds)):
-            s[i] = s[i] * d + x
+        self._line.add(verified, seconds, 1.0 - self.alpha)
+        s = self._line.sums
         var = s[0] * s[2] - s[1] * s[1]
         if var > 1e-6 * max(1.0, s[0] * s[2]):  # N has varied: b is identified
             self.b = max(0.0, (s[0] * s[4] - s[1] * s[3]) / var)

@@ -20,6 +20,26 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class DecayedLine:
+    """Exponentially decayed sufficient statistics of points (n, v) for a least-squares
+    line v = a + b n: ``sums`` = [w, w n, w n^2, w v, w n v] (each point weighs 1, and
+    every older point is multiplied by ``decay`` per new one)."""
+
+    sums: list = field(default_factory=lambda: [0.0] * 5)
+
+    def add(self, n: float, v: float, decay: float) -> None:
+        self.sums = [decay * x for x in self.sums]
+        for i, x in enumerate((1.0, n, n * n, v, n * v)):
+            self.sums[i] += x
+
+    def moments(self) -> tuple[float, float, float, float]:
+        """(mean n, mean v, var n, cov(n, v)) of the weighted points (w > 0)."""
+        w, sn, snn, sv, snv = self.sums
+        mean_n, mean_v = sn / w, sv / w
+        return mean_n, mean_v, snn / w - mean_n ** 2, snv / w - mean_n * mean_v
+
+
+@dataclass
 class OnlineTau:
     """Tracks costs and yields ``tau`` (continue-drafting threshold) and ``tau_keep``."""
 
@@ -30,7 +50,7 @@ class OnlineTau:
     c_d: float = 0.0
     T: float = 0.0
     trace: list = field(default_factory=list)
-    _s: list = field(default_factory=lambda: [0.0] * 5)  # w, w*n, w*n^2, w*v, w*n*v
+    _line: DecayedLine = field(default_factory=DecayedLine)  # (tokens verified, verify seconds)
     _round_s: float = 0.0
     _committed: float = 0.0
     _rounds: int = 0
@@ -38,7 +58,7 @@ class OnlineTau:
 
     def reset(self) -> None:
         self.c_d = self.T = self._round_s = self._committed = 0.0
-        self._s = [0.0] * 5
+        self._line = DecayedLine()
         self._rounds = 0
         self._last_slope = 0.0
         self.trace = []
@@ -59,24 +79,18 @@ class OnlineTau:
         self._round_s = self._ema(self._round_s, draft_s + verify_s)
         self._committed = self._ema(self._committed, float(committed))
         self.T = self._round_s / max(self._committed, 1e-9)
-        decay = 1.0 - self.alpha
-        n, v = float(n_verified), verify_s
-        self._s = [decay * s for s in self._s]
-        for i, x in enumerate((1.0, n, n * n, v, n * v)):
-            self._s[i] += x
+        self._line.add(float(n_verified), verify_s, 1.0 - self.alpha)
         self._last_slope = self.slope
         self.trace.append(round(self.tau, 4))
 
     @property
     def slope(self) -> float:
         """b: marginal verify seconds per extra verified token (>= 0)."""
-        w, sn, snn, sv, snv = self._s
-        if w <= 0:
+        if self._line.sums[0] <= 0:
             return 0.0
-        var = snn / w - (sn / w) ** 2
+        _, _, var, cov = self._line.moments()
         if var < 0.25:  # n has hardly varied lately: keep the last identified slope
             return self._last_slope
-        cov = snv / w - (sn / w) * (sv / w)
         return max(0.0, cov / var)
 
     def _clamp(self, x: float) -> float:

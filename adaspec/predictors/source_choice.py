@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .costs import DecayedLine
+
 _EDGES = (1, 2, 4, 8, 16, 32)  # bucket b holds lengths <= _EDGES[b]; the last one the rest
 SOURCES = ("ngram", "model", "none")
 
@@ -115,7 +117,7 @@ class SourceChoice:
     _m_s: _Ema = field(default_factory=_Ema)
     _gain: _Ema = field(default_factory=_Ema)
     _s: _Ema = field(default_factory=_Ema)
-    _fit: list = field(default_factory=lambda: [0.0] * 5)  # w, w n, w n^2, w v, w n v
+    _fit: DecayedLine = field(default_factory=DecayedLine)  # (tokens verified, verify seconds)
     _slope: float | None = None
     ngram_rounds: int = field(default=0, init=False)  # n-gram rounds seen since the reset
     _since_model: int = 0
@@ -148,10 +150,9 @@ class SourceChoice:
 
     def verify_s(self, n: int) -> float:
         """Estimated seconds of a verify over ``n`` tokens: a + b n (module doc)."""
-        w, sn, snn, sv, snv = self._fit
-        if w <= 0:
+        if self._fit.sums[0] <= 0:
             return 0.0
-        mean_n, mean_v = sn / w, sv / w
+        mean_n, mean_v, _, _ = self._fit.moments()
         if self._slope is None:
             base = mean_v / (1.0 + self.prior_slope * (mean_n - 1.0))  # v(1) under the prior
             return base * (1.0 + self.prior_slope * (n - 1))
@@ -203,14 +204,10 @@ class SourceChoice:
         a = self.alpha
         self._gain.add(committed, a)
         self._s.add(draft_s + verify_s, a)
-        decay = 1.0 - a
-        self._fit = [decay * x for x in self._fit]
-        for i, x in enumerate((1.0, verified, verified ** 2, verify_s, verified * verify_s)):
-            self._fit[i] += x
-        w, sn, snn, sv, snv = self._fit
-        var = snn / w - (sn / w) ** 2
+        self._fit.add(verified, verify_s, 1.0 - a)
+        _, _, var, cov = self._fit.moments()
         if var >= 0.25:  # n has varied lately: (re-)identify the slope, else keep the last one
-            self._slope = max(0.0, (snv / w - (sn / w) * (sv / w)) / var)
+            self._slope = max(0.0, cov / var)
         if source == "ngram":
             self.ngram_rounds += 1
             key = self.match_class(length, agreement)

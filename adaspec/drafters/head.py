@@ -84,12 +84,7 @@ class _CompiledCore:
         h = np.empty((len(tokens), self.fc.shape[0] * 16), np.float32)
         linear(x, self.fc, h)
         start = pos0 - 1  # slot of position p is p - 1 (position 0 has no row)
-        need = start + len(tokens)
-        if -(-need // 16) * 16 > self.kt.shape[-1]:
-            kt, vc = self.lean.new_cache(max(need, 2 * self.kt.shape[-1]))
-            kt[..., :start] = self.kt[..., :start]
-            vc[:, :, :start] = self.vc[:, :, :start]
-            self.kt, self.vc = kt, vc
+        self.kt, self.vc = self.lean.fit_cache(self.kt, self.vc, start + len(tokens), start)
         lw = self.lean
         logits, hid, conc = forward_rows(h, np.arange(pos0, pos0 + len(tokens), dtype=np.int64), start,
                                          _causal(len(tokens)), 1, 1, lw.ln1, lw.wqkv, lw.wo, lw.ln2, lw.wgu,

@@ -210,6 +210,23 @@ class LeanWeights:
         vc = np.zeros((self.layers, self.kvh, slots, -(-self.hd // 16) * 16), np.float32)
         return kt, vc
 
+    def fit_cache(self, kt: np.ndarray, vc: np.ndarray, need: int, keep: int,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(kt, vc) with room for ``need`` slots: a cache that is too short is replaced by one
+        of double size (rare) holding its first ``keep`` slots.
+
+        Raises:
+            AdaspecError: ``need`` exceeds the capacity.
+        """
+        if -(-need // 16) * 16 <= kt.shape[-1]:
+            return kt, vc
+        if need > self.capacity:
+            raise AdaspecError(f"the compiled runtime's KV cache holds {self.capacity} positions")
+        grown_kt, grown_vc = self.new_cache(max(need, 2 * kt.shape[-1]))
+        grown_kt[..., :keep] = kt[..., :keep]
+        grown_vc[:, :, :keep] = vc[:, :, :keep]
+        return grown_kt, grown_vc
+
     def run(self, ids: np.ndarray, pos: np.ndarray, start: int, mask: np.ndarray, n_out: int,
             kt: np.ndarray, vc: np.ndarray, n_logits: int | None = None,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -248,14 +265,7 @@ class CompiledRunner(RunnerBase):
 
     def _run(self, feed: list[int], pos: list[int], start: int, mask: np.ndarray, n_out: int,
              hidden: bool, n_logits: int | None = None) -> ForwardOut:
-        need = start + len(feed)
-        if -(-need // 16) * 16 > self.kt.shape[-1]:  # grow the static cache (rare: doubling, copy)
-            if need > self.lean.capacity:
-                raise AdaspecError(f"the compiled runtime's KV cache holds {self.lean.capacity} positions")
-            kt, vc = self.lean.new_cache(max(need, 2 * self.kt.shape[-1]))
-            kt[..., :start] = self.kt[..., :start]
-            vc[:, :, :start] = self.vc[:, :, :start]
-            self.kt, self.vc = kt, vc
+        self.kt, self.vc = self.lean.fit_cache(self.kt, self.vc, start + len(feed), start)
         logits, hid, conc = self.lean.run(np.asarray(feed, np.int64), np.asarray(pos, np.int64), start,
                                           mask, n_out, self.kt, self.vc, n_logits)
         self.forwards += 1

@@ -161,6 +161,31 @@ def test_greedy_batch_matches_one_prompt_at_a_time(arch: str) -> None:
     assert any(len(o) < 12 for o in out) and any(len(o) == 12 for o in out)
 
 
+def test_greedy_batch_hidden_equals_a_teacher_forced_pass() -> None:
+    """On-policy head features: the generating forwards' hidden states at prompt + continuation
+    (all but its last token) equal one teacher-forced pass over that text, row by row."""
+    from conftest import make_model
+
+    from adaspec.train.draft_data import greedy_batch
+
+    model = make_model("llama", seed=3)
+    prompts = [[5, 9, 3, 70, 12, 8, 4], [17, 2], [40, 41, 42, 43]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    plain = greedy_batch(model, ids, mask, 10, None)
+    hidden: list[list[torch.Tensor]] = []
+    out = greedy_batch(model, ids, mask, 10, None, hidden=hidden)
+    assert out == plain and len(hidden) == len(prompts)
+    for p, resp, h in zip(prompts, out, hidden, strict=True):
+        text = p + resp[:-1]
+        got = torch.cat(h).float()
+        assert got.shape == (len(text), model.config.hidden_size)
+        with torch.no_grad():
+            want = model.model(input_ids=torch.tensor([text])).last_hidden_state[0]
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
 def test_prompts_follow_the_benchmark_split(tiny: tuple[Path, Path]) -> None:
     """train-draft trains on the benchmark's train buckets only and evaluates on its dev buckets."""
     from adaspec.data import load_dataset

@@ -266,13 +266,18 @@ def load_shards(cache: Path) -> list[Example]:
 
 @torch.inference_mode()
 def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos: int | Collection[int] | None) -> list[list[int]]:
+                 eos: int | Collection[int] | None, hidden: list[list[torch.Tensor]] | None = None,
+                 ) -> list[list[int]]:
     """Greedy continuations of a left-padded batch, with a KV cache.
 
     Args:
         input_ids: ``[B, P]`` left-padded prompt ids.
         attention_mask: ``[B, P]``, 1 on real tokens.
         eos: end-of-sequence id(s); a row stops after producing one.
+        hidden: if given, filled with ``B`` lists of float16 ``[n, d]`` blocks: the target's last
+            hidden states (after its final norm) at the row's real prompt positions, then at
+            every generated token that was fed back (all but the row's last one). Nothing is
+            computed twice: they come from the same forwards.
     Returns:
         ``B`` lists of new ids; a list ends with an EOS id if the model produced one.
 
@@ -284,8 +289,19 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     cache = DynamicCache()
     mask = attention_mask.long()
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, P] positions that skip the left padding
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def forward(ids: torch.Tensor, m: torch.Tensor, p: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hidden is None:
+            return model(input_ids=ids, attention_mask=m, position_ids=p, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1], None
+        h = model.model(input_ids=ids, attention_mask=m, position_ids=p, past_key_values=cache,
+                        use_cache=True).last_hidden_state  # [B, T, d]
+        return model.get_output_embeddings()(h[:, -1]), h
+
+    logits, h = forward(input_ids, mask, pos)
+    if hidden is not None:
+        hidden[:] = [[h[i][mask[i].bool()].to(torch.float16)] for i in range(h.shape[0])]
     out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     eos_ids = torch.tensor(sorted({eos} if isinstance(eos, int) else set(eos or ())), dtype=torch.long)
     alive = torch.arange(input_ids.shape[0])  # original row of each live batch row
@@ -305,8 +321,10 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             alive, nxt, mask, last = alive[keep], nxt[keep], mask[keep], last[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last = last + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits, h = forward(nxt[:, None], mask, last[:, None])
+        if hidden is not None:
+            for r, row in zip(alive.tolist(), h[:, -1].to(torch.float16), strict=True):
+                hidden[r].append(row[None])
     return out
 
 

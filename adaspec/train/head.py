@@ -111,14 +111,27 @@ def train(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(f"target {args.target!r} has no tokenizer (needed for the training texts)")
     work = Path(args.work_dir or Path(args.out) / "work").expanduser()
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else work / "features"
-    if args.extract_minutes > 0:
-        texts = hd.mix_texts(hd.training_texts(target.tokenizer))
-        hd.extract(target.model, [ids for _, ids in texts], data_dir, minutes=args.extract_minutes)
     dev_dir = work / "dev-features"
-    if not (dev_dir / "progress.txt").is_file():
-        dev = hd.mix_texts(hd.training_texts(target.tokenizer, split="dev", max_tokens=args.seq_len), seed=1)
-        hd.extract(target.model, [ids for _, ids in dev[: args.eval_texts]], dev_dir, minutes=60,
-                   progress=False)
+    if args.texts == "greedy":
+        from .draft_data import load_prompts, parse_sources, resolve_data_dir
+
+        sources, root = parse_sources(args.sources), resolve_data_dir(args.shared_data)
+        if args.extract_minutes > 0:
+            hd.greedy_extract(target.model, target.tokenizer, load_prompts(sources, root, "train"), data_dir,
+                              minutes=args.extract_minutes, max_new_tokens=args.max_new_tokens)
+        if not (dev_dir / "progress.txt").is_file():
+            dev_prompts = load_prompts(sources, root, "dev")[: args.eval_texts]
+            hd.greedy_extract(target.model, target.tokenizer, dev_prompts, dev_dir, minutes=60,
+                              max_new_tokens=args.max_new_tokens, progress=False)
+    else:
+        if args.extract_minutes > 0:
+            texts = hd.mix_texts(hd.training_texts(target.tokenizer))
+            hd.extract(target.model, [ids for _, ids in texts], data_dir, minutes=args.extract_minutes)
+        if not (dev_dir / "progress.txt").is_file():
+            dev_texts = hd.training_texts(target.tokenizer, split="dev", max_tokens=args.seq_len)
+            dev = hd.mix_texts(dev_texts, seed=1)
+            hd.extract(target.model, [ids for _, ids in dev[: args.eval_texts]], dev_dir, minutes=60,
+                       progress=False)
     toks, feats = hd.load_shards(data_dir)
     dtoks, dfeats = hd.load_shards(dev_dir)
     toks, feats = toks[:, : args.seq_len], feats[:, : args.seq_len]
@@ -193,6 +206,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="existing feature shards to train on (default: WORK/features)")
     p.add_argument("--extract-minutes", type=float, default=30.0,
                    help="minutes of target passes to extract features (0: use what is there)")
+    p.add_argument("--texts", choices=("greedy", "answers"), default="greedy",
+                   help="greedy: the target's own greedy continuations of the train prompts, features "
+                        "from the generating forwards (on-policy); answers: prompt + the sets' reference "
+                        "answers and standard-library source, one teacher-forced pass each")
+    p.add_argument("--sources", default="default",
+                   help="prompt sources for --texts greedy (as train-draft's --sources)")
+    p.add_argument("--shared-data", help="prompt data directory (default: $ADASPEC_DATA or ../shared/data)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="continuation length for --texts greedy")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16, help="texts per step")
     p.add_argument("--seq-len", type=int, default=384)

@@ -170,6 +170,82 @@ def extract(model: Any, texts: list[list[int]], out_dir: Path, *, minutes: float
     return done_tokens
 
 
+def greedy_extract(model: Any, tokenizer: Any, prompts: list[Any], out_dir: Path, *, minutes: float,
+                   batch_size: int = 32, max_new_tokens: int = 128, max_prompt_tokens: int = 256,
+                   shard_tokens: int = 65536, progress: bool = True) -> int:
+    """On-policy shards: the target's own greedy continuations of ``prompts``, with features.
+
+    Each text is a prompt followed by the target's greedy continuation (up to
+    ``max_new_tokens``, ending at EOS); its features come from the generating forwards
+    themselves (:func:`~adaspec.train.draft_data.greedy_batch` with ``hidden``), so no
+    second pass runs. The text stops one token before the continuation's end: the
+    feature of its last position already predicts that final token (often EOS).
+    Same shard format and resume rule (``progress.txt``, by prompt count) as :func:`extract`;
+    prompts longer than ``max_prompt_tokens`` are skipped (never cut: a cut chat prompt
+    would lose its generation prompt). Returns the number of tokens in all shards.
+    """
+    from tqdm import tqdm
+
+    from .draft_data import greedy_batch, prompt_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = out_dir / "progress.txt"
+    done_texts, done_tokens, shard_no = 0, 0, 0
+    if state.is_file():
+        done_texts, done_tokens, shard_no = (int(x) for x in state.read_text().split())
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    deadline = time.monotonic() + minutes * 60
+    pending: list[tuple[list[int], torch.Tensor]] = []
+    pending_prompts = 0
+    bar = tqdm(total=len(prompts), initial=done_texts, unit="prompt", desc="target continuations",
+               disable=not progress)
+
+    def flush() -> None:
+        nonlocal pending, pending_prompts, shard_no, done_texts, done_tokens
+        if pending:
+            width = max(len(t) for t, _ in pending)
+            toks = torch.full((len(pending), width), -1, dtype=torch.int32)
+            feats = torch.zeros((len(pending), width, pending[0][1].shape[-1]), dtype=torch.float16)
+            for i, (t, f) in enumerate(pending):
+                toks[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+                feats[i, : len(t)] = f
+            tmp = out_dir / f"shard-{shard_no:05d}.pt.tmp"
+            torch.save({"tokens": toks, "feats": feats}, tmp)
+            tmp.rename(out_dir / f"shard-{shard_no:05d}.pt")
+            shard_no += 1
+            done_tokens += sum(len(t) for t, _ in pending)
+        done_texts += pending_prompts
+        state.write_text(f"{done_texts} {done_tokens} {shard_no}\n")
+        pending, pending_prompts = [], 0
+
+    eos = tokenizer.eos_token_id
+    todo = prompts[done_texts:]
+    for b0 in range(0, len(todo), batch_size):
+        if time.monotonic() > deadline:
+            break
+        batch = todo[b0: b0 + batch_size]
+        texts = [prompt_text(p, tokenizer) for p in batch]
+        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        keep = [t for t, i in zip(texts, ids, strict=True) if len(i) <= max_prompt_tokens]
+        if keep:
+            enc = tokenizer(keep, return_tensors="pt", padding=True, add_special_tokens=False)
+            hidden: list[list[torch.Tensor]] = []
+            out = greedy_batch(model, enc.input_ids, enc.attention_mask, max_new_tokens, eos, hidden=hidden)
+            for i, resp in enumerate(out):
+                prompt = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
+                pending.append((prompt + resp[:-1], torch.cat(hidden[i])))
+        pending_prompts += len(batch)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=done_tokens + sum(len(t) for t, _ in pending))
+        if sum(len(t) for t, _ in pending) >= shard_tokens:
+            flush()
+    flush()
+    bar.close()
+    return done_tokens
+
+
 def load_shards(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """All shards of ``data_dir`` -> (tokens int32 [N, T], feats float16 [N, T, d])."""
     files = sorted(data_dir.glob("shard-*.pt"))

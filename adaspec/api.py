@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,19 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         return self._chunks
+
+
+def load_head_draft(path: Path, target: LoadedModel) -> LoadedModel:
+    """The feature head in ``path`` for ``target``, wrapped as a draft :class:`LoadedModel`.
+
+    Raises:
+        ModelLoadError: a head trained for another target (hidden size or vocabulary).
+    """
+    from .models import vocab_fingerprint
+
+    sha = vocab_fingerprint(target.tokenizer) if target.tokenizer is not None else None
+    head = load_head(path, target_hidden=int(target.model.config.hidden_size), target_vocab_sha=sha)
+    return LoadedModel(head, None, f"head:{path}", target.vocab_size, target.max_context)
 
 
 class SpeculativeGenerator:
@@ -99,13 +113,8 @@ class SpeculativeGenerator:
         if spec.model is None:
             self.draft = None
         elif head_path is not None:  # a feature head: reads the target's hidden states
-            from .models import vocab_fingerprint
-
-            sha = vocab_fingerprint(self.target.tokenizer) if self.target.tokenizer is not None else None
-            self.head = load_head(head_path, target_hidden=int(self.target.model.config.hidden_size),
-                                  target_vocab_sha=sha)
-            self.draft = LoadedModel(self.head, None, f"head:{head_path}", self.target.vocab_size,
-                                     self.target.max_context)
+            self.draft = load_head_draft(head_path, self.target)
+            self.head = self.draft.model
         elif isinstance(spec.model, LoadedModel) and isinstance(spec.model.model, FeatureHead):
             self.head, self.draft = spec.model.model, spec.model  # another generator's head
         else:

@@ -142,3 +142,26 @@ def test_draft_cost_reports_one_step_of_each(target, tmp_path):
     row = measure(f"head:{tmp_path / 'h'}", target=target, context=40, repeats=3)
     assert row["runtime"] == "compiled" and row["target_ms"] > 0 and row["draft_ms"] > 0
     assert row["ratio"] == pytest.approx(row["draft_ms"] / row["target_ms"], rel=0.05, abs=1e-3)
+
+
+def test_bench_runs_every_method_on_a_head_given_as_the_runs_draft(tmp_path):
+    """``bench --draft head:DIR``: the head is loaded once and every policy method drafts with it
+    (with and without the n-gram source), token-identical to ``ar``."""
+    from test_bench import make_tiny_pair
+
+    from adaspec.bench.runner import BenchConfig, run_benchmark
+    from adaspec.data import Prompt
+    from adaspec.models import load_model
+
+    target = load_model(str(make_tiny_pair(tmp_path / "tiny")[0]), dtype="fp32")  # with a tokenizer
+    make_head(target.model, tmp_path / "head", token_ids=list(range(0, target.vocab_size, 2)))
+    cfg = BenchConfig(methods="ar,fixed:4,fixed:4:draft=model+ngram", dataset="tiny", split="test",
+                      max_new_tokens=20, dtype="fp32", warmup=0, repeats=1, out=str(tmp_path / "b"),
+                      target="tiny", draft=f"head:{tmp_path / 'head'}", progress=False, memory=False,
+                      command="test")
+    prompts = [Prompt("HumanEval/8", "code", ["def add(a, b):\n"], raw=True)]
+    summary = run_benchmark(cfg, prompts=prompts, target=target)
+    for m in ("fixed:4", "fixed:4:draft=model+ngram"):
+        assert summary["methods"][m]["identical_to_ar_rate"] == 1.0
+        assert summary["methods"][m]["draft_forwards_per_token"] > 0
+    assert summary["meta"]["draft"].startswith("head:")

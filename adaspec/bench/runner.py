@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
+from ..api import load_head_draft
 from ..data import Prompt, load_dataset
 from ..errors import InvalidArgumentError, ensure_writable_dir
+from ..head_model import head_dir
 from ..models import LoadedModel, load_model
 from .methods import EngineRunner, MethodSpec, build_runner, parse_methods
 from .report import (
@@ -250,7 +252,9 @@ def run_benchmark(
     if target is None:
         target = load_model(cfg.target, dtype=cfg.dtype, device=cfg.device, role="target", runtime=rt)
     if draft is None and any(s.needs_draft for s in specs):
-        draft = load_model(cfg.draft, dtype=cfg.dtype, device=cfg.device, role="draft", runtime=rt)
+        head_path = head_dir(cfg.draft)  # --draft head:DIR: a feature head, loaded once for every method
+        draft = load_head_draft(head_path, target) if head_path is not None else load_model(
+            cfg.draft, dtype=cfg.dtype, device=cfg.device, role="draft", runtime=rt)
     eos = eos_ids(target)
     runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads) for s in specs}
     meta = run_metadata(cfg, target, draft)

@@ -13,6 +13,8 @@ from functools import cached_property
 
 import torch
 
+from .metrics import RunMetrics
+
 
 class Action(enum.Enum):
     """A policy's verdict on the token just drafted."""
@@ -149,63 +151,15 @@ class RoundOutcome:
 
 
 @dataclass
-class GenerationStats:
-    """Per-call statistics with the DESIGN §2 definitions."""
+class GenerationStats(RunMetrics):
+    """Per-call statistics with the DESIGN §2 definitions: the mergeable counts of
+    :class:`~adaspec.metrics.RunMetrics` (τ, acceptance, per-position acceptance, the
+    accepted-length histogram; ``a + b`` pools calls) plus what belongs to one call."""
 
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    wall_s: float = 0.0
-    prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    policy_s: float = 0.0
-    target_forwards: int = 0  # verification forwards (prefill excluded)
-    draft_forwards: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    rounds: int = 0
-    accept_hist: list[int] = field(default_factory=list)  # accept_hist[m] = rounds with m accepted
-    # pos_tested[i]: rounds whose draft reached position i+1 with positions 1..i all accepted,
-    # so that token i+1 was actually put to the test; pos_accepted[i]: of those, accepted.
-    pos_tested: list[int] = field(default_factory=list)
-    pos_accepted: list[int] = field(default_factory=list)
-    tree_nodes: int = 0  # draft tokens verified, extra candidates included
-    branch_rounds: int = 0  # rounds that verified a tree (some extra candidates)
-    branch_accepts: int = 0  # rounds where an extra candidate (not the chain token) was accepted
     stop_reason: str = ""
     extra: dict = field(default_factory=dict)  # policy / drafter specific (e.g. tau trace)
 
-    def record_round(self, drafted: int, accepted: int) -> None:
-        self.rounds += 1
-        self.drafted_tokens += drafted
-        self.accepted_tokens += accepted
-        _bump(self.accept_hist, accepted)
-        for i in range(min(drafted, accepted + 1)):
-            _bump(self.pos_tested, i)
-            if i < accepted:
-                _bump(self.pos_accepted, i)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens committed per target (verification) forward; plain decoding = 1."""
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
-
-    @property
-    def per_position_acceptance(self) -> list[float]:
-        """P(token i accepted | tokens < i accepted), i = 1..len."""
-        acc = self.pos_accepted + [0] * (len(self.pos_tested) - len(self.pos_accepted))
-        return [a / t if t else 0.0 for a, t in zip(acc, self.pos_tested)]
-
     def to_dict(self) -> dict:
-        wall = self.wall_s or float("nan")
         return {
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
@@ -228,15 +182,7 @@ class GenerationStats:
             "draft_s": self.draft_s,
             "verify_s": self.verify_s,
             "policy_s": self.policy_s,
-            "draft_pct": 100 * self.draft_s / wall,
-            "verify_pct": 100 * self.verify_s / wall,
-            "policy_pct": 100 * self.policy_s / wall,
+            **self.stage_pct(empty=float("nan")),
             "stop_reason": self.stop_reason,
             **({"extra": self.extra} if self.extra else {}),
         }
-
-
-def _bump(hist: list[int], i: int) -> None:
-    while len(hist) <= i:
-        hist.append(0)
-    hist[i] += 1

@@ -1,6 +1,7 @@
 """results.jsonl -> summary.json, report.md (and plots via :mod:`adaspec.bench.plots`).
 
-Metric definitions (DESIGN §2), per method, overall and per category:
+Metric definitions (DESIGN §2), per method, overall and per category; the pooled ones are
+read from the summed counts of :class:`adaspec.metrics.RunMetrics`:
 
 - tokens_per_s: mean over prompts of the prompt's tokens/s (median over repeats);
   a prompt's tokens/s = new tokens / wall time of its generate calls (prefill included).
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import DatasetError, read_jsonl_objects
+from ..metrics import RunMetrics
 
 _REQUIRED = ("prompt_id", "category", "method", "repeat", "new_tokens", "wall_s")
 
@@ -57,7 +59,8 @@ def _tps(row: dict[str, Any]) -> float:
 
 
 def per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """method -> prompt_id -> aggregate over repeats (median tokens/s, summed counts)."""
+    """method -> prompt_id -> aggregate over repeats (median tokens/s; the counts of
+    :class:`~adaspec.metrics.RunMetrics` summed)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["method"], r["prompt_id"])].append(r)
@@ -69,33 +72,17 @@ def per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
                                "tps_repeats": [_tps(r) for r in rs],
                                "token_ids": rs[0].get("token_ids"),
                                "temperature": (rs[0].get("cfg") or {}).get("temperature", 0.0)}
-        for k in ("new_tokens", "wall_s", "target_forwards", "draft_forwards", "drafted_tokens",
-                  "accepted_tokens", "policy_s", "draft_s", "verify_s", "rounds", "tree_nodes",
-                  "branch_rounds", "branch_accepts"):
-            agg[k] = sum(r.get(k, 0) or 0 for r in rs)
-        for k in ("accept_hist", "pos_tested", "pos_accepted"):
-            acc: list[int] = []
-            for r in rs:
-                v = r.get(k) or []
-                acc = [(acc[i] if i < len(acc) else 0) + (v[i] if i < len(v) else 0)
-                       for i in range(max(len(acc), len(v)))]
-            agg[k] = acc
+        agg.update(RunMetrics.pool(RunMetrics.from_counts(r) for r in rs).counts())
         agg["calibration"] = [c for r in rs for c in (r.get("calibration") or [])]
         agg["stage_times"] = all(r.get("stage_times", True) for r in rs)
         out[method][pid] = agg
     return out
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
-
-
 def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] | None,
              is_ar: bool) -> dict[str, Any]:
     ps = list(prompts.values())
-    new = sum(p["new_tokens"] for p in ps)
-    wall = sum(p["wall_s"] for p in ps)
-    tf = sum(p["target_forwards"] for p in ps)
+    pooled = RunMetrics.pool(RunMetrics.from_counts(p) for p in ps)
     speedups, same = [], []
     greedy = all(not p["temperature"] for p in ps)
     if ar is not None:
@@ -105,17 +92,8 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
                     speedups.append(p["tokens_per_s"] / ar[pid]["tokens_per_s"])
                 if greedy and p["token_ids"] is not None:
                     same.append(p["token_ids"] == ar[pid]["token_ids"])
-    staged = all(p["stage_times"] for p in ps)
-    rounds = sum(p["rounds"] for p in ps)
-    hist: list[int] = []
-    pos_d: list[int] = []
-    pos_a: list[int] = []
-    for p in ps:
-        for name, acc in (("accept_hist", hist), ("pos_tested", pos_d), ("pos_accepted", pos_a)):
-            v = p[name]
-            acc.extend([0] * (len(v) - len(acc)))
-            for i, x in enumerate(v):
-                acc[i] += x
+    # stage shares only where every row timed its stages (transformers exposes none)
+    pct = pooled.stage_pct() if all(p["stage_times"] for p in ps) else {}
     # spread over --repeats: sample standard deviation of the mean tokens/s of each repeat
     reps = {len(p["tps_repeats"]) for p in ps}
     spread = None
@@ -127,25 +105,13 @@ def _metrics(prompts: dict[str, dict[str, Any]], ar: dict[str, dict[str, Any]] |
         "tokens_per_s_spread": spread,
         "speedup_vs_ar": 1.0 if is_ar and ps else (statistics.fmean(speedups) if speedups else None),
         "speedup_n": len(speedups),
-        "tau": _ratio(new, tf),
-        "acceptance_rate": _ratio(sum(p["accepted_tokens"] for p in ps),
-                                  sum(p["drafted_tokens"] for p in ps)),
-        "target_forwards_per_token": _ratio(tf, new),
-        "draft_forwards_per_token": _ratio(sum(p["draft_forwards"] for p in ps), new),
-        "overhead_pct": 100 * sum(p["policy_s"] for p in ps) / wall if wall and staged else None,
-        "draft_pct": 100 * sum(p["draft_s"] for p in ps) / wall if wall and staged else None,
-        "verify_pct": 100 * sum(p["verify_s"] for p in ps) / wall if wall and staged else None,
+        **pooled.rates(empty=None),
+        "overhead_pct": pct.get("policy_pct"),
+        "draft_pct": pct.get("draft_pct"),
+        "verify_pct": pct.get("verify_pct"),
         "identical_to_ar_rate": (statistics.fmean(same) if same else None) if greedy else None,
-        "new_tokens": new,
-        "wasted_draft_tokens_per_token": _ratio(sum(p["drafted_tokens"] - p["accepted_tokens"] for p in ps),
-                                                new),
-        "accept_hist": hist,
-        # token trees (rows written before these counters existed count as no trees)
-        "tree_nodes_per_round": _ratio(sum(p["tree_nodes"] for p in ps), rounds),
-        "tree_round_rate": _ratio(sum(p["branch_rounds"] for p in ps), rounds),
-        "tree_win_rate": _ratio(sum(p["branch_accepts"] for p in ps), sum(p["branch_rounds"] for p in ps)),
-        "per_position_acceptance": [a / d if d else 0.0
-                                    for a, d in zip(pos_a + [0] * len(pos_d), pos_d, strict=False)],
+        "new_tokens": pooled.new_tokens,
+        "accept_hist": pooled.accept_hist,
     }
 
 

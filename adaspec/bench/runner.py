@@ -8,7 +8,8 @@ hits all methods alike. Each finished (prompt, method, repeat) is appended to
 an interrupted run loses nothing. Every row carries the run settings (``cfg``); a rerun
 with different settings into the same folder is refused rather than mixed.
 
-Row fields: prompt_id, category, method, repeat, turns, new_tokens, wall_s,
+Row fields: prompt_id, category, method, repeat, turns; the counts of
+:class:`adaspec.metrics.RunMetrics` summed over the turns: prompt_tokens, new_tokens, wall_s,
 tokens_per_s, prefill_s / draft_s / verify_s / policy_s, target_forwards,
 draft_forwards, drafted_tokens, accepted_tokens, rounds, tree_nodes / branch_rounds /
 branch_accepts (token trees: verified draft tokens incl. extra candidates, rounds with a
@@ -36,6 +37,7 @@ from ..api import load_head_draft
 from ..data import Prompt, load_dataset
 from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..head_model import head_dir
+from ..metrics import RunMetrics
 from ..models import LoadedModel, load_model
 from .methods import EngineRunner, MethodSpec, build_runner, parse_methods
 from .report import (
@@ -117,37 +119,25 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _add(a: list[int], b: list[int]) -> list[int]:
-    n = max(len(a), len(b))
-    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
-
-
 def run_one(runner: Any, prompt: Prompt, tokenizer: Any, cfg: BenchConfig, chat: bool) -> dict[str, Any]:
     """All turns of ``prompt`` with one method -> the summed statistics of one results row."""
-    counts = ("new_tokens", "target_forwards", "draft_forwards", "drafted_tokens", "accepted_tokens",
-              "rounds", "tree_nodes", "branch_rounds", "branch_accepts")
-    row: dict[str, Any] = {k: 0 for k in counts}
-    row.update({k: 0.0 for k in ("wall_s", "prefill_s", "draft_s", "verify_s", "policy_s")})
-    row.update(accept_hist=[], pos_tested=[], pos_accepted=[], stop_reason=[], token_ids=[], extra=[])
+    pooled = RunMetrics()
+    row: dict[str, Any] = {"stop_reason": [], "token_ids": [], "extra": []}
     answers: list[str] = []
     calibration: list[Any] = []
     for turn in range(len(prompt.turns)):
         ids = encode_turn(tokenizer, prompt, turn, answers, chat)
         res = runner.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.seed)
         s = res.stats
-        for k in (*counts, "wall_s", "prefill_s", "draft_s", "verify_s", "policy_s"):
-            row[k] += getattr(s, k)
-        for k in ("accept_hist", "pos_tested", "pos_accepted"):
-            row[k] = _add(row[k], getattr(s, k))
+        pooled = pooled + s
         row["stop_reason"].append(s.stop_reason)
         row["token_ids"].append(res.token_ids)
         extra = dict(s.extra)
         calibration += list(extra.pop("calibration", []) or [])
         row["extra"].append(extra)
         answers.append(tokenizer.decode(res.token_ids, skip_special_tokens=True))
-    row["tokens_per_s"] = row["new_tokens"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
-    row["tau"] = row["new_tokens"] / row["target_forwards"] if row["target_forwards"] else 0.0
-    row["acceptance_rate"] = row["accepted_tokens"] / row["drafted_tokens"] if row["drafted_tokens"] else 0.0
+    row.update(pooled.counts(), tokens_per_s=pooled.tokens_per_s, tau=pooled.tau,
+               acceptance_rate=pooled.acceptance_rate)
     # transformers exposes no draft / verify / policy split: say so instead of reporting 0 %
     row["stage_times"] = isinstance(runner, EngineRunner)
     if not any(row["extra"]):

@@ -7,7 +7,8 @@
 * coverage / agreement / simulated tau: teacher forcing on the held-out target continuations
   written by ``train-draft`` (see :func:`agreement_stats`);
 * ``--engine N``: N held-out prompts per category through ``SpeculativeGenerator`` with fixed
-  K=5 (greedy, 128 new tokens) and through plain decoding, for measured tau and speed-up.
+  K=5 (greedy, 128 new tokens) and through plain decoding, for measured tau (pooled over the
+  prompts) and speed-up (mean over prompts of the per-prompt ratio).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..metrics import RunMetrics
 from ..runtime import set_threads
 from .draft_data import CODE_SOURCES, load_shards
 from .draft_model_init import agreement_stats, coverage
@@ -62,20 +64,17 @@ def engine_run(draft: str, sets: dict[str, list[tuple[list[int], list[int]]]], n
     plain.generate(sets["chat"][0][0], max_new_tokens=8)
     out: dict[str, Any] = {}
     for cat, seqs in sets.items():
-        taus, speedups, same, pos_acc, pos_n = [], [], 0, [0.0] * 5, [0] * 5
+        speedups, same, pooled = [], 0, RunMetrics()
         for prompt, _ in seqs[:n]:
             a = plain.generate(prompt, max_new_tokens=128)
             b = spec.generate(prompt, max_new_tokens=128)
-            taus.append(b.stats.tau)
+            pooled = pooled + b.stats  # counts pooled over prompts (a position may never come up in one)
             speedups.append(b.stats.tokens_per_s / max(a.stats.tokens_per_s, 1e-9))
             same += int(a.token_ids == b.token_ids)
-            # pool the counts over prompts (a per-prompt rate is 0/0 where a position never came up)
-            for i in range(5):
-                pos_acc[i] += b.stats.pos_accepted[i] if i < len(b.stats.pos_accepted) else 0
-                pos_n[i] += b.stats.pos_tested[i] if i < len(b.stats.pos_tested) else 0
-        out[cat] = {"prompts": len(taus), "tau": round(statistics.mean(taus), 3),
+        per_position = (pooled.per_position_acceptance + [0.0] * 5)[:5]
+        out[cat] = {"prompts": len(speedups), "tau": round(pooled.tau, 3),
                     "speedup": round(statistics.mean(speedups), 3), "identical": same,
-                    "per_position": [round(a / max(c, 1), 3) for a, c in zip(pos_acc, pos_n, strict=True)]}
+                    "per_position": [round(x, 3) for x in per_position]}
     return out
 
 

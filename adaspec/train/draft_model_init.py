@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..draft_model import build_subset_draft
+from ..metrics import RunMetrics
 from ..verify import greedy_from_argmax
 
 # Tokens a code draft should always be able to propose (whitespace runs, brackets, keywords).
@@ -142,9 +143,7 @@ def agreement_stats(draft: nn.Module, seqs: list[tuple[list[int], list[int]]], k
     draft.eval()
     dev = next(draft.parameters()).device
     hits = total = 0
-    committed = rounds = 0
-    pos_try = [0] * k
-    pos_ok = [0] * k
+    run = RunMetrics()  # one replayed round = one target forward
     for prompt, resp in seqs:
         ids = (prompt + resp)[-max_len:]
         r = min(len(resp), len(ids) - 1)
@@ -161,16 +160,12 @@ def agreement_stats(draft: nn.Module, seqs: list[tuple[list[int], list[int]]], k
         while t < r:
             kk = min(k, r - t)  # the last round's draft stops at the end of the response
             n = greedy_from_argmax(pred[t:t + kk], target[t:t + kk + 1]).accepted
-            for i in range(n):
-                pos_try[i] += 1
-                pos_ok[i] += 1
-            if n < kk:
-                pos_try[n] += 1
-            committed += min(n + 1, r - t)
-            rounds += 1
+            run.record_round(kk, n)
+            run.target_forwards += 1
+            run.new_tokens += min(n + 1, r - t)
             t += n + 1
     a = hits / max(total, 1)
     tau_iid = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
     draft.train()
-    return {"agree": a, "tau": committed / max(rounds, 1), "tau_iid": tau_iid, "tokens": total,
-            "per_position": [o / t if t else 0.0 for o, t in zip(pos_ok, pos_try, strict=True)]}
+    return {"agree": a, "tau": run.tau, "tau_iid": tau_iid, "tokens": total,
+            "per_position": (run.per_position_acceptance + [0.0] * k)[:k]}

@@ -124,3 +124,31 @@ def test_no_import_loop_between_runtime_parts() -> None:
         if node not in state:
             visit(node, [])
     assert loops == []
+
+
+def _calls(attr: str) -> list[tuple[str, ast.Call]]:
+    """(module, call) for every call of ``something.attr(...)`` in the package."""
+    out = []
+    for path in sorted((ROOT / "adaspec").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr:
+                out.append((_module_name(path), node))
+    return out
+
+
+def test_model_options_are_declared_once():
+    """--target / --draft / --dtype / --device / --threads / --runtime come from
+    cli_args.add_model_args in every command (a command may pick a subset or a default)."""
+    from adaspec.cli_args import MODEL_OPTIONS
+
+    names = {f"--{o}" for o in MODEL_OPTIONS}
+    own = sorted((mod, call.args[0].value) for mod, call in _calls("add_argument")
+                 if call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value in names
+                 and mod != "adaspec.cli_args")
+    # bench.verify_cost's --runtime is a comma list of runtimes to compare, and draft_cost's
+    # --draft a repeatable list: other options under the same names
+    assert own == [("adaspec.bench.draft_cost", "--draft"), ("adaspec.bench.verify_cost", "--runtime")]
+
+
+def test_thread_counts_are_set_in_one_place():
+    assert sorted({mod for mod, _ in _calls("set_num_threads")}) == ["adaspec.runtime"]

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ..cli_args import add_model_args
 from ..errors import AdaspecError
+from ..runtime import set_threads
 
 
 @torch.inference_mode()
@@ -71,15 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.draft_cost",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--draft", action="append", help="draft spec (repeatable; default: head:default)")
-    p.add_argument("--target", default="default")
+    add_model_args(p, ("target", "threads", "runtime"))
     p.add_argument("--context", type=int, default=200)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--runtime", default="auto", choices=["auto", "eager", "compiled"])
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     try:
         rows = [measure(d, context=args.context, repeats=args.repeats, runtime=args.runtime,
                         target=args.target) for d in (args.draft or ["head:default"])]

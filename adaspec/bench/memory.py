@@ -48,13 +48,10 @@ def peak_rss_mb() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from ..api import SpeculativeGenerator
+    from ..cli_args import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runtime", default="auto", choices=["auto", "eager", "compiled"])
-    p.add_argument("--target", default="default")
-    p.add_argument("--draft", default="default")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    add_model_args(p, ("target", "draft", "dtype", "threads", "runtime"))
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft, "fixed",

@@ -75,19 +75,18 @@ def machine() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli_args import add_model_args
     from ..models import load_model
     from ..runtime import RUNTIMES, resolve_runtime
 
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.verify_cost",
                                 description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--target", default="default")
-    p.add_argument("--dtype", default="auto")
+    add_model_args(p, ("target", "dtype", "threads"))
     p.add_argument("--runtime", default="eager,compiled",
                    help="comma list of runtimes to compare in one process (default eager,compiled)")
     p.add_argument("--context", type=int, default=200)
     p.add_argument("--sizes", default="1,2,3,4,6,8,12,16")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT",
                    help="write JSON ({'runtimes': {rt: {n: ms}}, 'machine': ...}) to OUT (- = stdout)")
     args = p.parse_args(argv)

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
+from ..runtime import set_threads
 
 
 def _kl_batch(model, w_sub: torch.Tensor, toks: torch.Tensor, feats: torch.Tensor,
@@ -45,7 +47,7 @@ def distill(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     target = load_model(args.target, dtype="float32")
     draft = load_model(args.draft, dtype="float32", role="draft")
     model = draft.model
@@ -110,9 +112,8 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``adaspec distill-draft``."""
     p = sub.add_parser("distill-draft", help="train a draft on the target's soft targets (KL)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", default="default")
-    p.add_argument("--draft", default="default",
-                   help="the draft to start from (a reduced-vocabulary adaspec draft)")
+    add_model_args(p, ("target", "draft", "threads"),
+                   draft="the draft to start from (a reduced-vocabulary adaspec draft)")
     p.add_argument("--features", required=True, help="feature shards of train-head (train split texts)")
     p.add_argument("--dev-features", required=True, help="feature shards of dev-split texts")
     p.add_argument("--out", required=True)
@@ -122,6 +123,5 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=distill)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..cli_args import add_model_args
 from ..data import Prompt
 from ..draft_model import save_subset_draft
 from ..errors import InvalidArgumentError, ModelLoadError
@@ -69,7 +70,9 @@ def add_train_draft_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train-draft`` on an argparse subparsers object (``func=run_train_draft``)."""
     p = subparsers.add_parser("train-draft", help="distil a small draft model from a target",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="default", help="default | HF id | local path")
+    add_model_args(p, ("target", "device", "threads"), target="default | HF id | local path",
+                   device="cpu or cuda (default cpu)", threads="torch CPU threads (default 1)")
+    p.set_defaults(threads=1)
     p.add_argument("--out", required=True, help="draft directory to write (config.json + model.safetensors)")
     p.add_argument("--data", default="default",
                    help="prompt sources: default | all | comma list of gsm8k,codegen,roleplay,"
@@ -102,10 +105,8 @@ def add_train_draft_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--reload-every", type=int, default=0,
                    help="re-read the data cache every N steps (while another process still generates)")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from WORK/ckpt.pt")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=run_train_draft)
     return p
 
@@ -214,6 +215,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0:
         raise InvalidArgumentError("--lr must be positive")
+    if args.device not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"--device {args.device!r}: train-draft runs on cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError("--device cuda: no CUDA device is available")
     sources = parse_sources(args.data)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..cli_args import add_model_args
 from ..metrics import RunMetrics
 from ..runtime import set_threads
 from .draft_data import CODE_SOURCES, load_shards
@@ -80,10 +81,10 @@ def engine_run(draft: str, sets: dict[str, list[tuple[list[int], list[int]]]], n
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draft", default="default")
+    add_model_args(ap, ("draft", "threads"), threads="torch CPU threads (default 1)")
+    ap.set_defaults(threads=1)
     ap.add_argument("--heldout", required=True, help="held-out shard dir written by train-draft")
     ap.add_argument("--ctx", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--engine", type=int, default=0, help="prompts per category for engine runs")
     ap.add_argument("--engine-dtype", default="fp32")
     ap.add_argument("--skip-cost", action="store_true")

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
 from ..head_model import FeatureHead, body_config, save_head
+from ..runtime import set_threads
 
 
 def subset_ids(tokens: torch.Tensor, size: int, always: list[int]) -> torch.Tensor:
@@ -105,7 +107,7 @@ def train(args: argparse.Namespace) -> None:
 
     torch.manual_seed(args.seed)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     target = load_model(args.target, dtype="float32")
     if target.tokenizer is None:
         raise InvalidArgumentError(f"target {args.target!r} has no tokenizer (needed for the training texts)")
@@ -200,7 +202,7 @@ def train(args: argparse.Namespace) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``adaspec train-head``."""
-    p.add_argument("--target", default="default", help="target model (default: the embedded SmolLM2-135M)")
+    add_model_args(p, ("target", "threads"), target="target model (default: the embedded SmolLM2-135M)")
     p.add_argument("--out", required=True, help="directory for the trained head")
     p.add_argument("--work-dir", help="features, dev features and checkpoints (default: OUT/work)")
     p.add_argument("--data-dir", help="existing feature shards to train on (default: WORK/features)")
@@ -227,7 +229,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-texts", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from WORK/ckpt.pt")
 

@@ -145,5 +145,5 @@ def add_train_predictor_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.5,
                    help="AdamW weight decay (default 0.5: the heads overfit the d-dim hidden state)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    add_model_args(p, ("threads",))
     p.set_defaults(func=run_train)

@@ -4,6 +4,8 @@
 - The engine knows policies and drafters only through their protocols.
 - Policies, drafters and predictors talk through :mod:`adaspec.types`, not through each other.
 - No import loop between the runtime's parts.
+- One place each: the model options (cli_args), the thread count (runtime.set_threads).
+- No process-wide side effects on import (environment, threads, transformers' logging).
 """
 
 from __future__ import annotations
@@ -152,3 +154,51 @@ def test_model_options_are_declared_once():
 
 def test_thread_counts_are_set_in_one_place():
     assert sorted({mod for mod, _ in _calls("set_num_threads")}) == ["adaspec.runtime"]
+
+
+_IMPORT_ALL = """
+import importlib, json, os, pkgutil, sys
+
+seen = []
+
+
+class Spy:  # records the environment numba is first imported under
+    def find_spec(self, name, path=None, target=None):
+        if name == "numba":
+            seen.append(os.environ.get("NUMBA_DISABLE_INTEL_SVML"))
+
+
+sys.meta_path.insert(0, Spy())
+import torch, transformers
+
+env, threads, verbosity = dict(os.environ), torch.get_num_threads(), transformers.logging.get_verbosity()
+import adaspec
+
+for m in pkgutil.walk_packages(adaspec.__path__, "adaspec."):
+    importlib.import_module(m.name)
+kernels = sys.modules["adaspec.runtime.kernels"]
+print(json.dumps({"modules": len(sys.modules), "cache": kernels.linear.stats.cache_path,
+                  "env": sorted(set(os.environ.items()) ^ set(env.items())), "numba_env": seen,
+                  "threads": [threads, torch.get_num_threads()],
+                  "verbosity": [verbosity, transformers.logging.get_verbosity()]}))
+"""
+
+
+def test_importing_the_package_changes_nothing_process_wide(tmp_path):
+    """Every module of the package, the numba kernels included, imports in a fresh process
+    without changing os.environ, torch's thread count or transformers' logging; numba itself
+    is imported with SVML off (batch invariance), set for that import only, and caches the
+    kernels under $ADASPEC_CACHE/numba."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_DISABLE_INTEL_SVML", "NUMBA_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_ALL], capture_output=True, text=True, check=True,
+                         env={**env, "PYTHONPATH": str(ROOT), "ADASPEC_CACHE": str(tmp_path)}, timeout=600)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["env"] == []
+    assert Path(res["cache"]).parent == tmp_path / "numba"
+    assert res["numba_env"] == ["1"]
+    assert res["threads"][0] == res["threads"][1] and res["verbosity"][0] == res["verbosity"][1]

@@ -15,7 +15,6 @@ the engine and the drafters do not know which runtime they drive. Differences in
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import threading
@@ -411,7 +410,7 @@ def ensure_compiled() -> None:
         return
     from . import kernels
 
-    cache = Path(os.environ["NUMBA_CACHE_DIR"])  # set by kernels on import
+    cache = kernels.CACHE_DIR
     fresh = not any(cache.rglob("*forward*.nbi")) if cache.is_dir() else True
     t0 = time.perf_counter()
     if fresh:

@@ -17,23 +17,57 @@ reassociation, so greedy verification under this runtime agrees with this runtim
 plain decoding token for token by construction.
 
 numba compiles once per machine and caches the machine code under
-``$ADASPEC_CACHE/numba`` (see :func:`adaspec.runtime.compiled.ensure_compiled`).
+``$ADASPEC_CACHE/numba`` (:data:`CACHE_DIR`; see :func:`adaspec.runtime.compiled.ensure_compiled`).
+Importing this module sets numba up (:func:`_import_numba`) without changing
+``os.environ``; nothing imports it before a compiled runner or a head drafter needs it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
 
-# Before numba is imported: our cache directory, and no SVML (a vectorised exp whose
-# last bit may differ from the scalar one would break batch invariance).
-os.environ.setdefault("NUMBA_DISABLE_INTEL_SVML", "1")
-if "NUMBA_CACHE_DIR" not in os.environ:
-    from ..models import cache_dir
+_SVML = "NUMBA_DISABLE_INTEL_SVML"
 
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
 
-import numba  # noqa: E402
+def _import_numba() -> tuple[ModuleType, Path]:
+    """Import numba set up for these kernels, leaving the process environment as it was.
+
+    numba reads ``NUMBA_DISABLE_INTEL_SVML`` once, when it is first imported; SVML must be
+    off (a vectorised exp whose last bit may differ from the scalar one would break batch
+    invariance), so the variable is set for that import only (unless the caller set it).
+    The cache directory, ``$ADASPEC_CACHE/numba`` unless ``NUMBA_CACHE_DIR`` names another,
+    goes into ``numba.config``, where the ``cache=True`` kernels below read it when they
+    are decorated. Returns numba and the cache directory.
+    """
+    fresh, had_svml = "numba" not in sys.modules, _SVML in os.environ
+    os.environ.setdefault(_SVML, "1")
+    try:
+        import numba
+        from numba.core import config
+    finally:
+        if not had_svml:
+            del os.environ[_SVML]
+    if not fresh and config.USING_SVML:
+        warnings.warn("numba was imported with Intel SVML before adaspec's kernels: set "
+                      f"{_SVML}=1 before it, or the compiled runtime may lose batch invariance",
+                      RuntimeWarning, stacklevel=3)
+    # numba re-reads its NUMBA_* variables before each compilation when they changed:
+    # take the restored environment in now, so that the cache directory set below stays
+    config.reload_config()
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        from ..models import cache_dir
+
+        config.CACHE_DIR = str(cache_dir() / "numba")
+    return numba, Path(config.CACHE_DIR)
+
+
+numba, CACHE_DIR = _import_numba()
+
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402

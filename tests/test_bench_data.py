@@ -146,6 +146,60 @@ def test_speedup_is_mean_of_per_prompt_ratios(tmp_path):
     assert (tmp_path / "speedup.png").is_file()
 
 
+def test_calibration_pairs_make_the_calibration_plot(tmp_path):
+    """Rows carrying a predictor's [p_hat, accepted] pairs (specdecpp reports them) give
+    calibration.png, linked from the report; rows without give no such plot."""
+    rows = [_row("a", "ar", 10.0), _row("a", "specdecpp", 20.0, calibration=[[0.9, 1], [0.2, 0], [0.6, 1]])]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report_only(tmp_path)
+    assert (tmp_path / "calibration.png").stat().st_size > 0
+    assert "calibration.png" in (tmp_path / "report.md").read_text()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+    report_only(bare)
+    assert not (bare / "calibration.png").exists()
+
+
+def test_run_one_moves_policy_calibration_pairs_into_the_row():
+    from adaspec.bench.methods import TurnResult
+    from adaspec.bench.runner import BenchConfig, run_one
+    from adaspec.data import Prompt
+    from adaspec.types import GenerationStats
+
+    class Runner:  # two turns, each reporting calibration pairs like specdecpp
+        def generate(self, ids, max_new_tokens, temperature, seed):
+            stats = GenerationStats(new_tokens=2, target_forwards=1, wall_s=0.5)
+            stats.record_round(2, 1)
+            stats.extra.update(calibration=[[0.7, 1], [0.4, 0]], note="x")
+            return TurnResult([5, 6], stats)
+
+    class Tok:
+        def __call__(self, text):
+            return {"input_ids": [1, 2, 3]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "ab"
+
+    row = run_one(Runner(), Prompt("p", "c", ["t1", "t2"]), Tok(), BenchConfig(), chat=False)
+    assert row["calibration"] == [[0.7, 1], [0.4, 0]] * 2
+    assert row["extra"] == [{"note": "x"}, {"note": "x"}]
+    assert (row["new_tokens"], row["target_forwards"], row["tau"]) == (4, 2, 2.0)
+    assert row["accept_hist"] == [0, 2] and row["pos_tested"] == [2, 2] and row["pos_accepted"] == [2]
+
+
+def test_bench_device_reaches_the_run(tmp_path, monkeypatch):
+    import adaspec.bench.cli as bench_cli
+
+    seen = []
+    monkeypatch.setattr(bench_cli, "run_benchmark", lambda cfg: seen.append(cfg) or {"methods": {}})
+    monkeypatch.setattr(bench_cli, "_print_tables", lambda summary, out: None)
+    for extra in ([], ["--quick"]):
+        args = _parse("--device", "cuda:1", "--out", str(tmp_path), *extra)
+        assert args.func(args) == 0
+    assert [c.device for c in seen] == ["cuda:1", "cuda:1"]
+
+
 def test_results_errors(tmp_path):
     f = tmp_path / "results.jsonl"
     with pytest.raises(DatasetError, match="does not exist"):

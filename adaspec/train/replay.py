@@ -13,17 +13,17 @@ continuation. Replay therefore
    differs from the target token ends it (accepted m), the target's own token at t+m is
    the committed extra token, and the next round starts at t+m+1.
 
-It writes the same trace format as the engine-based :func:`adaspec.train.traces.collect`
-(``meta.args.replay = true``) with two differences: only tried positions are recorded
-(the engine also records the draft's own continuation after a rejection, which no policy
-ever acts on), and ``round_draft_s`` / ``round_verify_s`` are NaN (nothing is timed).
-Per prompt it costs one target generation plus one forward of each model, about 10x fewer
-target-seconds per tried position than engine collection on CPU.
+:func:`adaspec.train.traces.collect` with ``replay=True`` writes these rounds in the same
+trace format as engine collection (``meta.args.replay = true``) with two differences: only
+tried positions are recorded (the engine also records the draft's own continuation after
+a rejection, which no policy ever acts on), and ``round_draft_s`` / ``round_verify_s``
+are NaN (nothing is timed). Per prompt it costs one target generation plus one forward of
+each model, about 10x fewer target-seconds per tried position than engine collection on CPU.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +34,7 @@ from ..models import LoadedModel
 from ..predictors.features import RecentAcceptance, scalar_features, soft_label
 from ..types import DraftStep
 from ..verify import greedy_from_argmax
-from .traces import RecorderPolicy, _atomic_json, open_trace_dir, write_shard
+from .traces import RecorderPolicy
 
 
 @torch.inference_mode()
@@ -107,55 +107,26 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
     return len(rec.rnd["prompt"]) - r0
 
 
-def collect_replay(
-    target: LoadedModel,
-    draft: LoadedModel,
-    prompts: list[list[int]],
-    out: Path,
-    *,
-    k: int = 8,
-    max_new_tokens: int = 128,
-    shard_size: int = 16,
-    attention: bool = False,
-    source: str = "",
-    progress: bool = True,
-    batch_size: int = 16,
-) -> dict:
-    """Replayed greedy traces of ``prompts`` (token ids) under ``out``; returns the meta dict.
-
-    Same output and resume rules as :func:`adaspec.train.traces.collect`.
-    """
-    from tqdm import tqdm
-
+def replay_prompts(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], start: int, end: int,
+                   rec: RecorderPolicy, *, k: int, max_new_tokens: int, attention: bool, batch_size: int,
+                   tick: Callable[[int], object] = lambda n: None) -> None:
+    """Record the replayed rounds of ``prompts[start:end]`` into ``rec``: the target's greedy
+    continuations in batches of ``batch_size``, then :func:`replay_prompt` on each;
+    ``tick(1)`` after each prompt. (``collect(..., replay=True)`` writes them as shards.)"""
     from .draft_data import greedy_batch
 
-    if k < 1 or shard_size < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise InvalidArgumentError("collect: k, shard_size, batch size and max_new_tokens must be >= 1")
-    args = {"k": k, "max_new_tokens": max_new_tokens, "shard_size": shard_size, "attention": attention,
-            "n_prompts": len(prompts), "source": source, "sampling": "greedy", "replay": True}
-    meta, done = open_trace_dir(target, draft, out, args)
-    rec = RecorderPolicy(k=k, attention=attention)
     eos = sorted(target.eos_ids)
-    bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect --replay", unit="prompt")
-    for start in range(done, len(prompts), shard_size):
-        end = min(start + shard_size, len(prompts))
-        rec.clear()
-        for b in range(start, end, batch_size):
-            group = prompts[b:min(b + batch_size, end)]
-            room = [min(max_new_tokens, target.max_context - len(p) - 1) for p in group]
-            if min(room) < 1:
-                raise InvalidArgumentError(f"a prompt of {max(map(len, group))} tokens leaves no room "
-                                           f"in the target's context of {target.max_context}")
-            width = max(map(len, group))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=target.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=target.device)
-            responses = greedy_batch(target.model, ids, mask, min(room), eos)
-            for i, (p, resp) in enumerate(zip(group, responses)):
-                rec.prompt_index = b + i
-                replay_prompt(target, draft, p, resp, rec, k, attention)
-                bar.update(1)
-        write_shard(out, meta, rec, start, end)
-    bar.close()
-    meta["complete"] = True
-    _atomic_json(out / "meta.json", meta)
-    return meta
+    for b in range(start, end, batch_size):
+        group = prompts[b:min(b + batch_size, end)]
+        room = [min(max_new_tokens, target.max_context - len(p) - 1) for p in group]
+        if min(room) < 1:
+            raise InvalidArgumentError(f"a prompt of {max(map(len, group))} tokens leaves no room "
+                                       f"in the target's context of {target.max_context}")
+        width = max(map(len, group))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=target.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=target.device)
+        responses = greedy_batch(target.model, ids, mask, min(room), eos)
+        for i, (p, resp) in enumerate(zip(group, responses)):
+            rec.prompt_index = b + i
+            replay_prompt(target, draft, p, resp, rec, k, attention)
+            tick(1)

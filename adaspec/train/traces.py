@@ -171,33 +171,53 @@ def collect(
     source: str = "",
     progress: bool = True,
     runtime: str = "auto",
+    replay: bool = False,
+    batch_size: int = 16,
 ) -> dict:
-    """Run the engine over ``prompts`` (token ids) and write traces under ``out``.
+    """Record traces of ``prompts`` (token ids) under ``out``, one shard per ``shard_size``
+    prompts (resumed where an earlier run stopped).
 
-    ``runtime``: how the engine's forwards run (see :mod:`adaspec.runtime`).
+    The engine runs each prompt (``runtime``: how its forwards run, see
+    :mod:`adaspec.runtime`); with ``replay``, fixed-K rounds are replayed over the target's
+    batched greedy continuations instead (``batch_size`` prompts per generation; see
+    :mod:`adaspec.train.replay`).
 
     Returns the final meta dict. Raises InvalidArgumentError when ``out`` holds traces of
     another pair or other arguments.
     """
     from tqdm import tqdm
 
-    from ..api import SpeculativeGenerator
-
-    if k < 1 or shard_size < 1 or max_new_tokens < 1:
-        raise InvalidArgumentError("collect: k, shard_size and max_new_tokens must be >= 1")
+    if k < 1 or shard_size < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise InvalidArgumentError("collect: k, shard_size, batch size and max_new_tokens must be >= 1")
     args = {"k": k, "max_new_tokens": max_new_tokens, "shard_size": shard_size, "attention": attention,
             "n_prompts": len(prompts), "source": source, "sampling": "greedy"}
+    if replay:
+        args["replay"] = True
     meta, done = open_trace_dir(target, draft, out, args)
     rec = RecorderPolicy(k=k, attention=attention)
-    gen = SpeculativeGenerator(target, draft, rec, runtime=runtime)
-    bar = tqdm(total=len(prompts), initial=done, disable=not progress, desc="collect", unit="prompt")
+    bar = tqdm(total=len(prompts), initial=done, disable=not progress, unit="prompt",
+               desc="collect --replay" if replay else "collect")
+    if replay:
+        from .replay import replay_prompts
+
+        def record(start: int, end: int) -> None:
+            replay_prompts(target, draft, prompts, start, end, rec, k=k, max_new_tokens=max_new_tokens,
+                           attention=attention, batch_size=batch_size, tick=bar.update)
+    else:
+        from ..api import SpeculativeGenerator
+
+        gen = SpeculativeGenerator(target, draft, rec, runtime=runtime)
+
+        def record(start: int, end: int) -> None:
+            for i in range(start, end):
+                rec.prompt_index = i
+                gen.generate(prompts[i], max_new_tokens=max_new_tokens)
+                bar.update(1)
+
     for start in range(done, len(prompts), shard_size):
         end = min(start + shard_size, len(prompts))
         rec.clear()
-        for i in range(start, end):
-            rec.prompt_index = i
-            gen.generate(prompts[i], max_new_tokens=max_new_tokens)
-            bar.update(1)
+        record(start, end)
         write_shard(out, meta, rec, start, end)
     bar.close()
     meta["complete"] = True

@@ -241,6 +241,8 @@ class HFRunner:
         def on_target(_mod: Any, args: tuple, kwargs: dict) -> None:
             inp = kwargs.get("input_ids", args[0] if args else None)
             cache = kwargs.get("past_key_values")
+            if cache is None:  # transformers >= 5.24 names it ``cache``
+                cache = kwargs.get("cache")
             start = int(cache.get_seq_length()) if cache is not None else 0
             calls.append((start, int(inp.shape[1]) if inp is not None else 0))
 

@@ -310,6 +310,21 @@ def test_source_choice_learns_from_rejected_copies():
     assert sc.plan(40, 1.0, 16).source == "ngram"  # another class keeps its prior
 
 
+def test_a_stalled_round_does_not_bend_the_cost_fits():
+    """A verify (or a model draft) 10x slower than usual, as when another process takes the
+    core, counts as ``clip`` times the estimate; with clip off it drags the fit with it."""
+    fits = {}
+    for clip in (1.5, float("inf")):
+        sc = SourceChoice(clip=clip)
+        sc.__dict__.update(measured_choice().__dict__, clip=clip)
+        before = (sc.verify_s(9), sc._d.value)
+        sc.update("none", 0, 0.0, 0.0, 10 * sc.verify_s(9), 9, 8, 0, 1)
+        sc.update("model", 0, 0.0, 10 * sc._d.value, sc.verify_s(3), 3, 2, 1, 2)
+        fits[clip] = (sc.verify_s(9) / before[0], sc._d.value / before[1])
+    assert all(r <= 1.5 for r in fits[1.5]), fits
+    assert all(r > 1.5 for r in fits[float("inf")]), fits
+
+
 def test_source_choice_model_none_and_exploration():
     sc = SourceChoice()
     assert sc.plan(1, 1.0, 8) == Plan("model") and sc.plan(5, 1.0, 8) == Plan("ngram", 8)  # explore

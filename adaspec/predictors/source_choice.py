@@ -104,6 +104,9 @@ class SourceChoice:
         explore_every: a round that would draft nothing drafts with the model instead
             when the model has not drafted for this many rounds (default 1: "none" only
             right after a model round measured slower than a plain step).
+        clip: a measured verify (draft) time above ``clip`` times its current estimate is
+            counted as ``clip`` times the estimate (default 1.5): a round stalled by another
+            process on the machine must not bend the cost fits that steer every choice.
     """
 
     alpha: float = 0.1
@@ -112,6 +115,8 @@ class SourceChoice:
     prior_weight: float = 4.0
     prior_slope: float = 0.1
     explore_every: int = 1
+    clip: float = 1.5
+    _d: _Ema = field(default_factory=_Ema)  # draft seconds of a model round
     _pos: dict = field(default_factory=dict)  # (length bucket, agreement == 1) -> _Positions
     _m_gain: _Ema = field(default_factory=_Ema)
     _m_s: _Ema = field(default_factory=_Ema)
@@ -124,7 +129,7 @@ class SourceChoice:
 
     def reset(self) -> None:
         fresh = SourceChoice(self.alpha, self.explore_len, self.min_len, self.prior_weight,
-                             self.prior_slope, self.explore_every)
+                             self.prior_slope, self.explore_every, self.clip)
         self.__dict__.update(fresh.__dict__)
 
     # ------------------------------------------------------------------ estimates
@@ -202,6 +207,10 @@ class SourceChoice:
         ``verified`` tokens in the verify forward (root included), ``drafted`` chain tokens,
         ``accepted`` of them, ``committed`` tokens."""
         a = self.alpha
+        if self._fit.sums[0] > 0 and self._slope is not None:
+            verify_s = min(verify_s, self.clip * self.verify_s(verified))
+        if source == "model" and self._d.n:
+            draft_s = min(draft_s, self.clip * self._d.value)
         self._gain.add(committed, a)
         self._s.add(draft_s + verify_s, a)
         self._fit.add(verified, verify_s, 1.0 - a)
@@ -214,6 +223,7 @@ class SourceChoice:
             self._pos.setdefault(key, _Positions()).add(drafted, accepted)
         self._since_model = 0 if source == "model" else self._since_model + 1
         if source == "model":
+            self._d.add(draft_s, a)
             self._m_gain.add(committed, a)
             self._m_s.add(draft_s + verify_s, a)
 

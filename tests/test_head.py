@@ -165,3 +165,47 @@ def test_bench_runs_every_method_on_a_head_given_as_the_runs_draft(tmp_path):
         assert summary["methods"][m]["identical_to_ar_rate"] == 1.0
         assert summary["methods"][m]["draft_forwards_per_token"] > 0
     assert summary["meta"]["draft"].startswith("head:")
+
+
+def test_feature_shards_resume_and_hold_the_targets_features(tmp_path):
+    """Both ways of making head data (``extract``: teacher-forced texts; ``greedy_extract``:
+    the target's own continuations) resume by text count and store, row by row, the
+    target's last hidden states over exactly the text."""
+    from test_bench import make_tiny_pair
+
+    from adaspec.data import Prompt
+    from adaspec.models import load_model
+    from adaspec.train import head_data as hd
+    from adaspec.train.draft_data import greedy_batch
+
+    target = load_model(str(make_tiny_pair(tmp_path / "tiny")[0]), dtype="fp32")
+    model, tok = target.model, target.tokenizer
+
+    def check(dir_, texts):  # rows in any order (extract sorts a window's texts by length)
+        toks, feats = hd.load_shards(dir_)
+        rows = [t[t >= 0].tolist() for t in toks]
+        assert sorted(rows) == sorted(texts)
+        for f, text in zip(feats, rows, strict=True):
+            with torch.no_grad():
+                want = model.model(input_ids=torch.tensor([text])).last_hidden_state[0]
+            torch.testing.assert_close(f[: len(text)].float(), want, atol=2e-2, rtol=2e-2)
+
+    texts = [[5, 9, 3, 70, 12], [17, 2, 8], [40, 41, 42, 43, 44, 45, 46], [99, 3]]
+    assert hd.extract(model, texts[:2], tmp_path / "tf", minutes=60, progress=False) == 8
+    total = hd.extract(model, texts, tmp_path / "tf", minutes=60, shard_tokens=1, progress=False)
+    assert total == sum(map(len, texts))
+    check(tmp_path / "tf", texts)
+
+    prompts = [Prompt(f"p{i}", "code", [f"def f{i}(x, y):\n    return"], raw=True) for i in range(5)]
+    hd.greedy_extract(model, tok, prompts[:3], tmp_path / "gr", minutes=60, batch_size=2,
+                      max_new_tokens=6, shard_tokens=1, progress=False)
+    hd.greedy_extract(model, tok, prompts, tmp_path / "gr", minutes=60, batch_size=2,
+                      max_new_tokens=6, progress=False)
+    want = []
+    for p in prompts:  # one prompt at a time: the continuation does not depend on the batch
+        ids = tok.encode(p.turns[0], add_special_tokens=False)
+        resp = greedy_batch(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 6,
+                            tok.eos_token_id)[0]
+        want.append(ids + resp[:-1])
+    check(tmp_path / "gr", want)
+    assert (tmp_path / "gr" / "progress.txt").read_text().split()[0] == "5"

@@ -114,6 +114,40 @@ def target_features(model: Any, batch: list[list[int]]) -> tuple[torch.Tensor, t
     return toks, hid.to(torch.float16)
 
 
+def _stack(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (tokens int32 [n_i, T_i] pad -1, feats float16 [n_i, T_i, d]) -> one right-padded
+    pair (tokens [N, T] pad -1, feats [N, T, d]) with T = max T_i."""
+    width = max(t.shape[1] for t, _ in parts)
+    toks = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t, _ in parts])
+    feats = torch.cat([torch.nn.functional.pad(f, (0, 0, 0, width - f.shape[1])) for _, f in parts])
+    return toks, feats
+
+
+class _ShardDir:
+    """A directory of feature shards (``shard-00000.pt``: ``tokens``, ``feats``) and its resume
+    state ``progress.txt``: texts done (shards keep the input order), tokens, shards."""
+
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.dir, self.state = out_dir, out_dir / "progress.txt"
+        self.texts = self.tokens = self.shards = 0
+        if self.state.is_file():
+            self.texts, self.tokens, self.shards = (int(x) for x in self.state.read_text().split())
+
+    def write(self, parts: list[tuple[torch.Tensor, torch.Tensor]], n_texts: int) -> None:
+        """One shard of ``parts`` (blocks as :func:`_stack` takes; none: no shard), then
+        ``n_texts`` more input texts count as done."""
+        if parts:
+            toks, feats = _stack(parts)
+            tmp = self.dir / f"shard-{self.shards:05d}.pt.tmp"
+            torch.save({"tokens": toks, "feats": feats}, tmp)
+            tmp.rename(self.dir / f"shard-{self.shards:05d}.pt")
+            self.shards += 1
+            self.tokens += int((toks >= 0).sum())
+        self.texts += n_texts
+        self.state.write_text(f"{self.texts} {self.tokens} {self.shards}\n")
+
+
 def extract(model: Any, texts: list[list[int]], out_dir: Path, *, minutes: float, batch_tokens: int = 2048,
             shard_tokens: int = 65536, progress: bool = True) -> int:
     """Write feature shards for ``texts`` into ``out_dir`` until done or ``minutes`` pass.
@@ -123,34 +157,12 @@ def extract(model: Any, texts: list[list[int]], out_dir: Path, *, minutes: float
     """
     from tqdm import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = out_dir / "progress.txt"
-    done_texts, done_tokens, shard_no = 0, 0, 0
-    if state.is_file():
-        done_texts, done_tokens, shard_no = (int(x) for x in state.read_text().split())
-    todo = texts[done_texts:]
+    shards = _ShardDir(out_dir)
+    todo = texts[shards.texts:]
     deadline = time.monotonic() + minutes * 60
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
     pending_tok = pending_texts = 0
     bar = tqdm(total=sum(len(t) for t in todo), unit="tok", desc="target features", disable=not progress)
-
-    def flush() -> None:
-        nonlocal pending, pending_tok, pending_texts, shard_no, done_texts, done_tokens
-        if not pending:
-            return
-        width = max(p[0].shape[1] for p in pending)
-        toks = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=-1)
-                          for p in pending])
-        feats = torch.cat([torch.nn.functional.pad(p[1], (0, 0, 0, width - p[1].shape[1])) for p in pending])
-        tmp = out_dir / f"shard-{shard_no:05d}.pt.tmp"
-        torch.save({"tokens": toks, "feats": feats}, tmp)
-        tmp.rename(out_dir / f"shard-{shard_no:05d}.pt")
-        shard_no += 1
-        done_texts += pending_texts
-        done_tokens += pending_tok
-        state.write_text(f"{done_texts} {done_tokens} {shard_no}\n")
-        pending, pending_tok, pending_texts = [], 0, 0
-
     # shards keep text order (resume by count): batch within fixed windows of the list
     window = 256
     for w0 in range(0, len(todo), window):
@@ -162,12 +174,14 @@ def extract(model: Any, texts: list[list[int]], out_dir: Path, *, minutes: float
             bar.update(n_tok)
         pending_texts += len(chunk)
         if pending_tok >= shard_tokens:
-            flush()
+            shards.write(pending, pending_texts)
+            pending, pending_tok, pending_texts = [], 0, 0
         if time.monotonic() > deadline:
             break
-    flush()
+    if pending:
+        shards.write(pending, pending_texts)
     bar.close()
-    return done_tokens
+    return shards.tokens
 
 
 def greedy_extract(model: Any, tokenizer: Any, prompts: list[Any], out_dir: Path, *, minutes: float,
@@ -188,62 +202,40 @@ def greedy_extract(model: Any, tokenizer: Any, prompts: list[Any], out_dir: Path
 
     from .draft_data import greedy_batch, prompt_text
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = out_dir / "progress.txt"
-    done_texts, done_tokens, shard_no = 0, 0, 0
-    if state.is_file():
-        done_texts, done_tokens, shard_no = (int(x) for x in state.read_text().split())
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    shards = _ShardDir(out_dir)
     deadline = time.monotonic() + minutes * 60
-    pending: list[tuple[list[int], torch.Tensor]] = []
-    pending_prompts = 0
-    bar = tqdm(total=len(prompts), initial=done_texts, unit="prompt", desc="target continuations",
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pending_tok = pending_prompts = 0
+    bar = tqdm(total=len(prompts), initial=shards.texts, unit="prompt", desc="target continuations",
                disable=not progress)
-
-    def flush() -> None:
-        nonlocal pending, pending_prompts, shard_no, done_texts, done_tokens
-        if pending:
-            width = max(len(t) for t, _ in pending)
-            toks = torch.full((len(pending), width), -1, dtype=torch.int32)
-            feats = torch.zeros((len(pending), width, pending[0][1].shape[-1]), dtype=torch.float16)
-            for i, (t, f) in enumerate(pending):
-                toks[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-                feats[i, : len(t)] = f
-            tmp = out_dir / f"shard-{shard_no:05d}.pt.tmp"
-            torch.save({"tokens": toks, "feats": feats}, tmp)
-            tmp.rename(out_dir / f"shard-{shard_no:05d}.pt")
-            shard_no += 1
-            done_tokens += sum(len(t) for t, _ in pending)
-        done_texts += pending_prompts
-        state.write_text(f"{done_texts} {done_tokens} {shard_no}\n")
-        pending, pending_prompts = [], 0
-
     eos = tokenizer.eos_token_id
-    todo = prompts[done_texts:]
+    todo = prompts[shards.texts:]
     for b0 in range(0, len(todo), batch_size):
         if time.monotonic() > deadline:
             break
         batch = todo[b0: b0 + batch_size]
-        texts = [prompt_text(p, tokenizer) for p in batch]
-        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        keep = [t for t, i in zip(texts, ids, strict=True) if len(i) <= max_prompt_tokens]
+        ids = [tokenizer.encode(prompt_text(p, tokenizer), add_special_tokens=False) for p in batch]
+        keep = [i for i in ids if len(i) <= max_prompt_tokens]
         if keep:
-            enc = tokenizer(keep, return_tensors="pt", padding=True, add_special_tokens=False)
+            width = max(map(len, keep))  # left-padded: greedy_batch's positions skip the padding
+            input_ids = torch.tensor([[0] * (width - len(i)) + i for i in keep])
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in keep])
             hidden: list[list[torch.Tensor]] = []
-            out = greedy_batch(model, enc.input_ids, enc.attention_mask, max_new_tokens, eos, hidden=hidden)
-            for i, resp in enumerate(out):
-                prompt = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
-                pending.append((prompt + resp[:-1], torch.cat(hidden[i])))
+            out = greedy_batch(model, input_ids, mask, max_new_tokens, eos, hidden=hidden)
+            for prompt, resp, h in zip(keep, out, hidden, strict=True):
+                text = prompt + resp[:-1]
+                pending.append((torch.tensor([text], dtype=torch.int32), torch.cat(h)[None]))
+                pending_tok += len(text)
         pending_prompts += len(batch)
         bar.update(len(batch))
-        bar.set_postfix(tokens=done_tokens + sum(len(t) for t, _ in pending))
-        if sum(len(t) for t, _ in pending) >= shard_tokens:
-            flush()
-    flush()
+        bar.set_postfix(tokens=shards.tokens + pending_tok)
+        if pending_tok >= shard_tokens:
+            shards.write(pending, pending_prompts)
+            pending, pending_tok, pending_prompts = [], 0, 0
+    if pending or pending_prompts:
+        shards.write(pending, pending_prompts)
     bar.close()
-    return done_tokens
+    return shards.tokens
 
 
 def load_shards(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,13 +243,7 @@ def load_shards(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     files = sorted(data_dir.glob("shard-*.pt"))
     if not files:
         raise InvalidArgumentError(f"no feature shards in {data_dir}")
-    parts = [torch.load(f) for f in files]
-    width = max(p["tokens"].shape[1] for p in parts)
-    toks = torch.cat([torch.nn.functional.pad(p["tokens"], (0, width - p["tokens"].shape[1]), value=-1)
-                      for p in parts])
-    feats = torch.cat([torch.nn.functional.pad(p["feats"], (0, 0, 0, width - p["feats"].shape[1]))
-                       for p in parts])
-    return toks, feats
+    return _stack([(d["tokens"], d["feats"]) for d in map(torch.load, files)])
 
 
 #: share of each source in any prefix of the mixed list (code first: the head's main use)

@@ -227,6 +227,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
                      f"{_f(e['tau'], '.2f')} | {_pct(e['acceptance_rate'])} | "
                      f"{_f(e['draft_forwards_per_token'], '.2f')} | {_f(e['overhead_pct'], '.1f', '%')} | "
                      f"{_pct(e['identical_to_ar_rate'])} | {e['n']} |")
+    for m, why in (summary.get("meta") or {}).get("failed", {}).items():  # e.g. a peer engine crashed
+        lines.append(f"| `{m}` | failed: {why} | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -244,6 +244,8 @@ class LeanWeights:
 class CompiledRunner(RunnerBase):
     """Feeds token sequences to one model through the compiled runtime (static KV cache)."""
 
+    full_vocab = True  # False: a reduced-vocabulary head's logits stay [n, Vs] (lean.out_ids order)
+
     def __init__(self, model: nn.Module, release: bool = False) -> None:
         super().__init__(model)
         ensure_compiled()
@@ -270,7 +272,7 @@ class CompiledRunner(RunnerBase):
         self.forwards += 1
         self._conc = conc
         out = torch.from_numpy(logits)
-        if self.lean.out_ids is not None:  # reduced-vocabulary head: q = 0 outside the subset
+        if self.lean.out_ids is not None and self.full_vocab:  # reduced-vocabulary head: q = 0 elsewhere
             full = out.new_full((out.shape[0], self.lean.vocab), float("-inf"))
             out = full.index_copy_(1, self.lean.out_ids, out)
         return ForwardOut(out, torch.from_numpy(hid) if hidden else None)

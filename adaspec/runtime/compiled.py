@@ -244,8 +244,6 @@ class LeanWeights:
 class CompiledRunner(RunnerBase):
     """Feeds token sequences to one model through the compiled runtime (static KV cache)."""
 
-    full_vocab = True  # False: a reduced-vocabulary head's logits stay [n, Vs] (lean.out_ids order)
-
     def __init__(self, model: nn.Module, release: bool = False) -> None:
         super().__init__(model)
         ensure_compiled()
@@ -263,6 +261,8 @@ class CompiledRunner(RunnerBase):
 
     def _crop(self, length: int) -> None:
         pass  # slots >= len(self.tokens) are simply overwritten by the next forward
+
+    full_vocab = True  # False: a reduced-vocabulary head's logits stay [n, Vs] (lean.out_ids order)
 
     def _run(self, feed: list[int], pos: list[int], start: int, mask: np.ndarray, n_out: int,
              hidden: bool, n_logits: int | None = None) -> ForwardOut:

@@ -41,9 +41,11 @@ def test_lazy_step_equals_the_full_vocabulary_step():
 
 
 @pytest.mark.parametrize("runtime", ["eager", "compiled"])
-def test_subset_draft_proposes_the_full_vocabulary_argmax(runtime):
+def test_subset_draft_proposes_the_full_vocabulary_argmax(runtime, monkeypatch):
     """Greedy drafts of a SubsetLMHead draft: every token is the argmax of its full-vocabulary
-    logits (q = 0 outside the subset), on the runtime that keeps the logits unscattered too."""
+    logits (q = 0 outside the subset), on the runtime that keeps the logits unscattered too
+    (weights as stored: a re-encoded draft would propose from other numbers)."""
+    monkeypatch.setenv("ADASPEC_DRAFT_ENCODING", "stored")
     from transformers import LlamaConfig
 
     from adaspec.draft_model import build_subset_draft
@@ -65,3 +67,14 @@ def test_subset_draft_proposes_the_full_vocabulary_argmax(runtime):
             fin = ~torch.isinf(full)
             assert torch.equal(fin, ~torch.isinf(step.logits))
             torch.testing.assert_close(step.logits[fin], full[fin], rtol=1e-4, atol=1e-4)
+
+
+def test_draft_encoding_follows_the_environment(monkeypatch):
+    from adaspec.drafters.model import DRAFT_ENCODING, draft_encoding
+
+    monkeypatch.delenv("ADASPEC_DRAFT_ENCODING", raising=False)
+    assert draft_encoding() == DRAFT_ENCODING == "q8_0"
+    monkeypatch.setenv("ADASPEC_DRAFT_ENCODING", " BF16 ")
+    assert draft_encoding() == "bf16"
+    monkeypatch.setenv("ADASPEC_DRAFT_ENCODING", "stored")
+    assert draft_encoding() is None

@@ -3,13 +3,15 @@
 Per drafted token the hot path does one draft forward, one argmax (greedy) or one sample
 and one policy call; nothing else is computed unless a policy reads it (:class:`ModelStep`
 builds the full-vocabulary logits and q on first access). On the native compiled runtime
-the draft's weights are re-encoded to :data:`DRAFT_ENCODING` (Q8_0): the draft's precision
-never changes the output (verification decides), only how often its guesses are accepted.
+the draft's weights are re-encoded to :data:`DRAFT_ENCODING` (Q8_0; ``$ADASPEC_DRAFT_ENCODING``
+overrides it): the draft's precision never changes the output (verification decides), only
+how often its guesses are accepted.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from functools import cached_property
 
 import torch
@@ -20,7 +22,8 @@ from ..sampling import SamplingConfig, processed_probs, sample
 from ..types import Action, Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
 
-DRAFT_ENCODING = "q8_0"  # the draft's weights on the native compiled runtime (None: as stored)
+DRAFT_ENCODING = "q8_0"  # the draft's weights on the native compiled runtime
+ENCODING_ENV = "ADASPEC_DRAFT_ENCODING"  # overrides it: q8_0, bf16, f16, f32, or "stored" (as loaded)
 
 
 class ModelStep(DraftStep):
@@ -79,14 +82,22 @@ class ModelStep(DraftStep):
         return f"ModelStep(index={self.index}, token={self.token}, context_len={self.context_len})"
 
 
+def draft_encoding() -> str | None:
+    """The encoding of the draft's weights on the native runtime: ``$ADASPEC_DRAFT_ENCODING``
+    (``stored``: as loaded) or :data:`DRAFT_ENCODING`."""
+    enc = os.environ.get(ENCODING_ENV, DRAFT_ENCODING).strip().lower()
+    return None if enc in ("", "stored", "none") else enc
+
+
 def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
     """The draft's runner: on the native compiled runtime, weights re-encoded to
-    :data:`DRAFT_ENCODING` (when the runtime offers re-encoding), else as ``make_runner``."""
-    if runtime == "compiled" and DRAFT_ENCODING:
+    :func:`draft_encoding` (when the runtime offers re-encoding), else as ``make_runner``."""
+    enc = draft_encoding()
+    if runtime == "compiled" and enc:
         from ..runtime.compiled import CompiledRunner
 
         if "encoding" in inspect.signature(CompiledRunner.__init__).parameters:
-            return CompiledRunner(model, release, native=True, encoding=DRAFT_ENCODING)
+            return CompiledRunner(model, release, native=True, encoding=enc)
     return make_runner(model, runtime, release=release)
 
 

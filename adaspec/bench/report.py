@@ -307,6 +307,10 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
                 "so a near-tie argmax can flip (DESIGN §4). The gaps come from one extra target "
                 "forward over the shared prefix (same dtype): a gap near the bf16 resolution "
                 "(a few hundredths of a logit) is such a tie; compare with `--dtype fp32`.", ""]
+        if any(x["method"].startswith("llamacpp") for x in mism):
+            out += ["`llamacpp` rows are another engine: llama.cpp quantises activations to 8 bits in "
+                    "its quantised dot products and sums in its own order, so its greedy text is not "
+                    "the reference model's; its mismatches are reported, not a losslessness failure.", ""]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)

@@ -256,6 +256,11 @@ class CompiledRunner(RunnerBase):
 
             self.lean = NativeWeights.of(model, release, encoding)
         else:
+            from .native import NativeWeights
+
+            nw = NativeWeights.existing(model)
+            if nw is not None:  # a natively loaded module: decode its weights before packing fp32
+                nw.restore_eager_weights()
             self.lean = LeanWeights.of(model, release)
         self.kt, self.vc = self.lean.new_cache()
         self._conc = np.zeros(1, np.float32)

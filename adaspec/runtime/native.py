@@ -106,7 +106,11 @@ def pack(enc: Encoded) -> tuple[int, np.ndarray]:
     a multiple of 32 (:func:`_fit`)."""
     p = -(-enc.n // 16)
     nb = enc.k // 32
-    if enc.kind in (F32, F16, BF16):
+    if enc.kind == F32:
+        from .kernels import pack_weight
+
+        return F32, pack_weight(np.ascontiguousarray(enc.data, np.float32)).view(np.uint8).reshape(-1)
+    if enc.kind in (F16, BF16):
         a = _panels(np.ascontiguousarray(enc.data).reshape(enc.n, nb, 32), p)  # [p, nb, 16, 32]
         out = np.ascontiguousarray(a.swapaxes(2, 3))  # [p, nb, 32 k, 16 lanes]
         return enc.kind, out.view(np.uint8).reshape(-1)
@@ -124,78 +128,167 @@ def pack(enc: Encoded) -> tuple[int, np.ndarray]:
 
 
 def _fit(enc: Encoded) -> Encoded:
-    """``enc`` when its K is a multiple of 32 (the kernels read 32 input features per block).
-
-    Raises:
-        UnsupportedEncodingError: otherwise (``auto`` then runs compiled-fp32).
-    """
-    if enc.k % 32 == 0:
+    """``enc``, or (fp16 / bf16 with K not a multiple of 32, the block the kernels decode)
+    the same values widened to fp32, exactly."""
+    if enc.k % 32 == 0 or enc.kind == F32:
         return enc
-    raise UnsupportedEncodingError(f"an input width of {enc.k} (the native kernels need a multiple of 32)")
-
-
-GGUF_TYPES = {"F32": F32, "F16": F16, "BF16": BF16, "Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1}
+    return Encoded(F32, enc.n, enc.k, decode(enc))
 
 
 class GGUFSource:
     """Weights of a Llama-family GGUF file, in Hugging Face order.
+
+    Only the header and tensor directory are parsed (:func:`read_gguf_index`: no
+    vocabulary objects); each tensor is read from the file when asked for, so the peak
+    memory holds the packed weights plus one tensor.
 
     Raises:
         ModelLoadError: the file is truncated or not a GGUF (one line naming it).
     """
 
     def __init__(self, path: str | Path, heads: int | None = None, kv_heads: int | None = None) -> None:
-        import gguf
-
         self.path = Path(path)
-        try:
-            self.reader = gguf.GGUFReader(str(self.path))
-            self.tensors = {t.name: t for t in self.reader.tensors}
-            for t in self.tensors.values():  # a truncated file may still parse its header
-                if t.data_offset + t.n_bytes > len(self.reader.data):
-                    raise ValueError(f"tensor {t.name} runs past the end of the file")
-        except (ValueError, OSError, KeyError, IndexError, TypeError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"corrupt or truncated GGUF file {self.path}: {msg}") from None
-        self.heads = heads or self._field("llama.attention.head_count")
-        self.kv_heads = kv_heads or self._field("llama.attention.head_count_kv") or self.heads
-
-    def _field(self, key: str) -> int | None:
-        f = self.reader.fields.get(key)
-        return None if f is None else int(f.parts[f.data[0]][0])
+        self.tensors, fields = read_gguf_index(self.path)
+        self.heads = heads or fields.get("llama.attention.head_count")
+        self.kv_heads = kv_heads or fields.get("llama.attention.head_count_kv") or self.heads
 
     def check(self) -> None:
         """Raise UnsupportedEncodingError naming the first tensor the kernels cannot decode."""
-        for name, t in self.tensors.items():
-            if t.tensor_type.name not in GGUF_TYPES:
-                raise UnsupportedEncodingError(f"tensor {name} of {self.path.name} is {t.tensor_type.name}, "
+        for name, (gtype, _, _) in self.tensors.items():
+            if gtype not in GGUF_TYPES:
+                raise UnsupportedEncodingError(f"tensor {name} of {self.path.name} is {_type_name(gtype)}, "
                                                "which the native kernels do not decode")
 
     def get(self, name: str) -> Encoded | None:
-        """The HF-named matrix (``q``, ``k``, ..., ``embed``, ``head``), None when absent."""
+        """The HF-named matrix (``3.q``, ``3.gate``, ..., ``embed``, ``head``), None when absent."""
         gname = _GGUF_NAMES.get(name.split(".")[-1], name)
         layer = name.split(".")[0] if "." in name else None
         key = f"blk.{layer}.{gname}.weight" if layer is not None else f"{gname}.weight"
-        t = self.tensors.get(key)
-        if t is None:
+        if key not in self.tensors:
             return None
-        kind = GGUF_TYPES.get(t.tensor_type.name)
+        gtype, dims, offset = self.tensors[key]
+        kind = GGUF_TYPES.get(gtype)
         if kind is None:
-            raise UnsupportedEncodingError(f"tensor {key} of {self.path.name} is {t.tensor_type.name}, "
+            raise UnsupportedEncodingError(f"tensor {key} of {self.path.name} is {_type_name(gtype)}, "
                                            "which the native kernels do not decode")
-        k, n = (int(x) for x in t.shape[:2]) if len(t.shape) > 1 else (int(t.shape[0]), 1)
-        data = t.data.reshape(n, -1)
-        data = data.view(np.uint16) if kind in (F16, BF16) else data
+        k, n = dims[0], int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+        dtype = {F32: np.float32, F16: np.uint16, BF16: np.uint16}.get(kind, np.uint8)
+        per_row = k if kind in (F32, F16, BF16) else k // 32 * GGUF_BLOCK[kind]
+        data = np.fromfile(self.path, dtype=dtype, count=n * per_row, offset=offset).reshape(n, per_row)
         enc = Encoded(kind, n, k, data)
         if name.endswith((".q", ".k")):  # llama.cpp interleaves rotary halves: undo (as transformers)
             h = self.heads if name.endswith(".q") else self.kv_heads
-            enc = enc.rows(np.arange(n).reshape(h, 2, n // h // 2).swapaxes(1, 2).reshape(-1))
+            enc = enc.rows(np.arange(n).reshape(h, n // h // 2, 2).swapaxes(1, 2).reshape(-1))
         return enc
 
     def vector(self, name: str) -> np.ndarray | None:
         """A norm weight [d] as fp32 (None when absent)."""
         enc = self.get(name)
         return None if enc is None else decode(enc).reshape(-1)
+
+    def info(self, name: str) -> tuple[int, int, int] | None:
+        """(kind, n, k) of a matrix without reading it (None when absent)."""
+        gname = _GGUF_NAMES.get(name.split(".")[-1], name)
+        key = f"blk.{name.split('.')[0]}.{gname}.weight" if "." in name else f"{gname}.weight"
+        if key not in self.tensors:
+            return None
+        gtype, dims, _ = self.tensors[key]
+        return GGUF_TYPES.get(gtype, -1), int(np.prod(dims[1:], dtype=np.int64)), dims[0]
+
+
+GGUF_TYPES = {0: F32, 1: F16, 30: BF16, 8: Q8_0, 2: Q4_0, 3: Q4_1}  # GGML type id -> kind
+
+
+def _type_name(gtype: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(gtype).name
+    except ValueError:
+        return f"type {gtype}"
+
+
+def read_gguf_index(path: Path) -> tuple[dict[str, tuple[int, list[int], int]], dict[str, int]]:
+    """{tensor name: (GGML type, dims (fastest first), absolute byte offset)} and the
+    integer metadata of a GGUF file, checking that every tensor lies inside the file.
+
+    Raises:
+        ModelLoadError: not a GGUF, or truncated / corrupt (one line naming the file).
+    """
+    import struct
+
+    import gguf
+
+    def fail(why: str) -> ModelLoadError:
+        return ModelLoadError(f"corrupt or truncated GGUF file {path}: {why}")
+
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {exc.strerror}") from None
+    with f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            raw = f.read(size)
+            if len(raw) != size:
+                raise fail("it ends inside its header")
+            return struct.unpack("<" + fmt, raw)[0]
+
+        def string() -> str:
+            n = read("Q")
+            raw = f.read(n)
+            if len(raw) != n:
+                raise fail("it ends inside its header")
+            return raw.decode("utf-8", "replace")
+
+        scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+        def value(vtype: int):
+            if vtype in scalar:
+                return read(scalar[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                etype, count = read("I"), read("Q")
+                if etype in scalar:
+                    size = struct.calcsize(scalar[etype])
+                    if len(f.read(size * count)) != size * count:
+                        raise fail("it ends inside its header")
+                    return None
+                for _ in range(count):
+                    value(etype)
+                return None
+            raise fail(f"unknown metadata type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise fail("no GGUF magic number")
+        version = read("I")
+        if version not in (2, 3):
+            raise fail(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = read("Q"), read("Q")
+        fields: dict[str, int] = {}
+        for _ in range(n_kv):
+            key = string()
+            v = value(read("I"))
+            if isinstance(v, int):
+                fields[key] = v
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = [read("Q") for _ in range(read("I"))]
+            infos.append((name, read("I"), dims, read("Q")))
+        align = fields.get("general.alignment", 32)
+        start = -(-f.tell() // align) * align
+        size = path.stat().st_size
+    tensors = {}
+    for name, gtype, dims, off in infos:
+        block, nbytes = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(gtype), (1, 0)) \
+            if gtype in gguf.GGMLQuantizationType._value2member_map_ else (1, 0)
+        need = int(np.prod(dims, dtype=np.int64)) // block * nbytes
+        if start + off + need > size:
+            raise fail(f"tensor {name} runs past the end of the file ({size} bytes)")
+        tensors[name] = (gtype, dims, start + off)
+    return tensors, fields
 
 
 _GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
@@ -221,6 +314,8 @@ def _from_tensor(t: torch.Tensor, encoding: int | None = None) -> Encoded:
     if encoding is None:
         encoding = {torch.float16: F16, torch.bfloat16: BF16}.get(t.dtype, F32)
     n, k = t.shape
+    if encoding == Q8_0 and k % 32:  # no Q8_0 block fits: keep fp32
+        encoding = F32
     if encoding == F32:
         return Encoded(F32, n, k, t.to(torch.float32).contiguous().numpy())
     if encoding in (F16, BF16):
@@ -290,6 +385,38 @@ class ModuleSource:
         return None if t is None else t.detach().float().numpy().copy().reshape(-1)
 
 
+def _info(source, name: str) -> tuple[int, int, int] | None:
+    """(kind, n, k) of a source's matrix (read when the source cannot tell otherwise)."""
+    if hasattr(source, "info"):
+        return source.info(name)
+    enc = source.get(name)
+    return None if enc is None else (enc.kind, enc.n, enc.k)
+
+
+def _packed_kind(infos: list[tuple[int, int, int]]) -> int:
+    """The kind a group of stacked matrices is packed in (see :func:`_concat`, :func:`_fit`)."""
+    kinds = {i[0] for i in infos}
+    kind = kinds.pop() if len(kinds) == 1 else F32
+    return F32 if kind in (F16, BF16) and infos[0][2] % 32 else kind
+
+
+def _nbytes(kind: int, n: int, k: int) -> int:
+    """Bytes of the packed panels of an [n, k] matrix of ``kind``, rounded up to 64."""
+    per = k * 64 if kind == F32 else k // 32 * BLOCK_BYTES[kind]
+    return -(-(-(-n // 16) * per) // 64) * 64
+
+
+def pack_into(enc: Encoded, out: np.ndarray) -> int:
+    """:func:`pack` ``enc`` into the uint8 array ``out`` (in chunks of rows, so temporaries stay
+    small); returns the kind."""
+    kind, at, step = enc.kind, 0, 4096
+    for r0 in range(0, enc.n, step):
+        kind, data = pack(enc.rows(np.arange(r0, min(enc.n, r0 + step))))
+        out[at:at + data.size] = data
+        at += data.size
+    return kind
+
+
 def source_of(model: nn.Module, encoding: str | None = None):
     """The native source of ``model``: the file adaspec loaded it from (``adaspec_source``
     attribute: ("gguf" | "safetensors", path)), else the module's own tensors."""
@@ -345,6 +472,20 @@ class NativeWeights:
                 lean.release_eager_weights()
             return lean
 
+    @classmethod
+    def existing(cls, model: nn.Module) -> NativeWeights | None:
+        """Native weights already built for ``model`` (its own encoding first), else None."""
+        with cls._lock:
+            per = cls._by_model.get(model) or {}
+            return per.get(None) or next(iter(per.values()), None)
+
+    def rows(self, index: int, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), K] fp32 rows ``ids`` of matrix ``index`` of :attr:`mats` (e.g. token
+        embeddings: ``index`` = 4 L + 1; LM-head rows: 4 L), reference values."""
+        from .qkernels import qembed
+
+        return qembed(np.asarray(ids, np.int64), self.blob, self.mats[index])
+
     @torch.inference_mode()
     def __init__(self, model: nn.Module, source) -> None:
         from .qkernels import wide_default
@@ -376,38 +517,37 @@ class NativeWeights:
         self.sin = sin[0].float().numpy().copy()
 
     def _pack_all(self, model: nn.Module, source) -> None:
-        """Fill blob, mats, ln1, ln2, normw from ``source``."""
-        chunks: list[np.ndarray] = []
-        rows: list[tuple[int, int, int, int]] = []
-        self.shapes: list[int] = []  # output rows of each matrix (unpadded)
-        offset = 0
-
-        def add(enc: Encoded) -> None:
-            nonlocal offset
-            kind, data = pack(_fit(enc))
-            rows.append((kind, offset, -(-enc.n // 16), enc.k))
-            self.shapes.append(enc.n)
-            chunks.append(data)
-            offset += -(-data.size // 64) * 64
-            if data.size % 64:
-                chunks.append(np.zeros(-data.size % 64, np.uint8))
-
-        for i in range(self.layers):
-            for group in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):
-                add(_concat([_need(source, f"{i}.{g}") for g in group]))
-        head = source.get("head")
-        emb = source.get("embed")
-        if head is None or _tied(model):
-            head = emb if head is None else head
-            add(head)
+        """Fill blob, mats, ln1, ln2, normw from ``source`` (blob sized first, then filled
+        matrix by matrix: the peak holds the blob plus one matrix)."""
+        groups = [[f"{i}.{g}" for g in grp] for i in range(self.layers)
+                  for grp in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))]
+        head_info = _info(source, "head")
+        tied = head_info is None or _tied(model)
+        groups += [["head"] if head_info is not None else ["embed"]] + ([] if tied else [["embed"]])
+        plan = []
+        for names in groups:
+            infos = [_info(source, n) for n in names]
+            if any(i is None for i in infos):
+                missing = names[[i is None for i in infos].index(True)]
+                where = getattr(source, "path", "the model")
+                raise ModelLoadError(f"weight {missing!r} missing from {where}")
+            if any(i[0] < 0 for i in infos):
+                source.check()  # raises, naming the tensor
+            n, k = sum(i[1] for i in infos), infos[0][2]
+            plan.append((names, _packed_kind(infos), n, k))
+        self.blob = np.empty(sum(_nbytes(kind, n, k) for _, kind, n, k in plan), np.uint8)
+        rows, self.shapes, offset = [], [], 0
+        for names, kind, n, k in plan:
+            enc = _fit(_concat([source.get(name) for name in names]))
+            size = _nbytes(kind, n, k)
+            got = pack_into(enc, self.blob[offset:offset + size])
+            rows.append((got, offset, -(-n // 16), k))
+            self.shapes.append(n)
+            offset += size
+        if tied:
             rows.append(rows[-1])
             self.shapes.append(self.shapes[-1])
-        else:
-            add(head)
-            add(_need(source, "embed"))
         self.n_logits = self.shapes[4 * self.layers]
-        self.blob = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
-        chunks.clear()
         self.mats = np.array(rows, np.int64)
         self.ln1 = np.stack([_vec(source, f"{i}.ln1") for i in range(self.layers)])
         self.ln2 = np.stack([_vec(source, f"{i}.ln2") for i in range(self.layers)])
@@ -415,9 +555,7 @@ class NativeWeights:
 
     def matrix(self, index: int) -> np.ndarray:
         """Decoded fp32 [n, K] of matrix row ``index`` of :attr:`mats` (reference values)."""
-        from .qkernels import qembed
-
-        return qembed(np.arange(self.shapes[index], dtype=np.int64), self.blob, self.mats[index])
+        return self.rows(index, np.arange(self.shapes[index], dtype=np.int64))
 
     def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Zeroed K^T and V caches (see LeanWeights.new_cache)."""
@@ -497,13 +635,6 @@ class NativeWeights:
 
 def _tied(model: nn.Module) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-def _need(source, name: str) -> Encoded:
-    enc = source.get(name)
-    if enc is None:
-        raise ModelLoadError(f"weight {name!r} missing from {getattr(source, 'path', 'the model')}")
-    return enc
 
 
 def _vec(source, name: str) -> np.ndarray:

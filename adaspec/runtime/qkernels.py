@@ -222,13 +222,14 @@ _w1, _w2, _w4, _w8 = (_make_qtile(m, 16) for m in (1, 2, 4, 8))
 
 
 @njit(cache=True)
-def _qtile_rows(kind, wide, xa, ldx, rows, wa, nb, oa, ldo):
-    """out[0:rows, 0:16] = x[0:rows] @ one panel of ``nb`` blocks of ``kind`` (addresses;
-    strides in floats). Rows go in tiles of 8 (512-bit) or 4 (256-bit), the rest in 4/2/1:
-    every output is the same FMA chain over k whatever ``rows`` is."""
+def _qtile_rows(kind, wide, xa, ldx, rows, wa, kdim, oa, ldo):
+    """out[0:rows, 0:16] = x[0:rows, 0:kdim] @ one panel of ``kind`` (addresses; strides in
+    floats). Rows go in tiles of 8 (512-bit) or 4 (256-bit), the rest in 4/2/1: every
+    output is the same FMA chain over k whatever ``rows`` is."""
     if kind == 0:
-        _tile_rows(xa, ldx, rows, wa, PANEL, nb * 32, oa, ldo)
+        _tile_rows(xa, ldx, rows, wa, PANEL, kdim, oa, ldo)
         return
+    nb = kdim // 32
     m0 = 0
     while m0 < rows:
         left = rows - m0
@@ -264,13 +265,18 @@ def qlinear(x, blob, mat, out, wide):
     512-bit tiles. One panel per parallel step; each weight is decoded once per row tile."""
     m_rows = x.shape[0]
     kind = mat[0]
-    nb = mat[3] // 32
-    pbytes = nb * BLOCK_BYTES[kind]
+    pbytes = panel_bytes(kind, mat[3])
     base = blob.ctypes.data + mat[1]
     n_out = out.shape[1]
     for p in prange(mat[2]):
-        _qtile_rows(kind, wide, x.ctypes.data, x.shape[1], m_rows, base + p * pbytes, nb,
+        _qtile_rows(kind, wide, x.ctypes.data, x.shape[1], m_rows, base + p * pbytes, mat[3],
                     out.ctypes.data + p * 64, n_out)
+
+
+@njit(cache=True)
+def panel_bytes(kind, kdim):
+    """Bytes of one panel (16 outputs x kdim inputs) of ``kind`` (F32: any kdim; else kdim % 32 == 0)."""
+    return kdim * 64 if kind == 0 else (kdim // 32) * BLOCK_BYTES[kind]
 
 
 @njit(cache=True)
@@ -295,16 +301,17 @@ def qrow(blob, mat, r, out):
     nb = mat[3] // 32
     bb = BLOCK_BYTES[kind]
     lane = r % 16
-    base = mat[1] + (r // 16) * nb * bb
+    base = mat[1] + (r // 16) * panel_bytes(kind, mat[3])
     bits = out.view(np.uint32)
+    if kind == 0:
+        for k in range(mat[3]):
+            a = base + (k * 16 + lane) * 4
+            bits[k] = np.uint32(blob[a]) | (np.uint32(blob[a + 1]) << 8) | (np.uint32(blob[a + 2]) << 16) \
+                | (np.uint32(blob[a + 3]) << 24)
+        return
     for blk in range(nb):
         o = base + blk * bb
         for k in range(32):
-            if kind == 0:
-                a = o + (k * 16 + lane) * 4
-                bits[blk * 32 + k] = np.uint32(blob[a]) | (np.uint32(blob[a + 1]) << 8) \
-                    | (np.uint32(blob[a + 2]) << 16) | (np.uint32(blob[a + 3]) << 24)
-                continue
             if kind == 2:
                 a = o + (k * 16 + lane) * 2
                 bits[blk * 32 + k] = (np.uint32(blob[a]) | (np.uint32(blob[a + 1]) << 8)) << 16

@@ -250,6 +250,10 @@ def _load_native(spec: str, role: str, runtime: str) -> LoadedModel | None:
     if src is None or importlib.util.find_spec("numba") is None:
         return None
     kind, file = src
+    if kind == "gguf":  # a truncated or corrupt file: one line naming it, before anything else reads it
+        from .runtime.native import read_gguf_index
+
+        read_gguf_index(Path(file))
     cfg_dir, gguf = (default_target_dir(), None) if spec == "default" else (
         (Path(file).parent, Path(file).name) if kind == "gguf" else (Path(file), None))
     try:
@@ -258,6 +262,8 @@ def _load_native(spec: str, role: str, runtime: str) -> LoadedModel | None:
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {role} model {spec!r} from {file}: {first}") from None
+    if getattr(config, "model_type", None) not in ("llama", "mistral"):
+        return None  # the usual load; resolve_runtime then says why it is not compiled
     from .runtime.compiled import UnsupportedModelError
     from .runtime.native import NativeWeights
 

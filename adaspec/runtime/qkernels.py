@@ -51,7 +51,7 @@ KIND_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 BLOCK = 32  # input features per panel block
 BLOCK_BYTES = np.array([2048, 1024, 1024, 544, 288, 320], np.int64)  # per kind, one panel block
 _DECODED = (F16, BF16, Q8_0, Q4_0, Q4_1)  # kinds the tile decodes (F32 uses kernels' fp32 tile)
-PREFETCH_BLOCKS = 6  # panel blocks prefetched ahead of the one being read
+PREFETCH_BLOCKS = 8  # panel blocks prefetched ahead of the one being read
 
 _F32 = ir.FloatType()
 _HALF = ir.HalfType()
@@ -152,7 +152,7 @@ def _emit_loop(g: _Gen, kind: int, mr: int, xp, ldx, bp, nb, op, ldo, exit_block
         acc.add_incoming(zero, pre)
         accs.append(acc)
     base = b.gep(bp, [b.mul(blk, ir.Constant(_I64, bb))])
-    for line in range(0, bb, 64 * 4):  # prefetch a later block (every 4th line: enough to start a stream)
+    for line in range(0, bb, 64):  # prefetch every cache line of a later block
         b.call(pf, [b.gep(base, [ir.Constant(_I64, PREFETCH_BLOCKS * bb + line)]), ir.Constant(_I32, 0),
                     ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
     scales: tuple = ()

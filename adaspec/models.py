@@ -332,9 +332,15 @@ def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role:
             tokenizer = None
         else:
             src = str(path) if path.exists() else spec
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+            extra = {}
+            if path.is_file() and path.suffix == ".gguf":  # transformers de-quantises it
+                from .runtime.native import read_gguf_index
+
+                read_gguf_index(path)  # a truncated file: one line naming it
+                src, extra = str(path.parent), {"gguf_file": path.name}
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **extra)
             try:
-                tokenizer = AutoTokenizer.from_pretrained(src)
+                tokenizer = AutoTokenizer.from_pretrained(src, **extra)
             except (OSError, ValueError):
                 tokenizer = None
     except ModelLoadError:

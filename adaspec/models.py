@@ -244,11 +244,21 @@ def _load_native(spec: str, role: str, runtime: str) -> LoadedModel | None:
     """
     import importlib.util
 
-    from transformers import AutoConfig, AutoTokenizer
-
     src = native_source(spec, role)
     if src is None or importlib.util.find_spec("numba") is None:
         return None
+    try:
+        return _build_native(spec, role, runtime, src)
+    except ModelLoadError as exc:
+        msg = str(exc)
+        raise ModelLoadError(msg if msg.startswith(("cannot load", "--runtime")) else
+                             f"cannot load {role} model {spec!r}: {msg}") from None
+
+
+def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> LoadedModel | None:
+    """:func:`_load_native` once the source is known."""
+    from transformers import AutoConfig, AutoTokenizer
+
     kind, file = src
     if kind == "gguf":  # a truncated or corrupt file: one line naming it, before anything else reads it
         from .runtime.native import read_gguf_index

@@ -131,8 +131,11 @@ class _Gen:
         return [b.call(self.fma, [dv, b.uitofp(h, self.vt), mv]) for dv, mv, h in zip(d, scales[1], q)]
 
 
-def _emit_loop(g: _Gen, kind: int, mr: int, xp, ldx, bp, nb, op, ldo, exit_block) -> None:
-    """The block loop of one kind at the builder's position; stores and branches to exit."""
+def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int = 1) -> None:
+    """The block loop of one kind at the builder's position over ``npan`` adjacent panels
+    (independent FMA chains, so one row does not wait on FMA latency); stores, branches to
+    exit. ``args``: (x, ldx, panel, panel stride in bytes, nb, out, ldo) as LLVM values."""
+    xp, ldx, bp, pstride, nb, op, ldo = args
     b = g.b
     bb = int(BLOCK_BYTES[kind])
     i8p = _I8.as_pointer()
@@ -147,57 +150,65 @@ def _emit_loop(g: _Gen, kind: int, mr: int, xp, ldx, bp, nb, op, ldo, exit_block
     blk.add_incoming(ir.Constant(_I64, 0), pre)
     zero = ir.Constant(g.vt, [0.0] * g.width)
     accs = []
-    for _ in range(mr * g.nv):
+    for _ in range(npan * mr * g.nv):
         acc = b.phi(g.vt)
         acc.add_incoming(zero, pre)
         accs.append(acc)
-    base = b.gep(bp, [b.mul(blk, ir.Constant(_I64, bb))])
-    for line in range(0, bb, 64):  # prefetch every cache line of a later block
-        b.call(pf, [b.gep(base, [ir.Constant(_I64, PREFETCH_BLOCKS * bb + line)]), ir.Constant(_I32, 0),
-                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-    scales: tuple = ()
-    if kind in (Q8_0, Q4_0):
-        scales = (g.halves_f32(base, 0),)
-    elif kind == Q4_1:
-        scales = (g.halves_f32(base, 0), g.halves_f32(base, 32))
+    bases = [b.gep(bp, [b.add(b.mul(blk, ir.Constant(_I64, bb)), b.mul(pstride, ir.Constant(_I64, j)))])
+             for j in range(npan)]
+    scales: list = []
+    for base in bases:
+        for line in range(0, bb, 64):  # prefetch every cache line of a later block
+            b.call(pf, [b.gep(base, [ir.Constant(_I64, PREFETCH_BLOCKS * bb + line)]), ir.Constant(_I32, 0),
+                        ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        if kind in (Q8_0, Q4_0):
+            scales.append((g.halves_f32(base, 0),))
+        elif kind == Q4_1:
+            scales.append((g.halves_f32(base, 0), g.halves_f32(base, 32)))
+        else:
+            scales.append(())
     cur = list(accs)
     k0 = b.mul(blk, ir.Constant(_I64, BLOCK))
-    cache: dict = {}
+    caches: list[dict] = [{} for _ in range(npan)]
+    splat = ir.Constant(ir.VectorType(_I32, g.width), [0] * g.width)
+    per = mr * g.nv
     for k in range(BLOCK):
-        w = g.decode(kind, base, k, scales, cache)
+        ws = [g.decode(kind, bases[j], k, scales[j], caches[j]) for j in range(npan)]
         kk = b.add(k0, ir.Constant(_I64, k))
         for m in range(mr):
             xs = b.load(b.gep(xp, [b.add(b.mul(ir.Constant(_I64, m), ldx), kk)]), align=4)
             xb = b.insert_element(ir.Constant(g.vt, ir.Undefined), xs, ir.Constant(_I32, 0))
-            splat = ir.Constant(ir.VectorType(_I32, g.width), [0] * g.width)
             xb = b.shuffle_vector(xb, ir.Constant(g.vt, ir.Undefined), splat)
-            for v in range(g.nv):
-                cur[m * g.nv + v] = b.call(g.fma, [xb, w[v], cur[m * g.nv + v]])
+            for j in range(npan):
+                for v in range(g.nv):
+                    i = j * per + m * g.nv + v
+                    cur[i] = b.call(g.fma, [xb, ws[j][v], cur[i]])
     blk1 = b.add(blk, ir.Constant(_I64, 1))
     blk.add_incoming(blk1, b.block)
     for acc, val in zip(accs, cur):
         acc.add_incoming(val, b.block)
     b.cbranch(b.icmp_signed("<", blk1, nb), loop, done)
     b.position_at_end(done)
-    for m in range(mr):
-        orow = b.gep(op, [b.mul(ir.Constant(_I64, m), ldo)])
-        for v in range(g.nv):
-            dst = b.bitcast(b.gep(orow, [ir.Constant(_I64, v * g.width)]), g.vt.as_pointer())
-            b.store(cur[m * g.nv + v], dst, align=4)
+    for j in range(npan):
+        for m in range(mr):
+            orow = b.gep(op, [b.add(b.mul(ir.Constant(_I64, m), ldo), ir.Constant(_I64, 16 * j))])
+            for v in range(g.nv):
+                dst = b.bitcast(b.gep(orow, [ir.Constant(_I64, v * g.width)]), g.vt.as_pointer())
+                b.store(cur[j * per + m * g.nv + v], dst, align=4)
     b.branch(exit_block)
 
 
-def _make_qtile(mr: int, width: int):
-    """An intrinsic: out[0:mr, 0:16] = x[0:mr, 0:32 nb] @ W (one panel of ``nb`` blocks of a
-    decoded kind, switched on at run time). Arguments (kind, x, ldx, panel, nb, out, ldo):
-    addresses, strides in floats."""
+def _make_qtile(mr: int, width: int, npan: int = 1):
+    """An intrinsic: out[0:mr, 0:16 npan] = x[0:mr, 0:32 nb] @ W for ``npan`` adjacent panels
+    of ``nb`` blocks of a decoded kind (switched on at run time). Arguments (kind, x, ldx,
+    panel, panel stride in bytes, nb, out, ldo): addresses, strides in floats."""
 
     @intrinsic
-    def qtile(typingctx, kind, xa, ldx, wa, nb, oa, ldo):
-        sig = types.void(*([types.intp] * 7))
+    def qtile(typingctx, kind, xa, ldx, wa, pstride, nb, oa, ldo):
+        sig = types.void(*([types.intp] * 8))
 
         def codegen(context, builder, signature, args):
-            kind, xa, ldx, wa, nb, oa, ldo = args
+            kind, xa, ldx, wa, pstride, nb, oa, ldo = args
             g = _Gen(builder, width)
             xp = builder.inttoptr(xa, _F32.as_pointer())
             bp = builder.inttoptr(wa, _I8.as_pointer())
@@ -208,7 +219,7 @@ def _make_qtile(mr: int, width: int):
                 case = builder.append_basic_block(f"qtile_k{kd}")
                 sw.add_case(ir.Constant(_I64, kd), case)
                 builder.position_at_end(case)
-                _emit_loop(g, kd, mr, xp, ldx, bp, nb, op, ldo, exit_block)
+                _emit_loop(g, kd, mr, (xp, ldx, bp, pstride, nb, op, ldo), exit_block, npan)
             builder.position_at_end(exit_block)
             return context.get_dummy_value()
 
@@ -219,6 +230,7 @@ def _make_qtile(mr: int, width: int):
 
 _n1, _n2, _n4 = (_make_qtile(m, 8) for m in (1, 2, 4))
 _w1, _w2, _w4, _w8 = (_make_qtile(m, 16) for m in (1, 2, 4, 8))
+_n1d, _n2d, _w1d, _w2d = (_make_qtile(m, w, 2) for w in (8, 16) for m in (1, 2))  # two panels at once
 
 
 @njit(cache=True)
@@ -236,41 +248,65 @@ def _qtile_rows(kind, wide, xa, ldx, rows, wa, kdim, oa, ldo):
         xo = xa + m0 * ldx * 4
         oo = oa + m0 * ldo * 4
         if wide and left >= 8:
-            _w8(kind, xo, ldx, wa, nb, oo, ldo)
+            _w8(kind, xo, ldx, wa, 0, nb, oo, ldo)
             m0 += 8
         elif left >= 4:
             if wide:
-                _w4(kind, xo, ldx, wa, nb, oo, ldo)
+                _w4(kind, xo, ldx, wa, 0, nb, oo, ldo)
             else:
-                _n4(kind, xo, ldx, wa, nb, oo, ldo)
+                _n4(kind, xo, ldx, wa, 0, nb, oo, ldo)
             m0 += 4
         elif left >= 2:
             if wide:
-                _w2(kind, xo, ldx, wa, nb, oo, ldo)
+                _w2(kind, xo, ldx, wa, 0, nb, oo, ldo)
             else:
-                _n2(kind, xo, ldx, wa, nb, oo, ldo)
+                _n2(kind, xo, ldx, wa, 0, nb, oo, ldo)
             m0 += 2
         else:
             if wide:
-                _w1(kind, xo, ldx, wa, nb, oo, ldo)
+                _w1(kind, xo, ldx, wa, 0, nb, oo, ldo)
             else:
-                _n1(kind, xo, ldx, wa, nb, oo, ldo)
+                _n1(kind, xo, ldx, wa, 0, nb, oo, ldo)
             m0 += 1
+
+
+@njit(cache=True)
+def _qpair(kind, wide, xa, ldx, rows, wa, pstride, kdim, oa, ldo):
+    """:func:`_qtile_rows` for 1-2 rows over two adjacent panels at once (twice the
+    independent FMA chains: one row is otherwise bound by FMA latency, not bandwidth)."""
+    nb = kdim // 32
+    if rows == 2:
+        if wide:
+            _w2d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+        else:
+            _n2d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+    elif wide:
+        _w1d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+    else:
+        _n1d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
 
 
 @njit(parallel=True, cache=True)
 def qlinear(x, blob, mat, out, wide):
     """out[M, P*16] = x[M, K] @ W^T for the native matrix ``mat`` = (kind, byte offset in
     ``blob``, panels P, K) of the uint8 ``blob``; x, out C-contiguous fp32; ``wide``:
-    512-bit tiles. One panel per parallel step; each weight is decoded once per row tile."""
+    512-bit tiles. One panel (1-2 rows: two) per parallel step; each weight is decoded once
+    per row tile."""
     m_rows = x.shape[0]
     kind = mat[0]
     pbytes = panel_bytes(kind, mat[3])
     base = blob.ctypes.data + mat[1]
     n_out = out.shape[1]
-    for p in prange(mat[2]):
-        _qtile_rows(kind, wide, x.ctypes.data, x.shape[1], m_rows, base + p * pbytes, mat[3],
-                    out.ctypes.data + p * 64, n_out)
+    pair = 1 <= m_rows <= 2 and kind != 0
+    jobs = (mat[2] + 1) // 2 if pair else mat[2]
+    for job in prange(jobs):
+        p = 2 * job if pair else job
+        if pair and p + 1 < mat[2]:
+            _qpair(kind, wide, x.ctypes.data, x.shape[1], m_rows, base + p * pbytes, pbytes, mat[3],
+                   out.ctypes.data + p * 64, n_out)
+        else:
+            _qtile_rows(kind, wide, x.ctypes.data, x.shape[1], m_rows, base + p * pbytes, mat[3],
+                        out.ctypes.data + p * 64, n_out)
 
 
 @njit(cache=True)

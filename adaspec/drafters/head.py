@@ -57,14 +57,16 @@ class _EagerCore:
 class _CompiledCore:
     """The head on the compiled runtime's kernels (fp32, weights packed once)."""
 
-    def __init__(self, head: FeatureHead, target: nn.Module, w_sub: torch.Tensor) -> None:
+    def __init__(self, head: FeatureHead, target: nn.Module, w_sub: torch.Tensor,
+                 native: bool = False) -> None:
         from ..draft_model import SubsetLMHead
         from ..runtime.compiled import LeanWeights, ensure_compiled
         from ..runtime.kernels import pack_weight
         from ..runtime.native import NativeWeights
 
         ensure_compiled()
-        nw = NativeWeights.existing(target)  # the target's embedding (shared, no copy)
+        # the target's embedding (shared, no copy), from the weights its runtime uses
+        nw = NativeWeights.of(target) if native else NativeWeights.existing(target)
         self.tl = nw if nw is not None else LeanWeights.of(target)
         lm = SubsetLMHead(head.hidden_size, head.token_ids, self.tl.vocab)
         lm.weight.data = w_sub.float().contiguous()
@@ -140,7 +142,7 @@ class HeadDrafter:
             from ..runtime.kernels import unpack_weight
             from ..runtime.native import NativeWeights
 
-            nw = NativeWeights.existing(target)
+            nw = NativeWeights.of(target) if runtime == "compiled" else NativeWeights.existing(target)
             if nw is not None:
                 w_sub = torch.from_numpy(nw.rows(4 * nw.layers, head.token_ids.numpy()))
             else:
@@ -153,7 +155,7 @@ class HeadDrafter:
         self.vocab_size = vocab_size
         self.max_context = max_context
         self.runtime = runtime
-        self.core = (_CompiledCore(self.head, target, w_sub) if compiled
+        self.core = (_CompiledCore(self.head, target, w_sub, runtime == "compiled") if compiled
                      else _EagerCore(self.head, emb, w_sub))
         self.feats = torch.zeros((0, head.hidden_size))
         self.known = 0  # features f_0 .. f_{known-1} are stored

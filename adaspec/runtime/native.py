@@ -127,6 +127,33 @@ def pack(enc: Encoded) -> tuple[int, np.ndarray]:
     return enc.kind, np.ascontiguousarray(np.concatenate(parts, axis=-1)).reshape(-1)
 
 
+def unpack(kind: int, data: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Inverse of :func:`pack` followed by :func:`decode`: native panels (uint8) -> [n, k] fp32
+    with the reference arithmetic (numpy)."""
+    p, nb = -(-n // 16), k // 32
+    if kind == F32:
+        from .kernels import unpack_weight
+
+        return unpack_weight(data[:p * k * 64].view(np.float32).reshape(p, k, 16), n)
+    blocks = data[:p * nb * BLOCK_BYTES[kind]].reshape(p, nb, BLOCK_BYTES[kind])
+    if kind in (F16, BF16):
+        raw = blocks.view(np.uint16).reshape(p, nb, 32, 16)
+        w = raw.view(np.float16).astype(np.float32) if kind == F16 else (raw.astype(np.uint32) << 16).view(
+            np.float32)
+    else:
+        d = blocks[..., :32].copy().view(np.float16).astype(np.float32)[:, :, None, :]  # [p, nb, 1, 16]
+        if kind == Q8_0:
+            w = d * blocks[..., 32:].copy().view(np.int8).reshape(p, nb, 32, 16).astype(np.float32)
+        else:
+            pairs = blocks[..., -256:].reshape(p, nb, 16, 16)
+            q = np.stack([pairs & 15, pairs >> 4], axis=3).reshape(p, nb, 32, 16).astype(np.float32)
+            if kind == Q4_0:
+                w = d * (q - np.float32(8))
+            else:
+                w = d * q + blocks[..., 32:64].copy().view(np.float16).astype(np.float32)[:, :, None, :]
+    return np.ascontiguousarray(w.transpose(0, 3, 1, 2).reshape(p * 16, k)[:n])
+
+
 def _fit(enc: Encoded) -> Encoded:
     """``enc``, or (fp16 / bf16 with K not a multiple of 32, the block the kernels decode)
     the same values widened to fp32, exactly."""
@@ -555,7 +582,8 @@ class NativeWeights:
 
     def matrix(self, index: int) -> np.ndarray:
         """Decoded fp32 [n, K] of matrix row ``index`` of :attr:`mats` (reference values)."""
-        return self.rows(index, np.arange(self.shapes[index], dtype=np.int64))
+        kind, off, p, k = (int(v) for v in self.mats[index])
+        return unpack(kind, self.blob[off:off + _nbytes(kind, p * 16, k)], self.shapes[index], k)
 
     def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Zeroed K^T and V caches (see LeanWeights.new_cache)."""

@@ -288,3 +288,37 @@ def test_corpus_build_resumes_and_stores_the_greedy_continuations(tiny: tuple[Pa
         want = greedy_batch(target.model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 5,
                             target.tokenizer.eos_token_id)[0]
         assert row.ids.tolist() == ids + want and row.prompt_len == len(ids)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], tmp_path: Path, dtype: str,
+                                                       ) -> None:
+    """corpus_train fine-tunes a draft on a corpus (CE + KL to the teacher, fp32 and bf16 paths):
+    the training loss falls, a second run resumes the step count, and the best draft (by dev
+    tau) is a loadable adaspec draft."""
+    from adaspec.data import Prompt
+    from adaspec.train.corpus import build
+    from adaspec.train.corpus_train import parser, train
+
+    target, data = tiny
+    base = tmp_path / "base"
+    args = _args("--target", str(target), "--out", str(base), "--data-dir", str(data),
+                 "--work-dir", str(tmp_path / "w0"), *SMALL)
+    assert args.func(args) == 0
+    tgt = load_model(str(target), dtype="float32")
+    prompts = [Prompt(f"p{i}", "math", [" ".join(WORDS[i: i + 4])]) for i in range(12)]
+    build(tgt.model, tgt.tokenizer, prompts, tmp_path / "corpus", minutes=5, batch_size=6, chunk=6,
+          max_new_tokens=8, progress=False)
+    common = ["--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "draft"), "--work",
+              str(tmp_path / "work"), "--target", str(target), "--draft", str(base), "--batch-size", "6",
+              "--seq-len", "24", "--lr", "1e-2", "--warmup", "2", "--eval-every", "15", "--threads", "1",
+              "--dtype", dtype, "--steps", "60"]
+    dev = {"own": prompts[:6]}
+    first = train(parser().parse_args([*common, "--minutes", "10", "--steps", "30"]), dev)
+    hist = json.loads((tmp_path / "work" / "history.json").read_text())
+    assert [h["step"] for h in hist] == [0, 15, 30] and first["step"] == 30
+    assert hist[2]["train_loss"] < hist[1]["train_loss"]
+    last = train(parser().parse_args([*common, "--minutes", "10", "--steps", "45"]), dev)
+    assert last["step"] == 45 and last["tokens"] > first["tokens"]
+    draft = load_model(str(tmp_path / "draft"), role="draft")
+    assert draft.model.config.adaspec_draft["corpus_training"]["steps"] in (15, 30, 45)

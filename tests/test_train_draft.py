@@ -309,7 +309,8 @@ def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], 
     prompts = [Prompt(f"p{i}", "math", [" ".join(WORDS[i: i + 4])]) for i in range(12)]
     build(tgt.model, tgt.tokenizer, prompts, tmp_path / "corpus", minutes=5, batch_size=6, chunk=6,
           max_new_tokens=8, progress=False)
-    common = ["--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "draft"), "--work",
+    common = ["--data-dir", str(_chat_sets(tmp_path / "refdata")), "--corpus", str(tmp_path / "corpus"),
+              "--out", str(tmp_path / "draft"), "--work",
               str(tmp_path / "work"), "--target", str(target), "--draft", str(base), "--batch-size", "6",
               "--seq-len", "24", "--lr", "1e-2", "--warmup", "2", "--eval-every", "15", "--threads", "1",
               "--dtype", dtype, "--steps", "60"]
@@ -320,5 +321,7 @@ def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], 
     assert hist[2]["train_loss"] < hist[1]["train_loss"]
     last = train(parser().parse_args([*common, "--minutes", "10", "--steps", "45"]), dev)
     assert last["step"] == 45 and last["tokens"] > first["tokens"]
+    log = (tmp_path / "work" / "log.txt").read_text()
+    assert "corpus: 12 rows" in log and "3 of 6 per batch" in log  # half of each batch reference text
     draft = load_model(str(tmp_path / "draft"), role="draft")
     assert draft.model.config.adaspec_draft["corpus_training"]["steps"] in (15, 30, 45)

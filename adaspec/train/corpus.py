@@ -25,6 +25,7 @@ by count), tokens and wall time; ``DIR/log.txt`` has one line per shard with tok
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "e
               "dist-packages", "pydoc_data", "__pycache__", "config-3"}
 
 
+@functools.cache
 def stdlib_defs(max_lines: int = 80) -> list[tuple[str, str]]:
     """(qualified name, dedented source) of every function and method defined in the Python
     standard library's own ``.py`` files (parsed with :mod:`ast`, nothing imported), sorted.
@@ -166,6 +168,24 @@ class CorpusDir:
     def log(self, msg: str) -> None:
         with (self.dir / "log.txt").open("a") as f:
             f.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+
+
+def reference_rows(tokenizer: Any, data_dir: Path | None = None, split: str = "train", max_tokens: int = 512,
+                   ) -> list[CorpusRow]:
+    """Text a teacher pass labels (no generation): the ``split`` rows of the chat sets as chat
+    prompt + reference answer + EOS (loss on the answer), and the source of every ``split``
+    standard-library function and method (:func:`stdlib_defs`; loss everywhere)."""
+    from .draft_data import reference_examples, resolve_data_dir
+
+    root = data_dir if data_dir is not None else resolve_data_dir(None)
+    chat = [s for s in DEFAULT_SOURCES if s not in ("stdlib_code", "stdlib_chat")]
+    out = [CorpusRow(e.key, np.array((e.prompt + e.response)[:max_tokens], dtype=np.uint16), len(e.prompt))
+           for e in reference_examples(chat, root, tokenizer, split) if len(e.prompt) < max_tokens - 8]
+    for qn, src in stdlib_defs():
+        if stdlib_in_split(qn, split):
+            ids = tokenizer.encode(src, add_special_tokens=False)[:max_tokens]
+            out.append(CorpusRow(f"ref/stddef/{qn}", np.array(ids, dtype=np.uint16), 0))
+    return out
 
 
 def load_corpus(path: Path) -> list[CorpusRow]:

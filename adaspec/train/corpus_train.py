@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .corpus import CorpusRow, build, load_corpus
+from ..errors import InvalidArgumentError
+from .corpus import CorpusRow, build, load_corpus, reference_rows
 
 DEV_SETS = {"humaneval": "humaneval", "chat": "gpteacher_roleplay"}
 
@@ -60,9 +61,9 @@ def dev_sets(target: Any, work: Path, sets: dict[str, list[Any]], max_new_tokens
 
 def make_batch(rows: list[CorpusRow], seq_len: int, remap: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``ids`` [B, T] (pad 0) and ``labels`` [B, T] (subset index of the next
-    token at continuation positions, -100 elsewhere: prompt, padding, ids outside the subset).
-    Prompts are cut from the left so that up to ``seq_len`` tokens remain."""
+    """Right-padded ``ids`` [B, T] (pad 0) and ``labels`` [B, T]: at continuation positions the
+    subset index of the next token (-1 when it is outside the subset), -100 elsewhere (prompt,
+    padding). Prompts are cut from the left so that up to ``seq_len`` tokens remain."""
     seqs = []
     for r in rows:
         ids = r.ids.astype(np.int64)
@@ -74,7 +75,7 @@ def make_batch(rows: list[CorpusRow], seq_len: int, remap: torch.Tensor,
     for i, (s, p) in enumerate(seqs):
         s = torch.from_numpy(s)
         x[i, : len(s) - 1] = s[:-1]
-        lab = remap[s[1:]]
+        lab = remap[s[1:]].clamp(min=-1)
         lab[: max(p - 1, 0)] = -100  # position p-1 predicts the first continuation token
         y[i, : len(s) - 1] = lab
     return x, y
@@ -85,7 +86,12 @@ def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
 
 
 class Step:
-    """One optimiser step of the draft on a batch: CE on greedy tokens + KL to the teacher."""
+    """One optimiser step of the draft on a batch: CE on hard labels + KL to the teacher.
+
+    With a ``teacher`` the hard labels are the teacher's argmax over the subset at every
+    loss position (so any text trains the draft: reference answers too, not only the
+    target's own continuations); without one, the corpus's greedy tokens.
+    """
 
     def __init__(self, draft: Any, teacher: Any | None, w_sub: torch.Tensor, kl: float, bf16: bool,
                  opt: torch.optim.Optimizer) -> None:
@@ -94,26 +100,28 @@ class Step:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """x, y: [B, T] from :func:`make_batch` -> {"loss", "agree"}."""
-        keep = y >= 0  # [B, T]
+        keep = y != -100  # [B, T] loss positions
+        labels = y[keep].masked_fill(y[keep] < 0, -100)  # [N]; -100: no hard label
         t_logp = None
-        if self.kl > 0 and self.teacher is not None:
+        if self.teacher is not None:
             with torch.inference_mode():
                 h = self.teacher.model(input_ids=x).last_hidden_state[keep]  # [N, d_t]
                 t_logp = F.log_softmax((h @ self.w_sub.T).float(), dim=-1)  # [N, Vs]
             t_logp = t_logp.clone()
+            labels = t_logp.argmax(-1)
         with _autocast(self.bf16):
             hid = self.draft.model(input_ids=x).last_hidden_state[keep]  # [N, d]
             logits = self.draft.lm_head.subset_logits(hid)
         s_logp = F.log_softmax(logits.float(), dim=-1)  # [N, Vs]
-        loss = F.nll_loss(s_logp, y[keep])
-        if t_logp is not None:
+        loss = F.nll_loss(s_logp, labels)
+        if t_logp is not None and self.kl > 0:
             kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
             loss = (1 - self.kl) * loss + self.kl * kl
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.draft.parameters() if p.requires_grad], 1.0)
         self.opt.step()
-        agree = (s_logp.argmax(-1) == y[keep]).float().mean().item()
+        agree = (s_logp.argmax(-1) == labels).float().mean().item()
         return {"loss": loss.item(), "agree": agree}
 
 
@@ -141,7 +149,6 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
     """(target fp32, teacher (bf16 where native, else the fp32 target) or None, draft fp32, bf16?)."""
-    from ..errors import InvalidArgumentError
     from ..models import check_vocab_compat, load_model
     from .corpus_speed import pick_dtype
 
@@ -152,7 +159,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
         raise InvalidArgumentError(f"draft {args.draft!r} has no reduced-vocabulary head (an adaspec draft)")
     bf16 = pick_dtype() == torch.bfloat16 if args.dtype == "auto" else args.dtype == "bf16"
     teacher = None
-    if args.kl > 0:
+    if args.labels == "teacher":
         teacher = load_model(args.target, dtype="bf16").model if bf16 else target.model
     return target, teacher, draft, bf16
 
@@ -193,8 +200,14 @@ def train(args: argparse.Namespace, dev: dict[str, list[Any]] | None = None) -> 
         st["history"].append({"step": 0, "tokens": 0, **evaluate(model, dev)})
         _log(work, st["history"][-1])
     rows = [r for r in load_corpus(Path(args.corpus)) if len(r.ids) > r.prompt_len]
-    n_tok = sum(len(r.ids) - r.prompt_len for r in rows)
-    _log(work, f"corpus: {len(rows)} rows, {n_tok} continuation tokens")
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    refs = reference_rows(target.tokenizer, data_dir) if args.ref_fraction > 0 and teacher is not None else []
+    n_ref = args.batch_size if not rows else round(args.batch_size * args.ref_fraction) if refs else 0
+    if not rows and not refs:
+        raise InvalidArgumentError(f"no training data: no corpus rows in {args.corpus} and no reference text")
+    _log(work, f"corpus: {len(rows)} rows, {sum(len(r.ids) - r.prompt_len for r in rows)} continuation "
+               f"tokens; reference text: {len(refs)} rows, {sum(len(r.ids) for r in refs)} tokens, "
+               f"{n_ref} of {args.batch_size} per batch")
     step_fn = Step(model, teacher, w_sub, args.kl, bf16, opt)
     model.train()
     deadline, t0 = time.monotonic() + 60 * args.minutes, time.monotonic()
@@ -202,7 +215,8 @@ def train(args: argparse.Namespace, dev: dict[str, list[Any]] | None = None) -> 
     while st["step"] < args.steps and time.monotonic() < deadline:
         for g in opt.param_groups:
             g["lr"] = _lr(st["step"], args.steps, args.lr, args.warmup)
-        x, y = make_batch(random.sample(rows, args.batch_size), args.seq_len, remap)
+        batch = random.sample(rows, args.batch_size - n_ref) + random.sample(refs, n_ref)
+        x, y = make_batch(batch, args.seq_len, remap)
         m = step_fn(x, y)
         losses.append(m["loss"])
         st["step"] += 1
@@ -247,13 +261,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=True, help="checkpoint, dev sets, log and history.json")
     p.add_argument("--target", default="default")
     p.add_argument("--draft", default="default", help="adaspec draft to start from")
+    p.add_argument("--data-dir", default=None,
+                   help="reference-text data (default $ADASPEC_DATA or ../shared/data)")
     p.add_argument("--minutes", type=float, default=9.0, help="stop (resumably) after this long")
     p.add_argument("--steps", type=int, default=3000, help="length of the lr schedule")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=320)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--kl", type=float, default=0.5, help="weight of KL to the teacher (0: greedy CE only)")
+    p.add_argument("--labels", choices=("teacher", "greedy"), default="teacher",
+                   help="teacher: hard labels = the teacher's argmax, recomputed per batch (any text "
+                        "trains); greedy: the corpus's own tokens, no teacher pass (reference text unused)")
+    p.add_argument("--kl", type=float, default=0.5,
+                   help="weight of KL to the teacher (needs --labels teacher)")
+    p.add_argument("--ref-fraction", type=float, default=0.5,
+                   help="share of each batch from reference text (train-split answers and stdlib source)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--dev-prompts", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)

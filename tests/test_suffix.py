@@ -243,3 +243,44 @@ def test_bench_cache_argument():
     for bad in ("context:cache=off", "fixed:k=4:draft=ngram:cache=maybe"):
         with pytest.raises(MethodError, match="cache="):
             parse_methods(bad)
+
+
+# ---------------------------------------------------------------------------- vLLM proposer
+
+
+def test_vllm_core_shares_one_cache_across_requests():
+    """Requests that repeat an earlier request's (noisy, unrepeating) output: with the shared
+    cache the later ones draft it and accept it; every output stays its own truth."""
+    from test_integrations_adaptive import FakeEngine, noise
+    from test_integrations_adaptive import run as drive
+
+    from adaspec.integrations.adaptive import AdaptiveNgram
+
+    body = noise(200, 7)
+    truths = [[900 + r] * 3 + list(range(500, 537)) + body for r in range(4)]  # 40-token prompts
+    results = {}
+    for name, cache in (("off", None), ("on", SuffixCache(10_000))):
+        engine = FakeEngine(truths, prompt_len=40, max_new=120, max_rows=1)
+        core = AdaptiveNgram(k_max=8, adaptive=False, cache=cache)
+        drive(core, engine)
+        for r, t in enumerate(truths):
+            assert engine.outputs[r][:120] == t[40:160]
+        results[name] = core.report()
+    assert results["on"]["suffix_cache_texts"] == 3  # the last request is still in the batch
+    assert results["on"]["accepted"] > results["off"]["accepted"] + 200, results
+
+
+def test_vllm_proposer_holds_a_shared_cache():
+    from types import SimpleNamespace
+
+    from adaspec.integrations.vllm import AdaspecNgramProposer
+
+    cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=4),
+                          model_config=SimpleNamespace(max_model_len=256))
+    p = AdaspecNgramProposer(cfg)
+    assert p.core.cache is p.cache and p.cache.max_tokens == AdaspecNgramProposer.suffix_cache_tokens
+
+    class Off(AdaspecNgramProposer):
+        suffix_cache_tokens = 0
+
+    assert Off(cfg).core.cache is None

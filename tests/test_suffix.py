@@ -284,3 +284,48 @@ def test_vllm_proposer_holds_a_shared_cache():
         suffix_cache_tokens = 0
 
     assert Off(cfg).core.cache is None
+
+
+# ---------------------------------------------------------------------------- bench --in-order
+
+
+def test_bench_in_order_warms_the_cache_and_a_resume_rewarms_it(tmp_path):
+    """Repeated prompts: --in-order drafts the repeat from the cache (identical outputs), the
+    default run starts every prompt cold, and a resumed --in-order run drafts exactly as an
+    uninterrupted one (the finished rows' answers are put back first)."""
+    from test_bench import Prompt, make_tiny_pair
+
+    from adaspec.bench.report import read_results
+    from adaspec.bench.runner import BenchConfig, run_benchmark
+    from adaspec.models import load_model
+
+    t, _ = make_tiny_pair(tmp_path / "m")
+    target = load_model(str(t), dtype="fp32")
+    prompts = [Prompt(f"p{i}", "x", [text]) for i, text in
+               enumerate(["Write a poem.", "Say hi.", "Write a poem.", "Say hi.", "Write a poem."])]
+    methods = "ar,fixed:k=6:draft=ngram,fixed:k=6:draft=ngram:cache=off"
+
+    def bench(out: str, in_order: bool, stop_after: int | None = None) -> list[dict]:
+        cfg = BenchConfig(methods=methods, dataset="tiny", split="test", max_new_tokens=40, dtype="fp32",
+                          warmup=1, out=str(tmp_path / out), target="tiny", progress=False, memory=False,
+                          command="test", in_order=in_order)
+        run_benchmark(cfg, prompts=prompts, target=target, stop_after=stop_after)
+        return read_results(tmp_path / out / "results.jsonl")
+
+    def by(rows: list[dict], method: str) -> dict[str, dict]:
+        return {r["prompt_id"]: r for r in rows if r["method"] == method}
+
+    warm, cold = bench("warm", True), bench("cold", False)
+    hits = lambda r: r["extra"][0].get("suffix_cache_matches", 0)  # noqa: E731
+    for rows in (warm, cold):
+        ar = by(rows, "ar")
+        for method in methods.split(",")[1:]:
+            assert all(r["token_ids"] == ar[p]["token_ids"] for p, r in by(rows, method).items())
+    on = by(warm, "fixed:k=6:draft=ngram")
+    assert hits(on["p0"]) == 0 and hits(on["p2"]) > 0 and hits(on["p4"]) > 0
+    assert all(hits(r) == 0 for r in by(cold, "fixed:k=6:draft=ngram").values())
+    assert all(hits(r) == 0 for r in by(warm, "fixed:k=6:draft=ngram:cache=off").values())
+    bench("resumed", True, stop_after=7)
+    resumed = by(bench("resumed", True), "fixed:k=6:draft=ngram")
+    for p, r in on.items():
+        assert (hits(resumed[p]), resumed[p]["accepted_tokens"]) == (hits(r), r["accepted_tokens"]), p

@@ -93,6 +93,7 @@ def test_eviction_keeps_the_memory_bound_and_exact_counts():
     rng = np.random.default_rng(1)
     cache = SuffixCache(1000)
     nbytes = cache.nbytes
+    assert nbytes <= 4 * 1000 + len(cache.orders) * 12 * 4 * 1000  # fixed by the flag, never grows
     texts = [rng.integers(0, 50, rng.integers(30, 300)).tolist() for _ in range(60)]
     for t in texts:
         cache.add(t)
@@ -329,3 +330,20 @@ def test_bench_in_order_warms_the_cache_and_a_resume_rewarms_it(tmp_path):
     resumed = by(bench("resumed", True), "fixed:k=6:draft=ngram")
     for p, r in on.items():
         assert (hits(resumed[p]), resumed[p]["accepted_tokens"]) == (hits(r), r["accepted_tokens"]), p
+
+
+def test_templated_dataset_splits():
+    from adaspec.data import bucket_of, data_root, in_split, load_dataset
+
+    if not (data_root() / "code_alpaca").is_dir():
+        pytest.skip("../shared/data is absent")
+    dev, test = load_dataset("templated", "dev"), load_dataset("templated", "test")
+    assert len(dev) >= 30 and not {p.id for p in dev} & {p.id for p in test}
+    kinds = [p.id.split("/")[1] for p in dev[:10]]
+    assert kinds[:5] == ["html", "cli", "unittest", "math", "quote"] and kinds[5:] == kinds[:5]
+    assert all(len(p.turns) == 2 for p in dev if "/quote/" in p.id)
+    gsm = {f"gsm8k/{i}": r for i, r in enumerate(load_dataset("gsm8k", "all"))}
+    for p in dev:
+        if "/math/" in p.id:  # a row keeps its source set's bucket
+            q = gsm[p.id.split("/", 2)[2]].turns[0]
+            assert in_split(bucket_of("gsm8k:" + q), "dev") and q in p.turns[0]

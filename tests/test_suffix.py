@@ -25,13 +25,18 @@ from adaspec.sampling import SamplingConfig
 
 
 def test_match_copies_the_continuation_and_measures_the_length():
-    cache = SuffixCache(4096)
+    cache = SuffixCache(4096, min_path_prob=0.0)
     text = list(range(100, 160))
     cache.add(text)
     m = cache.match([7, 8] + text[:30], 8)
     assert m.origin == "cache" and m.tokens == tuple(text[30:38])
-    assert m.length == 30 and m.count == 1 and m.agreement == 1.0 and m.probs == (1.0,) * 8
+    assert m.length == 30 and m.count == 1 and m.agreement == 0.5 and m.probs == (0.5,) * 8  # seen once
     assert cache.match([7, 8] + text[:30], 100).tokens == tuple(text[30:])  # stops at the text's end
+    cache.add(text)
+    assert cache.match([7, 8] + text[:30], 8).probs == (2 / 3,) * 8  # seen twice
+    floor = SuffixCache(4096)  # min_path_prob 0.05: 0.5 ** 4 passes, 0.5 ** 5 does not
+    floor.add(text)
+    assert floor.match(text[:30], 8).tokens == tuple(text[30:34])
     assert cache.match([1, 2, 3, 4], 8).tokens == ()  # never seen
     assert cache.match(text[:2], 8).tokens == ()  # shorter than the shortest order (3)
 
@@ -50,10 +55,10 @@ def test_probabilities_come_from_continuation_counts():
     for follower in (10, 10, 10, 11):
         cache.add([1, 2, 3, follower, 20, 21])
     m = cache.match([0, 1, 2, 3], 3)
-    assert m.count == 4 and m.agreement == pytest.approx(0.25)  # the most recent: 11
-    assert m.tokens == (11, 20, 21) and m.probs[0] == pytest.approx(0.25)
-    assert m.probs[1:] == (1.0, 1.0)  # 2 3 11 -> 20 every time
-    cut = SuffixCache(4096, min_path_prob=0.5)
+    assert m.count == 4 and m.agreement == pytest.approx(1 / 5)  # the most recent: 11, 1 of 4 (+1)
+    assert m.tokens == (11, 20, 21) and m.probs[0] == pytest.approx(1 / 5)
+    assert m.probs[1:] == (0.5, 0.5)  # 2 3 11 -> 20 once
+    cut = SuffixCache(4096, min_path_prob=0.15)
     for follower in (10, 10, 10, 11):
         cut.add([1, 2, 3, follower, 20, 21])
     assert cut.match([0, 1, 2, 3], 3).tokens == (11,)  # the path floor keeps only the first

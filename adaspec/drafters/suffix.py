@@ -16,11 +16,13 @@ Hash collisions only lose candidates or blur counts: a candidate is checked toke
 against the buffer before it is used, so every proposed continuation is a real earlier text.
 A lookup tries the orders from long to short, extends the match backwards (up to
 ``max_match``) to measure its length, and copies the continuation after the occurrence up to
-the text's end. Each copied token j carries ``count(context_j + token_j) / count(context_j)``
-(n-gram contexts of the matched order; drafted tokens included), a frequency-based
-probability that the continuation recurs: ``Match.agreement`` is the first one, and the copy
-is cut where the product of these falls below ``min_path_prob`` (SuffixDecoding's path
-floor). Memory is ``4 * max_tokens + 12 * slots * len(orders)`` bytes, allocated once.
+the text's end. Each copied token j carries ``count(context_j + token_j) / (count(context_j)
++ prior)`` (n-gram contexts of the matched order; drafted tokens included; ``prior`` = 1
+pseudo-occurrence followed by something else, so a continuation seen once gets 0.5, seen in
+9 of 9 occurrences 0.9), a frequency-based probability that the continuation recurs:
+``Match.agreement`` is the first one, and the copy is cut where the product of these falls
+below ``min_path_prob`` (SuffixDecoding's path floor). Memory is
+``4 * max_tokens + 12 * slots * len(orders)`` bytes, allocated once.
 
 Lookup and insertion are O(orders * (n + budget)) Python steps and O(text length) numpy
 work; neither depends on how much is cached. All methods take one lock, so one cache may be
@@ -76,17 +78,19 @@ class SuffixCache:
         min_path_prob: cut the copy where the product of the per-token probabilities
             falls below this (default 0.05).
         prompt_tail: prompt tokens stored before each output (default 16).
+        prior: pseudo-occurrences in the denominator of each token's probability (default 1).
     """
 
     def __init__(self, max_tokens: int = DEFAULT_TOKENS, orders: Sequence[int] = (3, 6, 12),
-                 max_match: int = 64, min_path_prob: float = 0.05, prompt_tail: int = 16) -> None:
+                 max_match: int = 64, min_path_prob: float = 0.05, prompt_tail: int = 16,
+                 prior: float = 1.0) -> None:
         if max_tokens < 64:
             raise ValueError(f"suffix cache needs >= 64 tokens, got {max_tokens}")
         if not orders or min(orders) < 1:
             raise ValueError(f"bad n-gram orders {orders!r}")
         self.max_tokens, self.max_match = int(max_tokens), max_match
         self.orders = tuple(sorted(set(int(n) for n in orders), reverse=True))
-        self.min_path_prob, self.prompt_tail = min_path_prob, prompt_tail
+        self.min_path_prob, self.prompt_tail, self.prior = min_path_prob, prompt_tail, prior
         self.bits = max(10, int(2 * self.max_tokens - 1).bit_length())
         slots = 1 << self.bits
         self._buf = np.full(self.max_tokens, _SENTINEL, dtype=np.int32)
@@ -239,7 +243,7 @@ class SuffixCache:
             c = count(h >> bits)
             h_f = ((h + tok) * _P) & _M64
             f = follow(h_f >> bits)
-            p = min(1.0, f / c) if c > 0 else 0.0
+            p = min(f, c) / (c + self.prior)  # one sighting is weak evidence that it recurs
             path *= p
             if tokens and path < self.min_path_prob:
                 break

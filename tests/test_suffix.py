@@ -352,3 +352,14 @@ def test_templated_dataset_splits():
         if "/math/" in p.id:  # a row keeps its source set's bucket
             q = gsm[p.id.split("/", 2)[2]].turns[0]
             assert in_split(bucket_of("gsm8k:" + q), "dev") and q in p.turns[0]
+
+
+def test_replay_stand_in_target_follows_the_record():
+    from adaspec.bench.suffix_replay import StandInTarget
+
+    t = StandInTarget(10, {1: 1.0, 4: 4.0, 8: 6.0})
+    assert [t.cost_ms(n) for n in (1, 2, 4, 6, 8, 10)] == [1.0, 2.0, 4.0, 5.0, 6.0, 6.0 + 2 * 1.4]
+    t.full = [1, 2, 3, 4, 5, 6]
+    out = t.forward([1, 2, 3, 9, 9], 3)  # rows predict positions 3, 4, 5; the draft left the record at 3
+    assert out.logits.argmax(-1).tolist()[0] == 4 and out.logits[1:].sum() == 0
+    assert t.forward([1, 2, 3, 4], 2).logits.argmax(-1).tolist() == [4, 5]

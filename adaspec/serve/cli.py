@@ -16,7 +16,7 @@ from ..policies import parse_policy_args
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from ..cli_args import add_model_args
+    from ..cli_args import add_model_args, add_suffix_cache_args
 
     p = subparsers.add_parser(
         "serve", help="serve the target through an OpenAI-compatible HTTP API",
@@ -25,6 +25,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "target's own (lossless speculative decoding). A request may override the policy "
                     'with {"adaspec": {"policy": NAME, "policy_args": {...}}}.')
     add_model_args(p)
+    add_suffix_cache_args(p)  # one cache per served model, shared by every request
     p.add_argument("--policy", default="fixed", help="default drafting policy (default fixed)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="default policy argument, repeatable (e.g. --policy-arg k=5)")
@@ -48,10 +49,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise AdaspecError(f"adaspec serve needs the web stack ({exc.name} is missing): "
                            "pip install 'adaspec[serve]'") from None
     from ..api import SpeculativeGenerator
+    from ..cli_args import suffix_cache_arg
 
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                args.policy, parse_policy_args(args.policy_arg), dtype=args.dtype,
-                               device=args.device, threads=args.threads, runtime=args.runtime)
+                               device=args.device, threads=args.threads, runtime=args.runtime,
+                               suffix_cache=suffix_cache_arg(args))
     app = create_app(gen, model_name=args.served_model_name or args.target, max_queue=args.max_queue,
                      runtime=args.runtime)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")

@@ -10,7 +10,6 @@ how often its guesses are accepted.
 
 from __future__ import annotations
 
-import inspect
 import os
 from functools import cached_property
 
@@ -91,12 +90,15 @@ def draft_encoding() -> str | None:
 
 def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
     """The draft's runner: on the native compiled runtime, weights re-encoded to
-    :func:`draft_encoding` (when the runtime offers re-encoding), else as ``make_runner``."""
+    :func:`draft_encoding` (a draft loaded natively from its files runs as stored), else as
+    ``make_runner``."""
     enc = draft_encoding()
     if runtime == "compiled" and enc:
         from ..runtime.compiled import CompiledRunner
+        from ..runtime.native import NativeWeights
 
-        if "encoding" in inspect.signature(CompiledRunner.__init__).parameters:
+        # a draft loaded natively from its own files has no module weights to re-encode: as stored
+        if NativeWeights.existing(model) is None:
             return CompiledRunner(model, release, native=True, encoding=enc)
     return make_runner(model, runtime, release=release)
 

@@ -28,6 +28,11 @@ every output. Names:
   plus the n-gram source, chosen per round), ``draft=model`` (the default), e.g.
   ``fixed:k=8:draft=ngram`` or ``context:draft=model+ngram``.
 
+- ``default``: what a user gets with no ``--policy`` / ``--draft`` (:mod:`adaspec.policies.auto`):
+  ``context`` over the run's draft plus the n-gram source when the shipped predictor fits
+  the pair, else the fallback the generator names. ``default:draft=model`` keeps the
+  default policy with the model draft alone.
+
 Any ``ar`` or policy method may end in ``@eager``, ``@compiled`` or ``@auto`` to run on that
 runtime instead of the run's ``--runtime`` (``ar@eager,ar`` compares the runtimes in one
 run). ``hf`` always runs transformers' own modules.
@@ -137,6 +142,11 @@ def parse_method(text: str) -> MethodSpec:
         if not llama_cpp_available():
             raise MethodError('method llamacpp needs llama-cpp-python: pip install "adaspec[llamacpp]"')
         return MethodSpec(key, "llamacpp", name, args)
+    if name == "default":
+        bad = [k for k in args if k != "draft"]
+        if bad:
+            raise MethodError(f"method {key!r}: default takes draft=SOURCES only")
+        return MethodSpec(key, "policy", "auto", {}, runtime or None, args.get("draft", "model+ngram"))
     if name in _HF_PRESETS:
         if at:
             raise MethodError(f"method {key!r}: {name} always runs transformers' own modules (no @runtime)")

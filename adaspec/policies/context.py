@@ -42,6 +42,7 @@ without difficulty prediction: ``max_branch`` of them at every kept position.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -197,7 +198,8 @@ class ContextPolicy(Policy):
         if step.index == 1:
             pred.check_dim("draft", step.hidden.shape[-1])
         s = scalar_features(step, self._recent.value)
-        return float(pred.prob(pred.head(step.hidden.float(), s)))
+        a, b = pred.calib
+        return 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden, s) + b)))
 
     def decide(self, step: DraftStep) -> Action:
         if getattr(step, "source", "model") == "ngram":  # the copy's length was chosen with it

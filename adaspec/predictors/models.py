@@ -89,6 +89,34 @@ class ContextHead(nn.Module):
         x = torch.cat([self.norm(h), z], dim=-1)
         return (self.out(torch.relu(self.hidden(x))) + self.skip(z)).squeeze(-1)
 
+    def logit_one(self, h: torch.Tensor, s: torch.Tensor) -> float:
+        """:meth:`forward` for one position (h [d], s [n_scalar]) in numpy: the same maths
+        without per-op torch dispatch (a decode-time hot path). The weights are copied on the
+        first call and again whenever the hidden layer's weight changed in place."""
+        import numpy as np
+
+        w = self._np_weights()
+        x = h.detach().float().numpy()
+        x = (x - x.mean()) / np.sqrt(x.var() + self.norm.eps)
+        z = (s.detach().float().numpy() - w["s_mean"]) / w["s_std"]
+        a = np.maximum(w["wh"] @ x + w["ws"] @ z + w["b"], 0.0)
+        return float(w["out"] @ a + w["out_b"] + w["skip"] @ z)
+
+    def _np_weights(self) -> dict:
+        version = self.hidden.weight._version
+        cache = getattr(self, "_np_cache", None)
+        if cache is None or cache[0] != version:
+            d = self.hidden.weight.shape[1] - self.s_mean.shape[0]
+            wt = self.hidden.weight.detach().float().numpy()
+            cache = (version, {"wh": wt[:, :d].copy(), "ws": wt[:, d:].copy(),
+                               "b": self.hidden.bias.detach().float().numpy(),
+                               "out": self.out.weight.detach().float().numpy()[0],
+                               "out_b": float(self.out.bias),
+                               "skip": self.skip.weight.detach().float().numpy()[0],
+                               "s_mean": self.s_mean.numpy(), "s_std": self.s_std.numpy()})
+            self._np_cache = cache
+        return cache[1]
+
 
 class LengthHead(nn.Module):
     """AdaEAGLE length predictor: 3-layer MLP on [h_t, e] -> [..., k_max] logits (lengths 1..k_max).

@@ -55,7 +55,10 @@ def test_simulator_ranks_the_oracle_first(tmp_path):
     target, draft = layered_pair()
     collect(target, draft, rand_prompts(14, seed=7), tmp_path / "tr", k=6, max_new_tokens=24, shard_size=8,
             progress=False, replay=True)
-    train_predictor(tmp_path / "tr", "context", tmp_path / "ctx", epochs=3, batch=64)
+    pred = train_predictor(tmp_path / "tr", "context", tmp_path / "ctx", epochs=3, batch=64,
+                           eval_traces=tmp_path / "tr")
+    held = pred.meta["metrics"]["heldout"]  # --eval-traces: metrics on another trace directory
+    assert held["n"] > 0 and 0.0 <= held["ece"] <= 1.0 and 0.0 <= held["auc"] <= 1.0
     _, t = load_traces(tmp_path / "tr")
     res = responses(t)
     assert len(res) == 14 and all(len(r.match) >= 2 for r in res.values())
@@ -72,3 +75,15 @@ def test_simulator_ranks_the_oracle_first(tmp_path):
     for rule in ("fixed", "oracle", "context", "online"):
         assert [simulate(r, rule, costs, pred=pred)[1] for r in res.values()] == \
             [len(r.match) for r in res.values()]
+
+
+def test_recipe_collects_train_and_dev_buckets_and_evaluates_on_dev():
+    from adaspec.train.predictor_recipe import SOURCES, commands
+
+    steps = commands("default", "T", "D", "OUT", 64, 16, 2)
+    assert [s[0] for s in steps] == ["collect", "collect", "train-predictor", "train-predictor",
+                                     "train-predictor"]
+    assert all(f"{src}:train" in steps[0] for src in SOURCES)
+    assert all(f"{src}:dev" in steps[1] for src in SOURCES)
+    assert not any(a.endswith(":test") for s in steps for a in s)
+    assert steps[2][steps[2].index("--eval-traces") + 1] == "D"

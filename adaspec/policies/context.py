@@ -80,6 +80,9 @@ class ContextPolicy(Policy):
         node_floor: minimum verify cost of a tree node as a fraction of T (default 0.05).
         probe_every: with the model draft alone, draft anyway after this many rounds that
             drafted nothing (default 4; 0 = never skip a round).
+        recalibrate: > 0: correct the trained predictor online against the target's verdicts
+            (per bin of its probability, a Beta posterior with this many pseudo-observations
+            at the predicted value); 0 (default): the predictor as trained.
     """
 
     name = "context"
@@ -96,6 +99,7 @@ class ContextPolicy(Policy):
     branch_rule: str = "cost"
     node_floor: float = 0.05
     probe_every: int = 4
+    recalibrate: float = 0.0
     _pred: Predictor | None = field(default=None, init=False, repr=False)
     _costs: OnlineTau | None = field(default=None, init=False, repr=False)
     _recent: RecentAcceptance = field(default_factory=RecentAcceptance, init=False, repr=False)
@@ -134,6 +138,8 @@ class ContextPolicy(Policy):
             self.needs = DraftNeeds()
         elif self.mode == "model":
             self._pred = load_predictor(self.predictor, "context")
+            if self.recalibrate > 0:
+                self._online = OnlineAcceptance(prior_weight=self.recalibrate)
             attention = bool(self._pred.meta.get("features", {}).get("attention", False))
             self.needs = DraftNeeds(hidden=True, attention=attention)
         self.reset()
@@ -188,18 +194,21 @@ class ContextPolicy(Policy):
     @torch.inference_mode()
     def predict(self, step: DraftStep) -> float:
         """Calibrated P(x_i accepted | x_<i accepted) for one drafted position."""
-        if self._online is not None:
-            c = top1(step.probs)
-            self._conf.append(c)
-            return self._online.prob(c)
-        pred = self._pred
-        if step.hidden is None:
-            raise PolicyArgumentError("context: the drafter gave no hidden state")
-        if step.index == 1:
-            pred.check_dim("draft", step.hidden.shape[-1])
-        s = scalar_features(step, self._recent.value)
-        a, b = pred.calib
-        return 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden, s) + b)))
+        if self._pred is None:
+            raw = top1(step.probs)
+        else:
+            pred = self._pred
+            if step.hidden is None:
+                raise PolicyArgumentError("context: the drafter gave no hidden state")
+            if step.index == 1:
+                pred.check_dim("draft", step.hidden.shape[-1])
+            s = scalar_features(step, self._recent.value)
+            a, b = pred.calib
+            raw = 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden, s) + b)))
+        if self._online is None:
+            return raw
+        self._conf.append(raw)
+        return self._online.prob(raw)
 
     def decide(self, step: DraftStep) -> Action:
         if getattr(step, "source", "model") == "ngram":  # the copy's length was chosen with it
@@ -251,7 +260,7 @@ class ContextPolicy(Policy):
             n = self._first[1] + 1
             self._first = [self._first[0] + (float(m > 0) - self._first[0]) / min(n, 10.0), n]
         if self._online is not None:
-            self._online.update(self._conf, m)
+            self._online.update(self._conf[:k], m)  # a dropped token was never tested
         self._costs.update(outcome.draft_s, outcome.draft.forwards, outcome.verify_s,
                            outcome.draft.tree_size + 1, m + 1)  # tree: candidates are verified too
 

@@ -123,14 +123,14 @@ def _specdecpp_probs(pred, r: Response) -> Callable[[int, int, float], float]:
 
 
 def simulate(r: Response, rule: str, costs: Costs, k: int = 8, pred=None, h: float = 0.3,
-             sdpp=None, tau_scale: float = 1.0, drop: bool = True) -> tuple[float, int]:
+             sdpp=None, tau_scale: float = 1.0, drop: bool = True, recal: float = 0.0) -> tuple[float, int]:
     """(seconds, tokens) of one response under ``rule``: ``fixed`` (k tokens), ``oracle``,
     ``context`` (the policy's stop / drop rule with measured costs), ``online`` (the same
     with the draft's calibrated top-1 probability), ``specdecpp`` (its head ``sdpp``; stop
     once 1 - P > h, at least 2 tokens)."""
     n, t, secs, tokens = len(r.match), 0, 0.0, 0
     recent, tau = RecentAcceptance(), OnlineTau()
-    online = OnlineAcceptance()
+    online = OnlineAcceptance(prior_weight=recal or 4.0)
     prob = _head_probs(pred, r) if rule == "context" else (
         _specdecpp_probs(sdpp, r) if rule == "specdecpp" else None)
     while t < n:
@@ -154,6 +154,9 @@ def simulate(r: Response, rule: str, costs: Costs, k: int = 8, pred=None, h: flo
                 p = online.prob(c)
             else:
                 p = prob(j, drafted + 1, recent.value)
+                if recal:
+                    confs.append(p)
+                    p = online.prob(p)
             prod *= p
             if rule == "specdecpp":
                 drafted += 1
@@ -174,7 +177,7 @@ def simulate(r: Response, rule: str, costs: Costs, k: int = 8, pred=None, h: flo
         secs += d_s + v_s
         recent.update(drafted, m)
         tau.update(d_s, steps, v_s, drafted + 1, m + 1)
-        if rule == "online":
+        if rule == "online" or recal:
             online.update(confs[:drafted], m)
         tokens += m + 1
         t += m + 1
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     rules = [("fixed", {"k": k}) for k in (1, 2, 3, 4, 5, 6, 8)] + [
         ("oracle", {}), ("context", {}), ("online", {}),
         *[(rule, {"tau_scale": f}) for rule in ("context", "online") for f in (0.5, 0.7, 1.4)],
-        ("context", {"drop": False}),
+        ("context", {"drop": False}), ("context", {"recal": 8.0}), ("context", {"recal": 32.0}),
         *[("specdecpp", {"h": h}) for h in (0.3, 0.5, 0.7, 0.9)]]
     out = {}
     for rule, kw in rules:

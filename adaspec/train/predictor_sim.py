@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-scale", type=float, default=1.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    _, t = load_traces(Path(args.traces))
+    meta, t = load_traces(Path(args.traces))
     ids = set(t["round_prompt"].tolist())
     if args.split != "all":
         ids = {p for p in ids if (p % DEV_MOD == DEV_REM) == (args.split == "dev")}
@@ -213,15 +213,21 @@ def main(argv: list[str] | None = None) -> int:
         *[(rule, {"tau_scale": f}) for rule in ("context", "online") for f in (0.5, 0.7, 1.4)],
         ("context", {"drop": False}), ("context", {"recal": 8.0}), ("context", {"recal": 32.0}),
         *[("specdecpp", {"h": h}) for h in (0.3, 0.5, 0.7, 0.9)]]
-    out = {}
+    from .predictor import _prompt_sources
+
+    spans = _prompt_sources(meta["args"].get("source", ""))
+    cats = {p: name for name, lo, hi in spans for p in range(lo, hi)}
+    out: dict = {}
     for rule, kw in rules:
-        ratios = []
-        for r in res.values():
+        ratios: dict[str, list[float]] = {}
+        for p, r in res.items():
             secs, tok = simulate(r, rule, costs, pred=pred, sdpp=sdpp, **kw)
-            ratios.append((tok / secs) / (1.0 / costs.verify(1)))
+            ratio = (tok / secs) / (1.0 / costs.verify(1))
+            ratios.setdefault("all", []).append(ratio)
+            ratios.setdefault(cats.get(p, "?"), []).append(ratio)
         key = rule + "".join(f":{k}={v}" for k, v in kw.items())
-        out[key] = sum(ratios) / len(ratios)
-        print(f"{key:24s} {out[key]:.3f}x")
+        out[key] = {c: sum(v) / len(v) for c, v in ratios.items()}
+        print(f"{key:28s} " + "  ".join(f"{c} {x:.3f}" for c, x in out[key].items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -80,7 +80,7 @@ def test_simulator_ranks_the_oracle_first(tmp_path):
 def test_recipe_collects_train_and_dev_buckets_and_evaluates_on_dev():
     from adaspec.train.predictor_recipe import SOURCES, commands
 
-    steps = commands("default", "T", "D", "OUT", 64, 16, 2)
+    steps = commands("default", "T", "D", "OUT", 64, 8, 2)
     assert [s[0] for s in steps] == ["collect", "collect", "train-predictor", "train-predictor",
                                      "train-predictor"]
     assert all(f"{src}:train" in steps[0] for src in SOURCES)

@@ -25,11 +25,11 @@ def commands(draft: str, traces: str, dev_traces: str, out: str, limit: int, dev
              threads: int) -> list[list[str]]:
     """The recipe's ``adaspec`` argument lists, in order."""
     collect = ["collect", "--draft", draft, "--threads", str(threads), "--k", "10", "--attention", "--replay",
-               "--batch-size", "16", "--max-new-tokens", "128", "--shard-size", "16"]
-    steps = [collect + ["--limit", str(limit), *[a for s in SOURCES for a in ("--dataset", f"{s}:train")],
-                        "--out", traces],
-             collect + ["--limit", str(dev_limit), *[a for s in SOURCES for a in ("--dataset", f"{s}:dev")],
-                        "--out", dev_traces]]
+               "--batch-size", "16", "--max-new-tokens", "128"]
+    steps = [collect + ["--limit", str(limit), "--shard-size", "16",
+                        *[a for s in SOURCES for a in ("--dataset", f"{s}:train")], "--out", traces],
+             collect + ["--limit", str(dev_limit), "--shard-size", "8",
+                        *[a for s in SOURCES for a in ("--dataset", f"{s}:dev")], "--out", dev_traces]]
     for kind in ("context", "specdecpp"):
         steps.append(["train-predictor", "--kind", kind, "--calibrate", "platt", "--traces", traces,
                       "--eval-traces", dev_traces, "--threads", str(threads), "--out", f"{out}/{kind}"])
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dev-traces", default="runs/pred/traces-dev")
     ap.add_argument("--out", default="adaspec/assets/predictors")
     ap.add_argument("--limit", type=int, default=64, help="train prompts per source (default 64)")
-    ap.add_argument("--dev-limit", type=int, default=16, help="dev prompts per source (default 16)")
+    ap.add_argument("--dev-limit", type=int, default=8, help="dev prompts per source (default 8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-collect", action="store_true", help="train on the traces already collected")
     args = ap.parse_args(argv)

@@ -8,6 +8,7 @@ K clamped to [k_min, k_max]). Stopping keeps the token, so the rule is lossless.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +62,8 @@ class SpecDecPPPolicy(Policy):
             raise PolicyArgumentError("specdecpp: the drafter gave no hidden state")
         if step.index == 1:
             pred.check_dim("draft", step.hidden.shape[-1])
-        p = float(pred.prob(pred.head(step.hidden.float())))
+        a, b = pred.calib
+        p = 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden) + b)))
         self._prod *= p
         self._round_p.append(p)
         if step.index >= self.k_min and 1.0 - self._prod > self.h:

@@ -183,7 +183,7 @@ class ContextPolicy(Policy):
 
     def _skip_round(self) -> bool:
         """No draft this round: the first token's measured acceptance times T is below its
-        cost c_d + b (module doc); never with a source chooser, never twice ``probe_every``."""
+        cost c_d + b (module doc); never with a source chooser, at most ``probe_every`` in a row."""
         c = self._costs
         if not self.adapt or self._mixed or self.probe_every == 0 or self._first[1] < 4 or c.T <= 0:
             return False

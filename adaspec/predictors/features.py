@@ -59,8 +59,8 @@ def finite_prefix(x: torch.Tensor) -> torch.Tensor:
 
     The padding length is found once per vocabulary size and re-checked in O(1) per call
     (the last kept entry finite, the first and last dropped ones -inf); dropped entries
-    have probability 0, so entropy and top-k are unchanged. ~8,192 instead of 49,152 entries
-    for the shipped draft.
+    have probability 0, so entropy and top-k are unchanged. It saves work only when the
+    draft's output ids come first (the shipped draft's 8,192 ids reach up to 49,129: no saving).
     """
     v = x.shape[-1]
     n = _FINITE.get(v)
@@ -81,8 +81,7 @@ def entropy_and_top(logits: torch.Tensor, k: int = TOP_K) -> tuple[float, torch.
     (:func:`finite_prefix`); exp() of huge negative values is slow on CPU, so everything
     goes through the fused (log_)softmax kernels, zero terms are dropped with nansum
     (0 * -inf = nan), and top-k runs on the <= k blocks holding the largest block maxima
-    (they contain the top-k). ~0.06 ms for the shipped draft instead of ~1 ms for the
-    direct formulas over V = 49,152.
+    (they contain the top-k). ~0.3 ms at V = 49,152 instead of ~1 ms for the direct formulas.
     """
     x = finite_prefix(logits if logits.dtype == torch.float32 else logits.float())
     p = torch.softmax(x, dim=-1)  # [V]

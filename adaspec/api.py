@@ -20,6 +20,7 @@ import torch
 
 from .drafters import ModelDrafter
 from .drafters.registry import DraftSpec, build_drafter, check_policy, parse_draft
+from .drafters.suffix import SuffixCache, make_cache
 from .engine import Engine, StopRules
 from .errors import InvalidArgumentError, PolicyArgumentError, VocabMismatchError
 from .head_model import FeatureHead, head_dir, load_head
@@ -87,6 +88,10 @@ class SpeculativeGenerator:
         runtime: ``"auto"`` (default: the compiled CPU runtime where it supports the model,
             eager elsewhere), ``"eager"`` or ``"compiled"`` (an error for a model it cannot
             run). ``runtime_note`` says what was chosen for each model and why.
+        suffix_cache: with an n-gram source, a cross-request cache of finished texts
+            (:class:`~adaspec.drafters.suffix.SuffixCache`, kept across ``generate`` calls):
+            True (default: 262144 tokens), a token count, False / 0 (none), or a cache to
+            share with other generators. ``self.suffix_cache`` holds it (None without one).
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class SpeculativeGenerator:
         device: str = "cpu",
         threads: int | None = None,
         runtime: str = "auto",
+        suffix_cache: bool | int | SuffixCache | None = True,
     ) -> None:
         if threads:
             set_threads(threads)
@@ -139,7 +145,9 @@ class SpeculativeGenerator:
             drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned
         if spec.sources:
             self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
-        drafter = build_drafter(spec, drafter, self.target.vocab_size, self.policy)
+        # cross-request drafts for the n-gram source, kept across generate calls
+        self.suffix_cache = make_cache(suffix_cache) if "ngram" in spec.sources else None
+        drafter = build_drafter(spec, drafter, self.target.vocab_size, self.policy, self.suffix_cache)
         self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
                              drafter, self.policy, self.runtime, release=self.target.owned)
 

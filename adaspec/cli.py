@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .cli_args import add_model_args
+from .cli_args import add_model_args, add_suffix_cache_args, suffix_cache_arg
 from .errors import AdaspecError, InvalidArgumentError
 from .policies import parse_policy_args
 
@@ -36,6 +36,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                     "of the target under greedy, and distributed exactly like it under sampling.")
     p.add_argument("prompt", help="prompt text ('-' reads standard input)")
     add_model_args(p)
+    add_suffix_cache_args(p)
     p.set_defaults(draft="auto")
     p.add_argument("--policy", default="auto",
                    help="drafting policy: auto, fixed, heuristic, confidence, entropy, specdecpp, "
@@ -97,7 +98,8 @@ def build_generator(args: argparse.Namespace):
         warnings.simplefilter("ignore")
         gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                    args.policy, parse_policy_args(args.policy_arg), dtype=args.dtype,
-                                   device=args.device, threads=args.threads, runtime=args.runtime)
+                                   device=args.device, threads=args.threads, runtime=args.runtime,
+                                   suffix_cache=suffix_cache_arg(args))
     if gen.default_note:
         print(f"adaspec: {gen.default_note}", file=sys.stderr)
     return gen

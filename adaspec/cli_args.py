@@ -10,7 +10,7 @@ _ARGS: dict[str, dict] = {
     "dtype": {"default": "auto", "choices": ["auto", "bf16", "fp32", "fp16"]},
     "device": {"default": "cpu"},
     "threads": {"type": int, "default": None},
-    "runtime": {"default": "auto", "choices": ["auto", "eager", "compiled"]},
+    "runtime": {"default": "auto", "choices": ["auto", "eager", "compiled", "compiled-fp32"]},
 }
 MODEL_OPTIONS = tuple(_ARGS)
 
@@ -27,9 +27,12 @@ _HELP = {
              "with native bf16 (AVX-512 BF16 / AMX)",
     "device": "torch device (default cpu)",
     "threads": "torch CPU threads (default: torch's)",
-    "runtime": "how model forwards run: compiled = lean CPU forward with packed fp32 weights "
-               "and a static KV cache (Llama family; compiled once per machine and cached); "
-               "eager = Hugging Face modules; auto (default) = compiled where supported",
+    "runtime": "how model forwards run: compiled = lean CPU forward over the checkpoint's own "
+               "encoding (GGUF Q4_0/Q4_1/Q8_0/F16/BF16/F32, fp32/fp16/bf16 safetensors) decoded in "
+               "registers, fp32 arithmetic, static KV cache (Llama family; compiled once per machine "
+               "and cached); compiled-fp32 = the same over weights widened to fp32 (same numbers, "
+               "more memory); eager = Hugging Face modules; auto (default) = compiled where "
+               "supported, compiled-fp32 when an encoding is not, else eager",
 }
 
 
@@ -50,3 +53,30 @@ def add_model_args(p: argparse.ArgumentParser, options: tuple[str, ...] = MODEL_
     for name, kwargs in _ARGS.items():
         if name in options:
             p.add_argument(f"--{name}", help=helps[name], **kwargs)
+
+
+def add_suffix_cache_args(p: argparse.ArgumentParser) -> None:
+    """``--suffix-cache-tokens N`` / ``--no-suffix-cache``: the n-gram source's cross-request
+    cache of finished texts (read back with :func:`suffix_cache_arg`)."""
+    from .drafters.suffix import DEFAULT_TOKENS
+
+    p.add_argument("--suffix-cache-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+                   help="with an n-gram draft source: draft also from the last N tokens of "
+                        "finished outputs of this process (oldest evicted first; memory "
+                        f"~4 + 72 bytes a token; default {DEFAULT_TOKENS})")
+    p.add_argument("--no-suffix-cache", action="store_true",
+                   help="n-gram drafts from each request's own text only")
+
+
+def suffix_cache_arg(args: argparse.Namespace) -> int:
+    """The ``suffix_cache`` generator argument from the flags: a token count, 0 = off.
+
+    Raises:
+        InvalidArgumentError: a count below 64 that is not 0.
+    """
+    from .errors import InvalidArgumentError
+
+    n = 0 if getattr(args, "no_suffix_cache", False) else getattr(args, "suffix_cache_tokens", 0)
+    if n < 0 or 0 < n < 64:
+        raise InvalidArgumentError(f"--suffix-cache-tokens must be 0 or >= 64, got {n}")
+    return n

@@ -15,7 +15,7 @@ from ..errors import AdaspecError
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from ..cli_args import add_model_args
+    from ..cli_args import add_model_args, add_suffix_cache_args
 
     p = subparsers.add_parser(
         "serve", help="serve the target through an OpenAI-compatible HTTP API",
@@ -24,6 +24,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "target's own (lossless speculative decoding). A request may override the policy "
                     'with {"adaspec": {"policy": NAME, "policy_args": {...}}}.')
     add_model_args(p)
+    add_suffix_cache_args(p)  # one cache per served model, shared by every request
     p.set_defaults(draft="auto")
     p.add_argument("--policy", default="auto",
                    help="default drafting policy (default auto: context over the default draft plus "

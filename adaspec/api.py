@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,14 @@ from typing import Any
 import torch
 
 from .drafters import ModelDrafter
-from .drafters.registry import build_drafter, check_policy, parse_draft
+from .drafters.registry import DraftSpec, build_drafter, check_policy, parse_draft
 from .drafters.suffix import SuffixCache, make_cache
 from .engine import Engine, StopRules
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, PolicyArgumentError, VocabMismatchError
 from .head_model import FeatureHead, head_dir, load_head
 from .models import LoadedModel, check_vocab_compat, load_model
 from .policies import Policy, make_policy
+from .policies.auto import AUTO, AUTO_DRAFT, auto_policy
 from .runtime import check_runtime, resolve_runtime, set_threads
 from .sampling import SamplingConfig
 from .types import GenerationStats
@@ -95,8 +97,8 @@ class SpeculativeGenerator:
     def __init__(
         self,
         target: str | LoadedModel = "default",
-        draft: str | LoadedModel | Sequence[str | LoadedModel] | None = "default",
-        policy: str | Policy = "fixed",
+        draft: str | LoadedModel | Sequence[str | LoadedModel] | None = "auto",
+        policy: str | Policy = "auto",
         policy_args: Mapping[str, Any] | None = None,
         *,
         dtype: str | torch.dtype = "auto",
@@ -108,25 +110,25 @@ class SpeculativeGenerator:
         if threads:
             set_threads(threads)
         check_runtime(runtime)  # before any model loads
-        spec = parse_draft(draft)
-        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_args)
-        check_policy(self.policy, spec)  # e.g. specdecpp reads a hidden state an n-gram draft lacks
+        auto_draft = isinstance(draft, str) and draft == AUTO
+        spec = parse_draft(AUTO_DRAFT if auto_draft else draft)
+        auto = isinstance(policy, str) and policy == AUTO
+        if auto and policy_args:
+            raise PolicyArgumentError("policy 'auto' takes no arguments; name a policy to pass some")
+        self.policy = None if auto else (
+            policy if isinstance(policy, Policy) else make_policy(policy, policy_args))
+        if self.policy is not None:
+            check_policy(self.policy, spec)  # e.g. specdecpp reads a hidden state an n-gram draft lacks
         self.target = target if isinstance(target, LoadedModel) else load_model(
             target, dtype=dtype, device=device, role="target", runtime=runtime)
-        self.draft_sources = spec.sources  # model-free draft sources, e.g. ("ngram",)
-        head_path = head_dir(spec.model)
-        self.head = None
-        if spec.model is None:
-            self.draft = None
-        elif head_path is not None:  # a feature head: reads the target's hidden states
-            self.draft = load_head_draft(head_path, self.target)
-            self.head = self.draft.model
-        elif isinstance(spec.model, LoadedModel) and isinstance(spec.model.model, FeatureHead):
-            self.head, self.draft = spec.model.model, spec.model  # another generator's head
-        else:
-            self.draft = spec.model if isinstance(spec.model, LoadedModel) else load_model(
-                spec.model, dtype=dtype, device=device, role="draft", runtime=runtime)
-            check_vocab_compat(self.target, self.draft)
+        self.default_note: str | None = None  # one line when a default had to fall back
+        spec = self._load_draft(spec, auto_draft, dtype, device, runtime)
+        if self.policy is None:
+            self.policy, self.default_note = auto_policy(self.target, self.draft, spec.sources)
+            check_policy(self.policy, spec)
+        if self.default_note:
+            warnings.warn(self.default_note, stacklevel=2)
+        self.draft_name = "+".join(([self.draft.name] if self.draft else []) + list(spec.sources)) or "none"
         self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
         self.runtime, note = resolve_runtime(runtime, self.target.model)
         self.runtime_note = f"runtime: target {note}"
@@ -148,6 +150,39 @@ class SpeculativeGenerator:
         drafter = build_drafter(spec, drafter, self.target.vocab_size, self.policy, self.suffix_cache)
         self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
                              drafter, self.policy, self.runtime, release=self.target.owned)
+
+    @property
+    def policy_name(self) -> str:
+        """The name of the policy actually used (``context``, ``fixed``, ...)."""
+        return getattr(self.policy, "name", type(self.policy).__name__)
+
+    def _load_draft(self, spec: DraftSpec, auto_draft: bool, dtype: Any, device: str,
+                    runtime: str) -> DraftSpec:
+        """Load the draft model of ``spec`` into ``self.draft`` / ``self.head``; returns the
+        spec actually used (the default draft when its vocabulary does not fit the target
+        drops to its model-free sources, with a note)."""
+        self.draft_sources = spec.sources  # model-free draft sources, e.g. ("ngram",)
+        head_path = head_dir(spec.model)
+        self.head = None
+        if spec.model is None:
+            self.draft = None
+        elif head_path is not None:  # a feature head: reads the target's hidden states
+            self.draft = load_head_draft(head_path, self.target)
+            self.head = self.draft.model
+        elif isinstance(spec.model, LoadedModel) and isinstance(spec.model.model, FeatureHead):
+            self.head, self.draft = spec.model.model, spec.model  # another generator's head
+        else:
+            self.draft = spec.model if isinstance(spec.model, LoadedModel) else load_model(
+                spec.model, dtype=dtype, device=device, role="draft", runtime=runtime)
+            try:
+                check_vocab_compat(self.target, self.draft)
+            except VocabMismatchError as exc:
+                if not auto_draft:
+                    raise
+                self.draft = None
+                self.default_note = f"default draft: ngram only ({exc})"
+                return DraftSpec(None, spec.sources)
+        return spec
 
     @property
     def tokenizer(self) -> Any:

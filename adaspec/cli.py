@@ -37,9 +37,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="prompt text ('-' reads standard input)")
     add_model_args(p)
     add_suffix_cache_args(p)
-    p.add_argument("--policy", default="fixed",
-                   help="drafting policy: fixed, heuristic, confidence, entropy, specdecpp, context, "
-                        "ldlp, oracle (default fixed)")
+    p.set_defaults(draft="auto")
+    p.add_argument("--policy", default="auto",
+                   help="drafting policy: auto, fixed, heuristic, confidence, entropy, specdecpp, "
+                        "context, ldlp, oracle (default auto: context with the predictor trained for "
+                        "the pair, or with predictor=online for a pair without one); --draft defaults "
+                        "to auto = the default draft plus the n-gram source (model+ngram)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="policy argument, repeatable (e.g. --policy-arg k=5)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -55,8 +58,6 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .api import SpeculativeGenerator
-
     prompt = args.prompt
     if prompt == "-":
         data = sys.stdin.buffer.read()
@@ -64,17 +65,14 @@ def run_generate(args: argparse.Namespace) -> int:
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidArgumentError(f"standard input is not UTF-8 text (byte {exc.start})") from None
-    policy_args = parse_policy_args(args.policy_arg)
-    gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
-                               args.policy, policy_args, dtype=args.dtype, device=args.device,
-                               threads=args.threads, runtime=args.runtime,
-                               suffix_cache=suffix_cache_arg(args))
+    gen = build_generator(args)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                   chat=args.chat)
     if args.json:
         result = gen.generate(prompt, **kwargs)
-        print(json.dumps({**result.to_dict(), "runtime": gen.runtime_note}))
+        print(json.dumps({**result.to_dict(), "policy": gen.policy_name, "draft": gen.draft_name,
+                          "runtime": gen.runtime_note}))
         return 0
     stream = gen.stream(prompt, **kwargs)
     for chunk in stream:
@@ -84,8 +82,27 @@ def run_generate(args: argparse.Namespace) -> int:
     s = stream.result.stats
     print(f"[{s.new_tokens} tokens in {s.wall_s:.2f}s, {s.tokens_per_s:.1f} tok/s, tau {s.tau:.2f}, "
           f"acceptance {s.acceptance_rate:.2f}, {s.target_forwards} target / {s.draft_forwards} draft "
-          f"forwards, stop: {s.stop_reason}; {gen.runtime_note}]", file=sys.stderr)
+          f"forwards, stop: {s.stop_reason}; policy {gen.policy_name}, draft {gen.draft_name}; "
+          f"{gen.runtime_note}]", file=sys.stderr)
     return 0
+
+
+def build_generator(args: argparse.Namespace):
+    """The generator for generate / serve options; a default that had to fall back (no
+    trained predictor for this pair) is said once, in one line on stderr."""
+    import warnings
+
+    from .api import SpeculativeGenerator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
+                                   args.policy, parse_policy_args(args.policy_arg), dtype=args.dtype,
+                                   device=args.device, threads=args.threads, runtime=args.runtime,
+                                   suffix_cache=suffix_cache_arg(args))
+    if gen.default_note:
+        print(f"adaspec: {gen.default_note}", file=sys.stderr)
+    return gen
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -280,6 +280,8 @@ SPECS = [
                                      node_floor=0.0), length=4, needs=(*AR, "candidates", *TREE), runtime=E),
     Spec("context-branch-always-1", _named("context", predictor="@context", branch="on",
                                            branch_rule="always", max_branch=1), needs=(*AR, *TREE)),
+    Spec("context-online", _named("context", predictor="online", tau_min=0.45), length=4,
+         needs=(*AR, "stop", "drop"), runtime=E),
     Spec("context-mode-random", _named("context", mode="random", k_max=5), length=4, needs=(*AR, "budgets")),
     Spec("ldlp", _named("ldlp", predictor="@ldlp", stop_q=0.2), length=4,
          needs=(*AR, "continue", "stop", "budgets")),

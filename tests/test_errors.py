@@ -107,10 +107,11 @@ def test_cli_generate_json(tmp_path, capsys):
     make_model("llama").save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     argv = ["generate", "hello", "--target", str(model_dir), "--draft", str(model_dir), "--dtype", "fp32",
-            "--policy-arg", "k=3", "--max-new-tokens", "12", "--json"]
+            "--policy", "fixed", "--policy-arg", "k=3", "--max-new-tokens", "12", "--json"]
     assert cli.main(argv) == 0
     obj = json.loads(capsys.readouterr().out)
     assert len(obj["token_ids"]) == 12 and isinstance(obj["text"], str)
+    assert obj["policy"] == "fixed" and obj["draft"] == str(model_dir)
     for key in ("new_tokens", "wall_s", "tokens_per_s", "tau", "acceptance_rate", "target_forwards",
                 "draft_forwards"):
         assert key in obj["stats"]

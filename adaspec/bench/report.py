@@ -165,8 +165,12 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
                         {k: v for k, v in ar.items() if v["category"] == c} if ar else None, m == "ar")
             for c in cats}
         methods[m] = entry
-    for m, eff in policy_efficiency(pp).items():
-        methods[m]["efficiency_vs_oracle"] = eff
+    for m, ratios in efficiency_ratios(pp).items():
+        methods[m]["efficiency_vs_oracle"] = statistics.fmean(ratios.values())
+        for c, entry in methods[m]["per_category"].items():
+            vals = [r for pid, r in ratios.items() if pp[m][pid]["category"] == c]
+            if vals:
+                entry["efficiency_vs_oracle"] = statistics.fmean(vals)
     return {"methods": methods, "categories": sorted({r["category"] for r in rows}),
             "n_rows": len(rows), "mismatches": mismatches(pp), "meta": meta or {}}
 
@@ -175,6 +179,13 @@ def policy_efficiency(pp: dict[str, dict[str, dict[str, Any]]]) -> dict[str, flo
     """method -> policy efficiency (DESIGN §2): mean over prompts of tokens/s of the method
     divided by tokens/s of the ``oracle`` policy with the same draft source and runtime
     (only for policy methods, when such an oracle ran on the same prompts)."""
+    return {m: statistics.fmean(r.values()) for m, r in efficiency_ratios(pp).items()}
+
+
+def efficiency_ratios(pp: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """method -> prompt id -> tokens/s(method) / tokens/s(oracle with the same draft sources
+    and runtime), for policy methods (``default`` included) whose oracle ran on that prompt;
+    ``oracle:draft=model+ngram`` is the mixed-source oracle."""
     from .methods import MethodError, parse_method
 
     specs = {}
@@ -187,11 +198,17 @@ def policy_efficiency(pp: dict[str, dict[str, dict[str, Any]]]) -> dict[str, flo
     out = {}
     for m, s in specs.items():
         ref = pp.get(oracles.get((s.draft, s.runtime), ""), {})
-        vals = [p["tokens_per_s"] / ref[k]["tokens_per_s"] for k, p in pp[m].items()
-                if s.kind == "policy" and k in ref and ref[k]["tokens_per_s"] > 0]
+        vals = {k: p["tokens_per_s"] / ref[k]["tokens_per_s"] for k, p in pp[m].items()
+                if s.kind == "policy" and k in ref and ref[k]["tokens_per_s"] > 0}
         if vals:
-            out[m] = statistics.fmean(vals)
+            out[m] = vals
     return out
+
+
+def default_first(methods: Iterable[str]) -> list[str]:
+    """Method keys with the ``default`` method(s) first (the row a user gets), then as given."""
+    keys = list(methods)
+    return sorted(keys, key=lambda m: not (m == "default" or m.startswith(("default:", "default@"))))
 
 
 def running_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -220,7 +237,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines = ["| method | speed-up vs ar | tokens/s | τ | acceptance | draft fwd/token | "
              "policy overhead | identical to ar | n |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m, e in summary["methods"].items():
+    for m in default_first(summary["methods"]):
+        e = summary["methods"][m]
         tps = _f(e["tokens_per_s"], ".1f") + (f" ± {e['tokens_per_s_spread']:.1f}"
                                                 if e.get("tokens_per_s_spread") is not None else "")
         lines.append(f"| `{m}` | {_f(e['speedup_vs_ar'], '.2f')}× | {tps} | "
@@ -233,14 +251,18 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def category_table(summary: dict[str, Any]) -> str:
-    """Speed-up (and tau) per method and category."""
+    """Speed-up, τ and % of the oracle with the same draft (where one ran) per method and
+    category; the ``default`` row first."""
     cats = summary["categories"]
     lines = ["| method | " + " | ".join(cats) + " |", "|---|" + "---:|" * len(cats)]
-    for m, e in summary["methods"].items():
+    for m in default_first(summary["methods"]):
+        e = summary["methods"][m]
         cells = []
         for c in cats:
             x = e["per_category"].get(c)
-            cells.append("–" if x is None else f"{_f(x['speedup_vs_ar'], '.2f')}× (τ {_f(x['tau'], '.2f')})")
+            eff = x.get("efficiency_vs_oracle") if x else None
+            cells.append("–" if x is None else f"{_f(x['speedup_vs_ar'], '.2f')}× (τ {_f(x['tau'], '.2f')}"
+                         + (f", {100 * eff:.0f}% of oracle)" if eff is not None else ")"))
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -250,7 +272,8 @@ def details_table(summary: dict[str, Any], positions: int = 8) -> str:
     head = " | ".join(f"p{i + 1}" for i in range(positions))
     lines = [f"| method | draft % | verify % | policy % | wasted draft tokens / token | {head} |",
              "|---|---:|---:|---:|---:|" + "---:|" * positions]
-    for m, e in summary["methods"].items():
+    for m in default_first(summary["methods"]):
+        e = summary["methods"][m]
         if m == "ar":
             continue
         ppa = e.get("per_position_acceptance") or []
@@ -289,7 +312,13 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
     if eff:
         out += ["Policy efficiency (mean over prompts of tokens/s(method) / tokens/s(oracle with the same "
                 "draft and runtime)): " + ", ".join(f"`{m}` {v:.2f}" for m, v in eff.items()), ""]
+    pol = meta.get("policies") or {}
+    if pol.get("default"):
+        out += [f"`default` (no --policy / --draft) ran as: {pol['default']}.", ""]
     out += ["## Per category", "", category_table(summary), "",
+            "Cells: speed-up vs `ar` (τ, and % of the oracle with the same draft sources when "
+            "one ran: `oracle` for the model draft, `oracle:draft=model+ngram` for `default` and "
+            "`context:draft=model+ngram`).", "",
             "## Details", "", details_table(summary), "",
             "Stage times are shares of wall time (`–` for `hf`: transformers does not expose them). "
             "pN: P(token N accepted | tokens 1..N-1 accepted), over the rounds whose draft reached "

@@ -263,6 +263,8 @@ def run_benchmark(
                                    cfg.suffix_cache_tokens) for s in specs}
     meta = run_metadata(cfg, target, draft)
     meta["runtimes"] = {k: getattr(r, "runtime", "hf") for k, r in runners.items()}
+    meta["policies"] = {k: f"{r.gen.policy_name} over {r.gen.draft_name}"
+                        for k, r in runners.items() if hasattr(getattr(r, "gen", None), "draft_name")}
     meta["methods"] = [s.key for s in specs]
     meta["n_prompts"] = len(prompts)
 

@@ -26,6 +26,15 @@ second (:class:`~adaspec.predictors.source_choice.SourceChoice`: the copy's acce
 predicted from its match length and recurrence, corrected online; the model's yield and
 every verify cost measured). An n-gram draft (q one-hot, no hidden state) is cut at that
 length; only model rounds feed the predictor's features and the tau cost model.
+Without a trained predictor (``predictor=online``: what the default falls back to for a pair
+nobody trained one for) p_i is the draft's own top-1 probability calibrated online against
+the target's verdicts (:class:`~adaspec.predictors.online.OnlineAcceptance`); the rules
+above are unchanged.
+No draft at all (model draft alone): a round drafts nothing when the measured acceptance of
+a round's first token, times T, is below the cost of drafting it (c_d + b): the first
+token would not pay for itself. Every ``probe_every``-th such round drafts anyway, so the
+estimate keeps up with the text. (With ``--draft model+ngram`` the source choice decides
+"none" instead.)
 Ablations: ``adapt=false`` keeps tau fixed at ``tau``; ``mode=random`` drafts a uniformly
 random length in 1..k_max (no predictor); ``branch_rule=always`` spends the extra candidates
 without difficulty prediction: ``max_branch`` of them at every kept position.
@@ -33,6 +42,7 @@ without difficulty prediction: ``max_branch`` of them at every kept position.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -42,6 +52,7 @@ from ..errors import PolicyArgumentError
 from ..predictors.costs import OnlineTau
 from ..predictors.features import RecentAcceptance, entropy_and_top, scalar_features
 from ..predictors.models import Predictor, load_predictor
+from ..predictors.online import OnlineAcceptance, top1
 from ..predictors.source_choice import SourceChoice
 from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome
 from . import register
@@ -54,7 +65,8 @@ class ContextPolicy(Policy):
     """Stop / drop by predicted cumulative acceptance against a cost-derived threshold.
 
     Args:
-        predictor: predictor directory (default: the shipped ``assets/predictors/context``).
+        predictor: predictor directory (default: the shipped ``assets/predictors/context``);
+            ``online``: no trained predictor, the draft's top-1 probability calibrated online.
         tau: initial (or, with adapt=false, fixed) continue threshold (default 0.5).
         adapt: adapt tau online from measured draft / verify costs (default true).
         tau_min / tau_max: bounds on tau (defaults 0.05 / 0.95).
@@ -66,6 +78,11 @@ class ContextPolicy(Policy):
         branch_rule: "cost" (default: the rule in the module doc) or "always" (ablation:
             ``max_branch`` candidates at every kept position).
         node_floor: minimum verify cost of a tree node as a fraction of T (default 0.05).
+        probe_every: with the model draft alone, draft anyway after this many rounds that
+            drafted nothing (default 4; 0 = never skip a round).
+        recalibrate: > 0: correct the trained predictor online against the target's verdicts
+            (per bin of its probability, a Beta posterior with this many pseudo-observations
+            at the predicted value); 0 (default): the predictor as trained.
     """
 
     name = "context"
@@ -81,6 +98,8 @@ class ContextPolicy(Policy):
     max_branch: int = 3
     branch_rule: str = "cost"
     node_floor: float = 0.05
+    probe_every: int = 4
+    recalibrate: float = 0.0
     _pred: Predictor | None = field(default=None, init=False, repr=False)
     _costs: OnlineTau | None = field(default=None, init=False, repr=False)
     _recent: RecentAcceptance = field(default_factory=RecentAcceptance, init=False, repr=False)
@@ -92,6 +111,12 @@ class ContextPolicy(Policy):
     _sources: SourceChoice = field(default_factory=SourceChoice, init=False, repr=False)
     _round: tuple = field(default=("model", 0, 0.0, 0), init=False, repr=False)
     # (source, match length, agreement, n-gram draft length) of the round being drafted
+    _online: OnlineAcceptance | None = field(default=None, init=False, repr=False)
+    _conf: list = field(default_factory=list, init=False, repr=False)  # top-1 q of this round's tokens
+    _first: list = field(default_factory=lambda: [0.0, 0.0], init=False, repr=False)  # EMA P(x_1 ok), n
+    _skipped: int = field(default=0, init=False, repr=False)  # rounds in a row that drafted nothing
+    _skips: int = field(default=0, init=False, repr=False)
+    _mixed: bool = field(default=False, init=False, repr=False)  # a source chooser asked this call
 
     def __post_init__(self) -> None:
         if not 0 < self.tau_min <= self.tau <= self.tau_max < 1 or self.k_max < 1:
@@ -106,8 +131,15 @@ class ContextPolicy(Policy):
             raise PolicyArgumentError(f"context: mode must be 'model' or 'random', got {self.mode!r}")
         self._branch_on = bool(self.branch)  # ``--policy-arg branch=on|off``
         self._costs = OnlineTau(self.tau, self.tau_min, self.tau_max)
-        if self.mode == "model":
+        if self.probe_every < 0:
+            raise PolicyArgumentError("context: probe_every must be >= 0")
+        if self.mode == "model" and self.predictor == "online":
+            self._online = OnlineAcceptance()
+            self.needs = DraftNeeds()
+        elif self.mode == "model":
             self._pred = load_predictor(self.predictor, "context")
+            if self.recalibrate > 0:
+                self._online = OnlineAcceptance(prior_weight=self.recalibrate)
             attention = bool(self._pred.meta.get("features", {}).get("attention", False))
             self.needs = DraftNeeds(hidden=True, attention=attention)
         self.reset()
@@ -119,11 +151,17 @@ class ContextPolicy(Policy):
         self._probs = []
         self._sources.reset()
         self._round = ("model", 0, 0.0, 0)
+        if self._online is not None:
+            self._online.reset()
+        self._conf, self._first = [], [0.0, 0.0]
+        self._skipped = self._skips = 0
+        self._mixed = False
 
     def choose_source(self, match, budget: int) -> str:
         """Draft source of this round with ``--draft model+ngram`` (``match``: the n-gram
         :class:`~adaspec.drafters.ngram.Match`): the best predicted tokens per second; an
         n-gram draft's length is kept for :meth:`decide`."""
+        self._mixed = True
         plan = self._sources.plan(match.length, match.agreement, budget, len(match.tokens))
         self._round = (plan.source, match.length, match.agreement, plan.length)
         return plan.source
@@ -133,21 +171,44 @@ class ContextPolicy(Policy):
         return self._costs.tau if self.adapt else self.tau
 
     def begin_round(self, ctx: RoundContext) -> int:
-        self._prod = 1.0
+        self._prod, self._conf = 1.0, []
         if self.mode == "random":
             return self._rng.randint(1, self.k_max)
+        if self._skip_round():
+            self._skipped += 1
+            self._skips += 1
+            return 0
+        self._skipped = 0
         return self.k_max
+
+    def _skip_round(self) -> bool:
+        """No draft this round: the first token's measured acceptance times T is below its
+        cost c_d + b (module doc); never with a source chooser, at most ``probe_every`` in a row."""
+        c = self._costs
+        if not self.adapt or self._mixed or self.probe_every == 0 or self._first[1] < 4 or c.T <= 0:
+            return False
+        if self._skipped >= self.probe_every:
+            return False
+        return self._first[0] * c.T < c.c_d + c.slope
 
     @torch.inference_mode()
     def predict(self, step: DraftStep) -> float:
         """Calibrated P(x_i accepted | x_<i accepted) for one drafted position."""
-        pred = self._pred
-        if step.hidden is None:
-            raise PolicyArgumentError("context: the drafter gave no hidden state")
-        if step.index == 1:
-            pred.check_dim("draft", step.hidden.shape[-1])
-        s = scalar_features(step, self._recent.value)
-        return float(pred.prob(pred.head(step.hidden.float(), s)))
+        if self._pred is None:
+            raw = top1(step.probs)
+        else:
+            pred = self._pred
+            if step.hidden is None:
+                raise PolicyArgumentError("context: the drafter gave no hidden state")
+            if step.index == 1:
+                pred.check_dim("draft", step.hidden.shape[-1])
+            s = scalar_features(step, self._recent.value)
+            a, b = pred.calib
+            raw = 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden, s) + b)))
+        if self._online is None:
+            return raw
+        self._conf.append(raw)
+        return self._online.prob(raw)
 
     def decide(self, step: DraftStep) -> Action:
         if getattr(step, "source", "model") == "ngram":  # the copy's length was chosen with it
@@ -195,6 +256,11 @@ class ContextPolicy(Policy):
         if source == "ngram":
             return  # the predictor's features and the tau cost model describe model drafts
         self._recent.update(k, m)
+        if k:
+            n = self._first[1] + 1
+            self._first = [self._first[0] + (float(m > 0) - self._first[0]) / min(n, 10.0), n]
+        if self._online is not None:
+            self._online.update(self._conf[:k], m)  # a dropped token was never tested
         self._costs.update(outcome.draft_s, outcome.draft.forwards, outcome.verify_s,
                            outcome.draft.tree_size + 1, m + 1)  # tree: candidates are verified too
 
@@ -202,4 +268,6 @@ class ContextPolicy(Policy):
         c = self._costs
         return {"tau_trace": list(c.trace), "tau": self.current_tau, "tau_keep": c.tau_keep,
                 "draft_step_s": c.c_d, "verify_slope_s": c.slope, "s_per_token": c.T,
+                "skipped_rounds": self._skips,
+                **(self._online.report() if self._online is not None else {}),
                 **(self._sources.report() if self._sources.ngram_rounds else {})}

@@ -59,6 +59,33 @@ class ResidualHead(nn.Module):
             x = x + block(x)
         return self.out(x).squeeze(-1)
 
+    def logit_one(self, h: torch.Tensor) -> float:
+        """:meth:`forward` for one position (h [d]) in numpy, without per-op torch dispatch
+        (a decode-time hot path); weights copied on first use and after in-place changes."""
+        import numpy as np
+
+        w = self._np_weights()
+        x = h.detach().float().numpy()
+        x = (x - x.mean()) / np.sqrt(x.var() + self.norm.eps) * w["g"] + w["beta"]
+        for w1, b1, w2, b2 in w["blocks"]:
+            a = w1 @ x + b1
+            x = x + w2 @ (a / (1.0 + np.exp(-a))) + b2  # SiLU
+        return float(w["out"] @ x + w["out_b"])
+
+    def _np_weights(self) -> dict:
+        version = sum(p._version for p in self.parameters())
+        cache = getattr(self, "_np_cache", None)
+        if cache is None or cache[0] != version:
+            def np_(t: torch.Tensor):
+                return t.detach().float().numpy().copy()
+
+            cache = (version, {"g": np_(self.norm.weight), "beta": np_(self.norm.bias),
+                               "blocks": [(np_(b[0].weight), np_(b[0].bias), np_(b[2].weight), np_(b[2].bias))
+                                          for b in self.blocks],
+                               "out": np_(self.out.weight)[0], "out_b": float(self.out.bias)})
+            self._np_cache = cache
+        return cache[1]
+
 
 class ContextHead(nn.Module):
     """Context-aware difficulty predictor: one hidden layer on [h, scalars].
@@ -88,6 +115,34 @@ class ContextHead(nn.Module):
         z = (s - self.s_mean) / self.s_std
         x = torch.cat([self.norm(h), z], dim=-1)
         return (self.out(torch.relu(self.hidden(x))) + self.skip(z)).squeeze(-1)
+
+    def logit_one(self, h: torch.Tensor, s: torch.Tensor) -> float:
+        """:meth:`forward` for one position (h [d], s [n_scalar]) in numpy: the same maths
+        without per-op torch dispatch (a decode-time hot path). The weights are copied on the
+        first call and again whenever the hidden layer's weight changed in place."""
+        import numpy as np
+
+        w = self._np_weights()
+        x = h.detach().float().numpy()
+        x = (x - x.mean()) / np.sqrt(x.var() + self.norm.eps)
+        z = (s.detach().float().numpy() - w["s_mean"]) / w["s_std"]
+        a = np.maximum(w["wh"] @ x + w["ws"] @ z + w["b"], 0.0)
+        return float(w["out"] @ a + w["out_b"] + w["skip"] @ z)
+
+    def _np_weights(self) -> dict:
+        version = self.hidden.weight._version
+        cache = getattr(self, "_np_cache", None)
+        if cache is None or cache[0] != version:
+            d = self.hidden.weight.shape[1] - self.s_mean.shape[0]
+            wt = self.hidden.weight.detach().float().numpy()
+            cache = (version, {"wh": wt[:, :d].copy(), "ws": wt[:, d:].copy(),
+                               "b": self.hidden.bias.detach().float().numpy(),
+                               "out": self.out.weight.detach().float().numpy()[0],
+                               "out_b": float(self.out.bias),
+                               "skip": self.skip.weight.detach().float().numpy()[0],
+                               "s_mean": self.s_mean.numpy(), "s_std": self.s_std.numpy()})
+            self._np_cache = cache
+        return cache[1]
 
 
 class LengthHead(nn.Module):

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 from ..errors import AdaspecError
-from ..policies import parse_policy_args
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,7 +25,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     'with {"adaspec": {"policy": NAME, "policy_args": {...}}}.')
     add_model_args(p)
     add_suffix_cache_args(p)  # one cache per served model, shared by every request
-    p.add_argument("--policy", default="fixed", help="default drafting policy (default fixed)")
+    p.set_defaults(draft="auto")
+    p.add_argument("--policy", default="auto",
+                   help="default drafting policy (default auto: context over the default draft plus "
+                        "the n-gram source, see `adaspec generate --help`)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="default policy argument, repeatable (e.g. --policy-arg k=5)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -48,17 +50,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise AdaspecError(f"adaspec serve needs the web stack ({exc.name} is missing): "
                            "pip install 'adaspec[serve]'") from None
-    from ..api import SpeculativeGenerator
-    from ..cli_args import suffix_cache_arg
+    from ..cli import build_generator
 
-    gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
-                               args.policy, parse_policy_args(args.policy_arg), dtype=args.dtype,
-                               device=args.device, threads=args.threads, runtime=args.runtime,
-                               suffix_cache=suffix_cache_arg(args))
+    gen = build_generator(args)
     app = create_app(gen, model_name=args.served_model_name or args.target, max_queue=args.max_queue,
                      runtime=args.runtime)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    print(f"adaspec: serving {args.served_model_name or args.target!r} (policy {args.policy}; "
+    print(f"adaspec: serving {args.served_model_name or args.target!r} (policy {gen.policy_name}, "
+          f"draft {gen.draft_name}; "
           f"{gen.runtime_note}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

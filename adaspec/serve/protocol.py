@@ -256,12 +256,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def adaspec_stats(stats: dict, policy: str) -> dict:
-    """The per-request ``adaspec`` object: tau, acceptance and stage times (finite numbers only)."""
+def adaspec_stats(stats: dict, policy: str, draft: str | None = None) -> dict:
+    """The per-request ``adaspec`` object: the policy and draft used, tau, acceptance and
+    stage times (finite numbers only)."""
     keys = ("tau", "acceptance_rate", "tokens_per_s", "wall_s", "prefill_s", "draft_s", "verify_s",
             "policy_s", "target_forwards", "draft_forwards", "drafted_tokens", "accepted_tokens",
             "rounds", "stop_reason")
-    out: dict[str, Any] = {"policy": policy}
+    out: dict[str, Any] = {"policy": policy, "draft": draft}
     for k in keys:
         v = stats.get(k)
         out[k] = None if isinstance(v, float) and not math.isfinite(v) else v

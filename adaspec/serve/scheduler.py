@@ -183,7 +183,8 @@ class Scheduler:
         use = usage(stats.prompt_tokens, stats.new_tokens)
         self.metrics.generation_done(stats.prompt_tokens, stats.new_tokens, stats.tau)
         job.events.put_nowait(Final(finish_reason(stats.stop_reason, trim.stopped), use,
-                                    adaspec_stats(stats.to_dict(), self.policy_name(job.key))))
+                                    adaspec_stats(stats.to_dict(), self.policy_name(job.key),
+                                                  getattr(gen, "draft_name", None))))
 
     # --- worker thread only -------------------------------------------------------------
 

@@ -67,11 +67,50 @@ def _split(prompt_of: torch.Tensor) -> torch.Tensor:
     return prompt_of % DEV_MOD == DEV_REM
 
 
+def evaluate_on(pred: Predictor, traces: Path) -> dict:
+    """AUC / Brier / ECE of a binary head on another trace directory (e.g. traces of the dev
+    buckets, prompts the training traces never held), over the tokens verified after an
+    accepted prefix, with the shipped calibration, overall and per prompt source."""
+    meta, t = load_traces(traces)
+    if meta.get("pair") != pred.meta.get("pair"):
+        raise InvalidArgumentError(f"{traces} holds traces of another model pair than the predictor")
+    tried = t["tok_tried"].bool()
+    h, s, y = t["tok_hidden"][tried].float(), t["tok_scalars"][tried].float(), t["tok_match"][tried].float()
+    with torch.no_grad():
+        z = pred.head(h) if pred.kind == "specdecpp" else pred.head(h, s)
+        p = pred.prob(z)
+    out = {"traces": str(traces), "source": meta["args"].get("source"), **binary_report(p, y)}
+    sources = _prompt_sources(meta["args"].get("source", ""))
+    if sources:
+        prompt = t["round_prompt"][t["tok_round"]][tried]
+        by = {}
+        for name, lo, hi in sources:
+            sel = (prompt >= lo) & (prompt < hi)
+            if sel.any():
+                by[name] = binary_report(p[sel], y[sel])
+        out["by_source"] = by
+    return out
+
+
+def _prompt_sources(source: str) -> list[tuple[str, int, int]]:
+    """'a:dev[16],b:dev[12]' -> [("a", 0, 16), ("b", 16, 28)] (prompt index ranges)."""
+    out, start = [], 0
+    for part in source.split(","):
+        name, _, rest = part.partition("[")
+        if not rest.endswith("]") or not rest[:-1].isdigit():
+            return []
+        n = int(rest[:-1])
+        out.append((name.split(":")[0], start, start + n))
+        start += n
+    return out
+
+
 def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr: float = 1e-3,
                     batch: int = 256, patience: int = 5, rejection_weight: float | None = None,
                     calibrate: str | None = None, width: int = 0, seed: int = 0,
-                    weight_decay: float = 0.5) -> Predictor:
-    """Fit a ``kind`` head on the traces in ``traces`` and write it to ``out``."""
+                    weight_decay: float = 0.5, eval_traces: Path | None = None) -> Predictor:
+    """Fit a ``kind`` head on the traces in ``traces`` and write it to ``out``
+    (``eval_traces``: also report held-out metrics on that trace directory)."""
     if kind not in KINDS:
         raise InvalidArgumentError(f"unknown predictor kind {kind!r}; choose one of {', '.join(KINDS)}")
     if calibrate not in (None, "platt", "none"):
@@ -141,6 +180,8 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
     metrics.update(train_tokens=int(tr.sum()), dev_tokens=int(dev.sum()), dev_tried_tokens=int(ev.sum()),
                    rejection_weight=rw, calibrate=calibrate, fit=log)
     pred = Predictor(kind, head, dict(base, config=config, features=feats, metrics=metrics), out, calib)
+    if eval_traces is not None:
+        metrics["heldout"] = evaluate_on(pred, eval_traces)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(metrics, indent=2))
     plot_reliability(curves, out / "reliability.png", f"{kind}: held-out tokens (dev prompts)")

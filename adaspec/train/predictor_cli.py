@@ -111,10 +111,17 @@ def run_train(args: argparse.Namespace) -> int:
     pred = train_predictor(Path(args.traces), args.kind, Path(args.out), epochs=args.epochs, lr=args.lr,
                            batch=args.batch, patience=args.patience, rejection_weight=args.rejection_weight,
                            calibrate=args.calibrate, width=args.width, seed=args.seed,
-                           weight_decay=args.weight_decay)
+                           weight_decay=args.weight_decay,
+                           eval_traces=Path(args.eval_traces) if args.eval_traces else None)
     m = pred.meta["metrics"]
     summary = m.get("calibrated") or m.get("raw") or {k: v for k, v in m.items() if k != "fit"}
     print(f"wrote {args.kind} predictor to {args.out}: {json.dumps(summary)}")
+    held = m.get("heldout")
+    if held:
+        print(f"held-out traces {held['traces']}: AUC {held['auc']:.3f}, ECE {held['ece']:.3f}, "
+              f"Brier {held['brier']:.3f} over {held['n']} tokens")
+        for name, r in (held.get("by_source") or {}).items():
+            print(f"  {name}: AUC {r['auc']:.3f}, ECE {r['ece']:.3f} ({r['n']} tokens)")
     return 0
 
 
@@ -140,5 +147,8 @@ def add_train_predictor_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.5,
                    help="AdamW weight decay (default 0.5: the heads overfit the d-dim hidden state)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-traces", default=None,
+                   help="also report AUC / ECE on this trace directory (e.g. `collect` on the dev "
+                        "buckets: prompts the training traces never held), overall and per source")
     add_model_args(p, ("threads",))
     p.set_defaults(func=run_train)

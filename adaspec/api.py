@@ -124,22 +124,30 @@ class SpeculativeGenerator:
         self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
         self.runtime, note = resolve_runtime(runtime, self.target.model)
         self.runtime_note = f"runtime: target {note}"
+        self._spec, self._runtime_arg = spec, runtime
+        if self.head is not None:
+            self.runtime_note += f"; draft: feature head on the {self.runtime} runtime"
+        elif self.draft:
+            self.runtime_note += f"; draft {resolve_runtime(runtime, self.draft.model)[1]}"
+        if spec.sources:
+            self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
+        self.engine = self.new_engine(self.policy)
+
+    def new_engine(self, policy: Policy) -> Engine:
+        """A fresh engine of this generator's target and draft under ``policy``: its own KV
+        caches and drafter state, the models' weights shared (one per batched sequence)."""
         drafter = None
         if self.head is not None:
             from .drafters.head import HeadDrafter
 
             drafter = HeadDrafter(self.head, self.target.model, self.target.vocab_size, self.runtime,
                                   self.target.max_context)
-            self.runtime_note += f"; draft: feature head on the {self.runtime} runtime"
         elif self.draft:
-            draft_runtime, dnote = resolve_runtime(runtime, self.draft.model)
-            self.runtime_note += f"; draft {dnote}"
+            draft_runtime = resolve_runtime(self._runtime_arg, self.draft.model)[0]
             drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned
-        if spec.sources:
-            self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
-        drafter = build_drafter(spec, drafter, self.target.vocab_size, self.policy)
-        self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
-                             drafter, self.policy, self.runtime, release=self.target.owned)
+        drafter = build_drafter(self._spec, drafter, self.target.vocab_size, policy)
+        return Engine(self.target.model, self.target.vocab_size, self.target.max_context,
+                      drafter, policy, self.runtime, release=self.target.owned)
 
     @property
     def tokenizer(self) -> Any:

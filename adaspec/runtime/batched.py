@@ -1,0 +1,199 @@
+"""One compiled forward over the verify rows of many sequences (the batch engine's target step).
+
+Every sequence keeps its own :class:`~adaspec.runtime.compiled.CompiledRunner` (its own
+static KV cache); all runners share one model's packed weights. :func:`run_calls` takes
+the rounds' :class:`~adaspec.engine.VerifyCall` s and, when they are compiled runners of
+one model, runs them as **one** forward: every linear (the weight-bound part on a CPU)
+runs over the rows of all sequences at once, so each weight is read once per step instead
+of once per sequence; attention runs per sequence, over its own cache and its own fed
+rows only. Rows of different sequences never meet, and each primitive computes a row the
+same way whatever rows surround it (see :mod:`.kernels`), so a sequence's outputs are
+bit-identical to its own :meth:`CompiledRunner.forward` (tested).
+
+Calls that cannot share a forward (the eager runtime, one call, different models) run one
+after another on their own runners: same results, no speed-up.
+
+The layer loop composes the kernels' per-layer primitives in the same order as
+``kernels.forward_rows``; the weight multiply goes through :func:`matmul` only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..kv import ForwardOut
+
+
+def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out[M, N] = x[M, K] @ W^T for one packed weight ``w`` (the only weight multiply here)."""
+    from .kernels import linear
+
+    linear(x, w, out)
+
+
+@dataclass
+class Part:
+    """One sequence's share of a batched forward.
+
+    feed / pos: [T] int64 ids and rotary positions; start: cache slots already holding the
+    sequence's prefix; mask: [T, T] uint8 visibility among its fed rows; n_out: rows whose
+    outputs it needs (the last ones); kt / vc: its runner's cache arrays.
+    """
+
+    runner: Any
+    feed: np.ndarray
+    pos: np.ndarray
+    start: int
+    mask: np.ndarray
+    n_out: int
+    hidden: bool
+    fed: list[int]
+
+
+def _causal(n: int) -> np.ndarray:
+    return np.tril(np.ones((n, n), np.uint8))
+
+
+def _tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
+    """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth."""
+    size = n_lin + len(parents)
+    mask = np.zeros((size, size), np.uint8)
+    mask[:n_lin, :n_lin] = _causal(n_lin)
+    mask[n_lin:, :n_lin] = 1
+    depth: list[int] = []
+    for j, par in enumerate(parents):
+        row = n_lin + j
+        if par >= 0:
+            mask[row] = mask[n_lin + par]
+            depth.append(depth[par] + 1)
+        else:
+            depth.append(1)
+        mask[row, row] = 1
+    return mask, depth
+
+
+def prepare(call: Any) -> Part:
+    """Bring the call's runner to its committed prefix and describe its fed rows (as
+    ``CompiledRunner.forward`` / ``forward_tree`` do before their forward)."""
+    r = call.runner
+    if call.nodes is None:
+        start = r._sync_prefix(call.seq, call.n_out)
+        fed = call.seq[start:]
+        mask, pos = _causal(len(fed)), list(range(start, start + len(fed)))
+    else:
+        start = r._sync_prefix(call.seq, 1)
+        linear = call.seq[start:]
+        mask, depth = _tree_mask(len(linear), call.parents)
+        fed = linear + call.nodes
+        pos = list(range(start, start + len(linear))) + [start + len(linear) - 1 + d for d in depth]
+    r.kt, r.vc = r.lean.fit_cache(r.kt, r.vc, start + len(fed), start)
+    return Part(r, np.asarray(fed, np.int64), np.asarray(pos, np.int64), start, mask, call.n_out,
+                call.hidden, fed)
+
+
+def batchable(calls: list[Any]) -> bool:
+    """True when ``calls`` can share one compiled forward (compiled runners of one model)."""
+    from .compiled import CompiledRunner
+
+    if len(calls) < 2 or not all(type(c.runner) is CompiledRunner for c in calls):
+        return False
+    lean = calls[0].runner.lean
+    return all(c.runner.lean is lean for c in calls) and len({id(c.runner) for c in calls}) == len(calls)
+
+
+def run_calls(calls: list[Any]) -> list[ForwardOut]:
+    """The output of every call (in order): one shared forward when :func:`batchable`,
+    else each call on its own runner."""
+    if not batchable(calls):
+        return [c.run() for c in calls]
+    parts = [prepare(c) for c in calls]
+    lean = parts[0].runner.lean
+    outs = forward_parts(lean, parts)
+    results = []
+    for part, (logits, hidden, conc) in zip(parts, outs):
+        r = part.runner
+        r.forwards += 1
+        r._conc = conc
+        r.tokens.extend(part.fed)
+        out = torch.from_numpy(logits[:, : lean.n_logits])
+        if lean.out_ids is not None:
+            full = out.new_full((out.shape[0], lean.vocab), float("-inf"))
+            out = full.index_copy_(1, lean.out_ids, out)
+        results.append(ForwardOut(out, torch.from_numpy(hidden) if part.hidden else None))
+    return results
+
+
+def _write_cache(qkv: np.ndarray, part: Part, r0: int, layer: int, qw: int, kvh: int, hd: int) -> None:
+    """Store the part's fed keys / values (rows r0.. of qkv) in its cache at start.."""
+    n, kw = len(part.feed), kvh * hd
+    k = qkv[r0:r0 + n, qw:qw + kw].reshape(n, kvh, hd)
+    v = qkv[r0:r0 + n, qw + kw:qw + 2 * kw].reshape(n, kvh, hd)
+    kt, vc = part.runner.kt, part.runner.vc
+    kt[layer, :, :, part.start:part.start + n] = k.transpose(1, 2, 0)
+    vc[layer, :, part.start:part.start + n, :hd] = v.transpose(1, 0, 2)
+
+
+def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One forward of all parts' fed rows (``kernels.forward_rows`` with a batch of caches).
+
+    Returns per part (logits [n_out, P*16], hidden [n_out, d], conc [n_out]).
+    """
+    from . import kernels as K
+
+    offsets = np.cumsum([0] + [len(p.feed) for p in parts])
+    rows, d, hd = int(offsets[-1]), lean.d, lean.hd
+    heads, kvh, inter, eps = lean.heads, lean.kvh, lean.inter, lean.eps  # a float, as forward_rows gets
+    h = K.embed(np.concatenate([p.feed for p in parts]), lean.emb, lean.emb_packed, lean.lm)
+    pos = np.concatenate([p.pos for p in parts])
+    scale = np.float32(1.0 / math.sqrt(hd))
+    xn = np.empty((rows, d), np.float32)
+    qkv = np.empty((rows, lean.wqkv.shape[1] * 16), np.float32)
+    att = np.empty((rows, heads * hd), np.float32)
+    proj = np.empty((rows, lean.wo.shape[1] * 16), np.float32)
+    gu = np.empty((rows, lean.wgu.shape[1] * 16), np.float32)
+    act = np.empty((rows, inter), np.float32)
+    down = np.empty((rows, lean.wd.shape[1] * 16), np.float32)
+    conc = np.zeros((rows, heads), np.float32)
+    qw = heads * hd
+    for layer in range(lean.layers):
+        K._rmsnorm(h, lean.ln1[layer], eps, xn)
+        matmul(xn, lean.wqkv[layer], qkv)
+        K._rope(qkv, 0, heads, hd, lean.cos, lean.sin, pos)
+        K._rope(qkv, qw, kvh, hd, lean.cos, lean.sin, pos)
+        for b, part in enumerate(parts):
+            r0, r1 = int(offsets[b]), int(offsets[b + 1])
+            _write_cache(qkv, part, r0, layer, qw, kvh, hd)
+            K._attention(qkv[r0:r1], heads, kvh, hd, part.runner.kt, part.runner.vc, layer, part.start,
+                         part.mask, scale, att[r0:r1], conc[r0:r1])
+        matmul(att, lean.wo[layer], proj)
+        h += proj[:, :d]
+        K._rmsnorm(h, lean.ln2[layer], eps, xn)
+        matmul(xn, lean.wgu[layer], gu)
+        K._silu_mul(gu, inter, act)
+        matmul(act, lean.wd[layer], down)
+        h += down[:, :d]
+    return _heads(lean, parts, offsets, h, conc)
+
+
+def _heads(lean: Any, parts: list[Part], offsets: np.ndarray, h: np.ndarray, conc: np.ndarray,
+           ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Final norm and the LM head over every part's output rows at once (one head read)."""
+    from . import kernels as K
+
+    idx = np.concatenate([np.arange(offsets[b + 1] - p.n_out, offsets[b + 1]) for b, p in enumerate(parts)])
+    tail = np.ascontiguousarray(h[idx])
+    hidden = np.empty_like(tail)
+    K._rmsnorm(tail, lean.normw, lean.eps, hidden)
+    logits = np.empty((len(idx), lean.lm.shape[0] * 16), np.float32)
+    matmul(hidden, lean.lm, logits)
+    cmean = conc[idx].sum(axis=1) / lean.heads
+    out, o = [], 0
+    for p in parts:
+        out.append((logits[o:o + p.n_out], hidden[o:o + p.n_out], cmean[o:o + p.n_out]))
+        o += p.n_out
+    return out

@@ -52,6 +52,30 @@ class TextStream:
         return self._chunks
 
 
+class IncrementalText:
+    """Incremental detokenisation of committed ids (offsets as in TGI / vLLM): ``feed(ids)``
+    returns the new text that is safe to send (no partial UTF-8 character); ``rest(final)``
+    the rest of the final text once generation ends."""
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def feed(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def rest(self, final: str) -> str:
+        emitted = self.decode(self.ids[:self.read])
+        return final[len(emitted):] if len(final) > len(emitted) else ""
+
+
 def load_head_draft(path: Path, target: LoadedModel) -> LoadedModel:
     """The feature head in ``path`` for ``target``, wrapped as a draft :class:`LoadedModel`.
 
@@ -190,8 +214,9 @@ class SpeculativeGenerator:
         stats = GenerationStats()
         return self.engine.run(ids, sampling, rules, stats), stats, stops
 
-    def _finish(self, new: list[int], stats: GenerationStats, stops: tuple[str, ...]) -> GenerationResult:
-        drafter_report = getattr(self.engine.drafter, "report", None)
+    def _finish(self, new: list[int], stats: GenerationStats, stops: tuple[str, ...],
+                engine: Engine | None = None) -> GenerationResult:
+        drafter_report = getattr((engine or self.engine).drafter, "report", None)
         if drafter_report is not None:  # e.g. rounds per draft source, n-gram lookup seconds
             stats.extra.update(drafter_report())
         text = self._decode(new)
@@ -236,19 +261,15 @@ class SpeculativeGenerator:
         stream = TextStream(iter(()))
 
         def chunks() -> Iterator[str]:
-            new: list[int] = []
-            prefix = read = 0  # incremental detokenisation offsets (as in TGI / vLLM)
+            text = IncrementalText(self._decode)
             for chunk in rounds:
-                new.extend(chunk)
-                before = self._decode(new[prefix:read])
-                after = self._decode(new[prefix:])
-                if len(after) > len(before) and not after.endswith("\ufffd"):
-                    yield after[len(before):]
-                    prefix, read = read, len(new)
-            result = self._finish(new, stats, stops)
-            emitted = self._decode(new[:read])
-            if len(result.text) > len(emitted):
-                yield result.text[len(emitted):]
+                piece = text.feed(chunk)
+                if piece:
+                    yield piece
+            result = self._finish(text.ids, stats, stops)
+            rest = text.rest(result.text)
+            if rest:
+                yield rest
             stream.result = result
 
         stream._chunks = chunks()

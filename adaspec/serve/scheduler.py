@@ -139,7 +139,7 @@ class Scheduler:
         if len(ids) >= self.max_context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context is "
                                 f"{self.max_context}", param="prompt", code="context_length_exceeded")
-        if len(self._pending) >= self.max_queue:
+        if len(self._pending) >= self.max_queue + self.batch.free:  # free slots take them at once
             raise ApiError(429, f"the server is busy: {len(self._pending)} requests are already queued "
                                 f"(limit {self.max_queue}); retry later",
                            type="rate_limit_exceeded", code="queue_full")

@@ -145,3 +145,23 @@ def test_soak_rss(server):
     after = _rss()
     assert codes == [200] * 200
     assert after <= before * 1.05, f"RSS grew {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+
+
+def test_serve_load_bench_runs(tmp_path, tokenizer, monkeypatch):
+    """The load benchmark end to end on a tiny saved model: real server subprocess, openai client."""
+    from adaspec.bench import serve_load
+
+    model = make_model("llama", seed=0, max_pos=1024)  # byte-level tokens: prompts of ~500
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("ADASPEC_RUNS", str(tmp_path))
+    out = tmp_path / "load.json"
+    rc = serve_load.main(["--target", str(tmp_path / "m"), "--draft", "none", "--concurrency", "1,3",
+                          "--requests", "3", "--max-new", "6", "--json", str(out), "--threads", "1"])
+    assert rc == 0
+    import json
+
+    levels = json.loads(out.read_text())
+    assert [(x["server"], x["concurrency"]) for x in levels] == [("adaspec", 1), ("adaspec", 3)]
+    assert all(x["tokens_per_s"] > 0 and x["p95_latency"] >= x["p50_latency"] > 0 for x in levels)
+    assert levels[1]["identical"] is True

@@ -165,3 +165,34 @@ def test_serve_load_bench_runs(tmp_path, tokenizer, monkeypatch):
     assert [(x["server"], x["concurrency"]) for x in levels] == [("adaspec", 1), ("adaspec", 3)]
     assert all(x["tokens_per_s"] > 0 and x["p95_latency"] >= x["p50_latency"] > 0 for x in levels)
     assert levels[1]["identical"] is True
+
+
+def test_failing_sequence_ends_only_itself(pair):
+    """A sequence whose drafter raises mid-generation gets a 500; the sequences batched with
+    it finish with their own texts, and the server keeps serving."""
+    class Flaky(SpeculativeGenerator):
+        def new_engine(self, policy):
+            engine = super().new_engine(policy)
+            propose = engine.drafter.propose
+
+            def maybe_fail(context, *args, **kwargs):
+                if bytes(context[:4]) == b"FAIL" and len(context) > 12:
+                    raise RuntimeError("drafter broke")
+                return propose(context, *args, **kwargs)
+
+            engine.drafter.propose = maybe_fail
+            return engine
+
+    ref = SpeculativeGenerator(*pair, "fixed", {"k": 3})
+    running = Running(create_app(Flaky(*pair, "fixed", {"k": 3}), model_name=NAME, max_batch=4))
+    try:
+        prompts = ["FAIL now", *PROMPTS[:3]]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: _post(running.url, {"prompt": p, "max_tokens": 20,
+                                                              "temperature": 0}, headers={}), prompts))
+        assert got[0].status_code == 500 and "drafter broke" in got[0].json()["error"]["message"]
+        assert [r.json()["choices"][0]["text"] for r in got[1:]] == \
+            [ref.generate(p, max_new_tokens=20).text for p in PROMPTS[:3]]
+        assert httpx.get(running.url + "/health", timeout=30).json()["status"] == "ok"
+    finally:
+        running.stop()

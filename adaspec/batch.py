@@ -27,7 +27,7 @@ from .sampling import SamplingConfig
 from .types import GenerationStats
 
 
-@dataclass
+@dataclass(eq=False)  # hashed and compared by identity
 class Sequence:
     """One generation in the batch.
 
@@ -43,7 +43,6 @@ class Sequence:
     engine: Engine
     stats: GenerationStats
     rounds: Any = None
-    call: VerifyCall | None = None
     new: list[int] = field(default_factory=list)
     done: bool = False
     error: BaseException | None = None
@@ -184,33 +183,55 @@ class BatchEngine:
 
     def step(self) -> list[StepEvent]:
         """One round of every active sequence; returns what each committed (finished ones
-        leave the batch)."""
+        leave the batch). Draft forwards run in lockstep (one shared draft forward per draft
+        position), then one shared target forward verifies every sequence's draft."""
         events: list[StepEvent] = []
         self._set_caps()
-        ready = [s for s in self.active if self._advance(s, None, events)]
-        if ready:
-            t0 = time.perf_counter()
-            try:
-                outs = run_calls([s.call for s in ready])
-            except Exception:  # a shared forward failed: retry one by one so only the culprit fails
-                outs = None
-            if outs is not None and len(ready) > 1 and self.budget is not None:
-                self.last_rows = sum(len(o.logits) for o in outs)
-                self.budget.cost.add(self.last_rows, time.perf_counter() - t0)
-            for i, s in enumerate(ready):
-                if outs is None:
-                    try:
-                        out = s.call.run()
-                    except Exception as exc:
-                        self._fail(s, exc, events)
-                        continue
-                else:
-                    out = outs[i]
-                s.call = None
+        waiting = {}
+        for s in list(self.active):
+            call = self._advance(s, None, events)
+            if call is not None:
+                waiting[s] = call
+        t0 = time.perf_counter()
+        draft_rows = 0
+        while True:
+            drafting = [s for s, c in waiting.items() if c.runner is not s.engine.target]
+            if not drafting:
+                break
+            draft_rows += len(drafting)
+            for s, out in zip(drafting, self._run([waiting.pop(s) for s in drafting], drafting, events)):
+                call = self._advance(s, out, events) if out is not None else None
+                if call is not None:
+                    waiting[s] = call
+        t1 = time.perf_counter()
+        ready = list(waiting)
+        outs = self._run([waiting[s] for s in ready], ready, events)
+        if self.budget is not None and len(ready) > 1:
+            self.last_rows = sum(len(o.logits) for o in outs if o is not None)
+            self.budget.cost.add(self.last_rows, time.perf_counter() - t1)
+            if draft_rows:
+                self.budget.draft_cost = 0.8 * self.budget.draft_cost + 0.2 * (t1 - t0) / draft_rows
+        for s, out in zip(ready, outs):
+            if out is not None:
                 self._advance(s, out, events)
         for s in [s for s in self.active if s.done]:
             self.remove(s)
         return events
+
+    def _run(self, calls: list[VerifyCall], seqs: list[Sequence], events: list[StepEvent]) -> list[Any]:
+        """Outputs of ``calls`` (shared forwards where possible); when a shared forward fails,
+        each call runs alone so only the failing sequence ends (its output is None)."""
+        try:
+            return run_calls(calls)
+        except Exception:
+            outs: list[Any] = []
+            for c, s in zip(calls, seqs):
+                try:
+                    outs.append(c.run())
+                except Exception as exc:
+                    self._fail(s, exc, events)
+                    outs.append(None)
+            return outs
 
     def _set_caps(self) -> None:
         live = [s for s in self.active if s.adaptive]
@@ -218,20 +239,19 @@ class BatchEngine:
         for s in self.active:
             s.engine.cap = caps.get(id(s))
 
-    def _advance(self, seq: Sequence, out: Any, events: list[StepEvent]) -> bool:
-        """Run the sequence until it needs a forward (True) or has committed / ended (False)."""
+    def _advance(self, seq: Sequence, out: Any, events: list[StepEvent]) -> VerifyCall | None:
+        """Run the sequence until it needs a forward (returned) or has committed / ended."""
         try:
             item = seq.rounds.send(out) if out is not None else next(seq.rounds)
         except StopIteration:
             seq.done = True
             events.append(StepEvent(seq, [], True))
-            return False
+            return None
         except Exception as exc:
             self._fail(seq, exc, events)
-            return False
+            return None
         if isinstance(item, VerifyCall):
-            seq.call = item
-            return True
+            return item
         seq.new.extend(item)
         if self.budget is not None:
             self.budget.observe(seq)
@@ -240,7 +260,7 @@ class BatchEngine:
             next(seq.rounds, None)
             seq.done = True
         events.append(StepEvent(seq, item, finished))
-        return False
+        return None
 
     def _fail(self, seq: Sequence, exc: BaseException, events: list[StepEvent]) -> None:
         seq.error, seq.done = exc, True

@@ -117,11 +117,13 @@ class VerifyCall:
     hidden: bool
     nodes: list[int] | None = None
     parents: list[int] | None = None
+    concentration: bool = False  # the runner's attention_concentration() reports this forward
 
     def run(self) -> Any:
         """The forward output (``ForwardOut``) from this call's own runner."""
         if self.nodes is None:
-            return self.runner.forward(self.seq, self.n_out, hidden=self.hidden)
+            kw = {"concentration": True} if self.concentration else {}
+            return self.runner.forward(self.seq, self.n_out, hidden=self.hidden, **kw)
         return self.runner.forward_tree(self.seq, self.nodes, self.parents, hidden=self.hidden)
 
 
@@ -203,8 +205,10 @@ class Engine:
             # 2. draft
             t1, hooks_before = clock.now(), clock.hooks
             draft = Draft([], None, [], 0)
-            if budget > 0:
-                draft = drafter.propose(ids, budget, decide, sampling, gen, policy.needs, branch)
+            if budget > 0:  # a drafter with propose_steps hands its draft forwards out too
+                propose = getattr(drafter, "propose_steps", None)
+                args = (ids, budget, decide, sampling, gen, policy.needs, branch)
+                draft = (yield from propose(*args)) if propose else drafter.propose(*args)
             t2 = clock.now(sync=True)
             # 3. verify: one target forward over [last committed, x1..xK] -> p1..p(K+1)
             verdict, logits, out, path = yield from self._verify(ids, draft, sampling, gen, want_hidden,

@@ -135,7 +135,7 @@ def test_failing_sequence_ends_alone(pair64):
     def broken(*a, **k):
         raise RuntimeError("boom")
 
-    seqs[1].engine.drafter.propose = broken
+    seqs[1].engine.drafter.propose_steps = broken
     done = {}
     while engine.active:
         for ev in engine.step():

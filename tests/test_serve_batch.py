@@ -173,14 +173,14 @@ def test_failing_sequence_ends_only_itself(pair):
     class Flaky(SpeculativeGenerator):
         def new_engine(self, policy):
             engine = super().new_engine(policy)
-            propose = engine.drafter.propose
+            propose = engine.drafter.propose_steps
 
             def maybe_fail(context, *args, **kwargs):
                 if bytes(context[:4]) == b"FAIL" and len(context) > 12:
                     raise RuntimeError("drafter broke")
                 return propose(context, *args, **kwargs)
 
-            engine.drafter.propose = maybe_fail
+            engine.drafter.propose_steps = maybe_fail
             return engine
 
     ref = SpeculativeGenerator(*pair, "fixed", {"k": 3})

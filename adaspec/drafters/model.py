@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 
+from ..engine import VerifyCall
+from ..kv import ForwardOut
 from ..models import LoadedModel
 from ..runtime import make_runner
 from ..sampling import SamplingConfig, processed_probs, sample
@@ -43,13 +47,34 @@ class ModelDrafter:
         needs: DraftNeeds,
         branch: BranchFn | None = None,
     ) -> Draft:
+        steps = self.propose_steps(context, budget, decide, sampling, generator, needs, branch)
+        call = next(steps)
+        while True:
+            try:
+                call = steps.send(call.run())
+            except StopIteration as stop:
+                return stop.value
+
+    def propose_steps(
+        self,
+        context: list[int],
+        budget: int,
+        decide: DecideFn,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        needs: DraftNeeds,
+        branch: BranchFn | None = None,
+    ) -> Generator[VerifyCall, ForwardOut, Draft]:
+        """:meth:`propose` with each draft forward handed out (a :class:`VerifyCall` on the
+        draft's runner, its output sent back), so a batch engine can run the draft forwards of
+        many sequences together; returns the :class:`Draft`."""
         tokens: list[int] = []
         steps: list[DraftStep] = []
         branches: dict[int, list[int]] = {}
         start_forwards = self.runner.forwards
         for i in range(1, budget + 1):
-            out = self.runner.forward(context + tokens, 1, hidden=needs.hidden,
-                                      concentration=needs.attention)
+            out = yield VerifyCall(self.runner, context + tokens, 1, needs.hidden,
+                                   concentration=needs.attention)
             logits = fit_vocab(out.logits[0], self.vocab_size)  # [V]
             probs = processed_probs(logits, sampling)  # [V]
             token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)

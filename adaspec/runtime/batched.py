@@ -97,7 +97,7 @@ def prepare(call: Any) -> Part:
 
 
 def batchable(calls: list[Any]) -> bool:
-    """True when ``calls`` can share one compiled forward (compiled runners of one model)."""
+    """True when ``calls`` can share one compiled forward (distinct compiled runners of one model)."""
     from .compiled import CompiledRunner
 
     if len(calls) < 2 or not all(type(c.runner) is CompiledRunner for c in calls):
@@ -107,10 +107,22 @@ def batchable(calls: list[Any]) -> bool:
 
 
 def run_calls(calls: list[Any]) -> list[ForwardOut]:
-    """The output of every call (in order): one shared forward when :func:`batchable`,
-    else each call on its own runner."""
-    if not batchable(calls):
-        return [c.run() for c in calls]
+    """The output of every call (in order): the calls on compiled runners of one model share
+    one forward (:func:`forward_parts`); every other call runs on its own runner."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(calls):
+        groups.setdefault(id(getattr(c.runner, "lean", c.runner)), []).append(i)
+    outs: list[ForwardOut | None] = [None] * len(calls)
+    for idx in groups.values():
+        group = [calls[i] for i in idx]
+        results = _shared(group) if batchable(group) else [c.run() for c in group]
+        for i, out in zip(idx, results):
+            outs[i] = out
+    return outs  # type: ignore[return-value]
+
+
+def _shared(calls: list[Any]) -> list[ForwardOut]:
+    """One forward for calls on distinct compiled runners of one model."""
     parts = [prepare(c) for c in calls]
     lean = parts[0].runner.lean
     outs = forward_parts(lean, parts)

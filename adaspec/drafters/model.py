@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..engine import VerifyCall
 from ..kv import ForwardOut
 from ..models import LoadedModel
 from ..runtime import make_runner
 from ..sampling import SamplingConfig, processed_probs, sample
 from ..types import Action, Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
+
+if TYPE_CHECKING:
+    from ..engine import VerifyCall
 
 
 class ModelDrafter:
@@ -68,6 +71,8 @@ class ModelDrafter:
         """:meth:`propose` with each draft forward handed out (a :class:`VerifyCall` on the
         draft's runner, its output sent back), so a batch engine can run the draft forwards of
         many sequences together; returns the :class:`Draft`."""
+        from ..engine import VerifyCall  # the engine imports the drafters
+
         tokens: list[int] = []
         steps: list[DraftStep] = []
         branches: dict[int, list[int]] = {}

@@ -29,11 +29,14 @@ import torch
 from ..kv import ForwardOut
 
 
-def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """out[M, N] = x[M, K] @ W^T for one packed weight ``w`` (the only weight multiply here)."""
+def matmul(lean: Any, name: str, layer: int | None, x: np.ndarray, out: np.ndarray) -> None:
+    """out[M, N] = x[M, K] @ W^T for the packed weight ``name`` (of ``layer``, or the model's
+    own when None) of ``lean``: the only weight multiply here (one place to follow a change
+    of the weight format)."""
     from .kernels import linear
 
-    linear(x, w, out)
+    w = getattr(lean, name)
+    linear(x, w if layer is None else w[layer], out)
 
 
 @dataclass
@@ -98,11 +101,13 @@ def prepare(call: Any) -> Part:
 
 def batchable(calls: list[Any]) -> bool:
     """True when ``calls`` can share one compiled forward (distinct compiled runners of one model)."""
-    from .compiled import CompiledRunner
+    from .compiled import CompiledRunner, LeanWeights
 
     if len(calls) < 2 or not all(type(c.runner) is CompiledRunner for c in calls):
         return False
     lean = calls[0].runner.lean
+    if type(lean) is not LeanWeights:  # the packed fp32 format is the one composed here
+        return False
     return all(c.runner.lean is lean for c in calls) and len({id(c.runner) for c in calls}) == len(calls)
 
 
@@ -133,7 +138,7 @@ def _shared(calls: list[Any]) -> list[ForwardOut]:
         r._conc = conc
         r.tokens.extend(part.fed)
         out = torch.from_numpy(logits[:, : lean.n_logits])
-        if lean.out_ids is not None:
+        if lean.out_ids is not None and getattr(r, "full_vocab", True):  # as CompiledRunner._run
             full = out.new_full((out.shape[0], lean.vocab), float("-inf"))
             out = full.index_copy_(1, lean.out_ids, out)
         results.append(ForwardOut(out, torch.from_numpy(hidden) if part.hidden else None))
@@ -174,7 +179,7 @@ def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.nda
     qw = heads * hd
     for layer in range(lean.layers):
         K._rmsnorm(h, lean.ln1[layer], eps, xn)
-        matmul(xn, lean.wqkv[layer], qkv)
+        matmul(lean, "wqkv", layer, xn, qkv)
         K._rope(qkv, 0, heads, hd, lean.cos, lean.sin, pos)
         K._rope(qkv, qw, kvh, hd, lean.cos, lean.sin, pos)
         for b, part in enumerate(parts):
@@ -182,12 +187,12 @@ def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.nda
             _write_cache(qkv, part, r0, layer, qw, kvh, hd)
             K._attention(qkv[r0:r1], heads, kvh, hd, part.runner.kt, part.runner.vc, layer, part.start,
                          part.mask, scale, att[r0:r1], conc[r0:r1])
-        matmul(att, lean.wo[layer], proj)
+        matmul(lean, "wo", layer, att, proj)
         h += proj[:, :d]
         K._rmsnorm(h, lean.ln2[layer], eps, xn)
-        matmul(xn, lean.wgu[layer], gu)
+        matmul(lean, "wgu", layer, xn, gu)
         K._silu_mul(gu, inter, act)
-        matmul(act, lean.wd[layer], down)
+        matmul(lean, "wd", layer, act, down)
         h += down[:, :d]
     return _heads(lean, parts, offsets, h, conc)
 
@@ -202,7 +207,7 @@ def _heads(lean: Any, parts: list[Part], offsets: np.ndarray, h: np.ndarray, con
     hidden = np.empty_like(tail)
     K._rmsnorm(tail, lean.normw, lean.eps, hidden)
     logits = np.empty((len(idx), lean.lm.shape[0] * 16), np.float32)
-    matmul(hidden, lean.lm, logits)
+    matmul(lean, "lm", None, hidden, logits)
     cmean = conc[idx].sum(axis=1) / lean.heads
     out, o = [], 0
     for p in parts:

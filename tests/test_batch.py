@@ -173,3 +173,24 @@ def test_one_call_runs_on_its_runner(pair64):
     r = _runner(pair64[0].model)
     assert not batchable([VerifyCall(r, [1, 2], 1, False)])
     assert not batchable([VerifyCall(r, [1, 2], 1, False)] * 2)  # one runner twice
+
+
+def test_lone_sequence_keeps_its_policy_budget(pair64):
+    """One sequence: no cap (drafts as its policy says); a full batch of adaptive sequences is
+    capped; fixed policies never are."""
+    gen = SpeculativeGenerator(*pair64, "heuristic")
+    engine = BatchEngine(lambda pol: gen.new_engine(pol or make_policy("heuristic")), max_batch=8,
+                         budget=DraftBudget())
+    engine.budget.cost.a, engine.budget.cost.b = 0.01, 0.01  # rows as dear as a tenth of a forward
+    first = engine.add(0, [1, 2, 3], SamplingConfig(), StopRules(8))
+    engine._set_caps()
+    assert first.engine.cap is None
+    for i in range(1, 8):
+        engine.add(i, [1, 2, 3 + i], SamplingConfig(), StopRules(8))
+    fixed = engine.active.pop()
+    engine.active.append(BatchEngine(lambda pol: gen.new_engine(make_policy("fixed")), 1).add(
+        9, [4, 5], SamplingConfig(), StopRules(8)))
+    engine._set_caps()
+    caps = [s.engine.cap for s in engine.active]
+    assert caps[-1] is None and all(c is not None and c < 5 for c in caps[:-1]), caps
+    del fixed

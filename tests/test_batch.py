@@ -194,3 +194,18 @@ def test_lone_sequence_keeps_its_policy_budget(pair64):
     caps = [s.engine.cap for s in engine.active]
     assert caps[-1] is None and all(c is not None and c < 5 for c in caps[:-1]), caps
     del fixed
+
+
+def test_batch_model_plus_ngram_identical(pair64):
+    """A model + n-gram drafter (MixedDrafter): model rounds join the shared draft forwards."""
+    target, draft = pair64
+    gen = SpeculativeGenerator(target, [draft, "ngram"], "fixed", {"k": 3})
+    prompts = [p * 3 for p in rand_prompts(5, seed=21)]  # repeats: the n-gram source finds matches
+    ref = _texts_alone(gen, prompts, 20)
+    engine = BatchEngine(lambda pol: gen.new_engine(make_policy("fixed", {"k": 3})), max_batch=5)
+    got, seqs = _run_batch(engine, prompts, 20)
+    assert got == ref
+    rounds = Counter()
+    for s in seqs.values():
+        rounds.update(s.engine.drafter.rounds)
+    assert rounds["model"] > 0 and rounds["ngram"] > 0

@@ -50,13 +50,7 @@ class ModelDrafter:
         needs: DraftNeeds,
         branch: BranchFn | None = None,
     ) -> Draft:
-        steps = self.propose_steps(context, budget, decide, sampling, generator, needs, branch)
-        call = next(steps)
-        while True:
-            try:
-                call = steps.send(call.run())
-            except StopIteration as stop:
-                return stop.value
+        return run_steps(self.propose_steps(context, budget, decide, sampling, generator, needs, branch))
 
     def propose_steps(
         self,
@@ -94,6 +88,16 @@ class ModelDrafter:
             probs_kq = torch.stack([s.probs for s in steps])  # [K, V]
         return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards,
                      {i: c for i, c in branches.items() if c})
+
+
+def run_steps(steps: Generator[VerifyCall, ForwardOut, Draft]) -> Draft:
+    """Drive a ``propose_steps`` generator, running each forward on its own runner."""
+    try:
+        call = next(steps)
+        while True:
+            call = steps.send(call.run())
+    except StopIteration as stop:
+        return stop.value
 
 
 def fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -178,6 +178,9 @@ class BatchEngine:
             self.active.remove(seq)
             seq.rounds.close()
             seq.done = True
+        flush = getattr(seq.engine.drafter, "flush", None)  # e.g. hand the text to a shared suffix cache
+        if flush is not None and seq.error is None:
+            flush()
         if self.budget is not None:
             self.budget.forget(seq)
 

@@ -87,7 +87,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.health = self.url + health
         self.log = log.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        # a neutral working directory: `python -m` must import that Python's own adaspec,
+        # not a checkout that happens to be the current directory
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=log.parent)
 
     def wait_ready(self, timeout: float = 600) -> bool:
         import httpx

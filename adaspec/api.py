@@ -19,6 +19,7 @@ import torch
 
 from .drafters import ModelDrafter
 from .drafters.registry import build_drafter, check_policy, parse_draft
+from .drafters.suffix import SuffixCache, make_cache
 from .engine import Engine, StopRules
 from .errors import InvalidArgumentError
 from .head_model import FeatureHead, head_dir, load_head
@@ -109,6 +110,10 @@ class SpeculativeGenerator:
         runtime: ``"auto"`` (default: the compiled CPU runtime where it supports the model,
             eager elsewhere), ``"eager"`` or ``"compiled"`` (an error for a model it cannot
             run). ``runtime_note`` says what was chosen for each model and why.
+        suffix_cache: with an n-gram source, a cross-request cache of finished texts
+            (:class:`~adaspec.drafters.suffix.SuffixCache`, kept across ``generate`` calls):
+            True (default: 262144 tokens), a token count, False / 0 (none), or a cache to
+            share with other generators. ``self.suffix_cache`` holds it (None without one).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class SpeculativeGenerator:
         device: str = "cpu",
         threads: int | None = None,
         runtime: str = "auto",
+        suffix_cache: bool | int | SuffixCache | None = True,
     ) -> None:
         if threads:
             set_threads(threads)
@@ -155,6 +161,9 @@ class SpeculativeGenerator:
             self.runtime_note += f"; draft {resolve_runtime(runtime, self.draft.model)[1]}"
         if spec.sources:
             self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
+        # cross-request drafts for the n-gram source, kept across generate calls (and shared by
+        # every engine of this generator, e.g. the server's batched sequences)
+        self.suffix_cache = make_cache(suffix_cache) if "ngram" in spec.sources else None
         self.engine = self.new_engine(self.policy)
 
     def new_engine(self, policy: Policy) -> Engine:
@@ -169,7 +178,7 @@ class SpeculativeGenerator:
         elif self.draft:
             draft_runtime = resolve_runtime(self._runtime_arg, self.draft.model)[0]
             drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned
-        drafter = build_drafter(self._spec, drafter, self.target.vocab_size, policy)
+        drafter = build_drafter(self._spec, drafter, self.target.vocab_size, policy, self.suffix_cache)
         return Engine(self.target.model, self.target.vocab_size, self.target.max_context,
                       drafter, policy, self.runtime, release=self.target.owned)
 

@@ -178,9 +178,12 @@ class BatchEngine:
             self.active.remove(seq)
             seq.rounds.close()
             seq.done = True
-        flush = getattr(seq.engine.drafter, "flush", None)  # e.g. hand the text to a shared suffix cache
-        if flush is not None and seq.error is None:
-            flush()
+        drafter = seq.engine.drafter  # hand the text to a shared suffix cache (an n-gram source's flush)
+        for part in (drafter, getattr(drafter, "ngram", None)):
+            flush = getattr(part, "flush", None)
+            if flush is not None and seq.error is None:
+                flush()
+                break
         if self.budget is not None:
             self.budget.forget(seq)
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .cli_args import add_model_args
+from .cli_args import add_model_args, add_suffix_cache_args, suffix_cache_arg
 from .errors import AdaspecError, InvalidArgumentError
 from .policies import parse_policy_args
 
@@ -36,6 +36,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                     "of the target under greedy, and distributed exactly like it under sampling.")
     p.add_argument("prompt", help="prompt text ('-' reads standard input)")
     add_model_args(p)
+    add_suffix_cache_args(p)
     p.add_argument("--policy", default="fixed",
                    help="drafting policy: fixed, heuristic, confidence, entropy, specdecpp, context, "
                         "ldlp, oracle (default fixed)")
@@ -66,7 +67,8 @@ def run_generate(args: argparse.Namespace) -> int:
     policy_args = parse_policy_args(args.policy_arg)
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                args.policy, policy_args, dtype=args.dtype, device=args.device,
-                               threads=args.threads, runtime=args.runtime)
+                               threads=args.threads, runtime=args.runtime,
+                               suffix_cache=suffix_cache_arg(args))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                   chat=args.chat)

@@ -50,3 +50,30 @@ def add_model_args(p: argparse.ArgumentParser, options: tuple[str, ...] = MODEL_
     for name, kwargs in _ARGS.items():
         if name in options:
             p.add_argument(f"--{name}", help=helps[name], **kwargs)
+
+
+def add_suffix_cache_args(p: argparse.ArgumentParser) -> None:
+    """``--suffix-cache-tokens N`` / ``--no-suffix-cache``: the n-gram source's cross-request
+    cache of finished texts (read back with :func:`suffix_cache_arg`)."""
+    from .drafters.suffix import DEFAULT_TOKENS
+
+    p.add_argument("--suffix-cache-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+                   help="with an n-gram draft source: draft also from the last N tokens of "
+                        "finished outputs of this process (oldest evicted first; memory "
+                        f"~4 + 72 bytes a token; default {DEFAULT_TOKENS})")
+    p.add_argument("--no-suffix-cache", action="store_true",
+                   help="n-gram drafts from each request's own text only")
+
+
+def suffix_cache_arg(args: argparse.Namespace) -> int:
+    """The ``suffix_cache`` generator argument from the flags: a token count, 0 = off.
+
+    Raises:
+        InvalidArgumentError: a count below 64 that is not 0.
+    """
+    from .errors import InvalidArgumentError
+
+    n = 0 if getattr(args, "no_suffix_cache", False) else getattr(args, "suffix_cache_tokens", 0)
+    if n < 0 or 0 < n < 64:
+        raise InvalidArgumentError(f"--suffix-cache-tokens must be 0 or >= 64, got {n}")
+    return n

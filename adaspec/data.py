@@ -22,6 +22,13 @@ dataset                category    bucket of a row
                                    whose instruction rewrites / fixes / extracts / summarises
                                    an ``input`` of >= 80 characters (outputs copy the input);
                                    each row keeps its source set's bucket
+``templated``          templated   four instruction templates (an HTML page, an argparse script,
+                                   a function with its unittest class: code_alpaca inputs, split
+                                   between them; a step-by-step answer format: gsm8k) and
+                                   two-turn conversations whose second turn quotes the first
+                                   answer (gpteacher_codegen), interleaved; inputs of at most
+                                   600 characters; each row keeps its source set's bucket.
+                                   Traffic that repeats itself across requests (the suffix cache)
 ``mix``                all above   round-robin over the sets above (same split), so that
                                    ``--limit N`` draws from every category
 ``jsonl:PATH``         per row     a Spec-Bench question file; the whole file is used
@@ -267,8 +274,47 @@ def _copy(split: str, root: Path) -> list[Prompt]:
     return out
 
 
+# ``templated``: (name, source set, template); the source row's text replaces {input}
+_TEMPLATES = (
+    ("html", "code_alpaca", "Write a complete HTML page (doctype, head with meta tags and a title, "
+                            "a style block, body) for the following: {input}"),
+    ("cli", "code_alpaca", "Write a Python command-line script for the task below: import argparse, "
+                           "put the logic in a function, parse the arguments in main() and call main() "
+                           "under if __name__ == \"__main__\".\n\nTask: {input}"),
+    ("unittest", "code_alpaca", "Write a Python function for the task below, then a unittest.TestCase "
+                                "class that tests it, ending with unittest.main().\n\nTask: {input}"),
+    ("math", "gsm8k", "Solve the problem below step by step. End with a line of the form "
+                      "'Final answer: <number>'.\n\nProblem: {input}"),
+)
+_QUOTE = ("gpteacher_codegen", "Quote the code from your answer above exactly, then explain in one "
+                               "sentence what each part does.")
+_TEMPLATE_INPUT_CHARS = 600  # longer inputs are skipped (a template wraps a short input)
+
+
+def _templated(split: str, root: Path) -> list[Prompt]:
+    """One instruction template over many inputs (four templates), and two-turn
+    conversations whose second turn quotes the first answer, interleaved (see the table)."""
+    per: list[list[Prompt]] = []
+    sources: dict[str, list[Prompt]] = {}
+    for name, src, template in _TEMPLATES:
+        if src not in sources:
+            sources[src] = [p for p in _SOURCES[src](split, root)
+                            if len(p.turns[0]) <= _TEMPLATE_INPUT_CHARS]
+        users = [n for n, s, _ in _TEMPLATES if s == src]  # templates sharing a source split it
+        rows = sources[src][users.index(name)::len(users)]
+        per.append([Prompt(f"templated/{name}/{p.id}", "templated", [template.replace("{input}", p.turns[0])])
+                    for p in rows])
+    src, follow = _QUOTE
+    per.append([Prompt(f"templated/quote/{p.id}", "templated", [p.turns[0], follow])
+                for p in _SOURCES[src](split, root) if len(p.turns[0]) <= _TEMPLATE_INPUT_CHARS])
+    out = []
+    for i in range(max(len(p) for p in per)):
+        out.extend(p[i] for p in per if i < len(p))
+    return out
+
+
 _MIX = ("gsm8k", "humaneval", "gpteacher_roleplay", "self_instruct_seed", "code_alpaca")
-DATASETS = (*_SOURCES, "copy", "mix", "jsonl:PATH")
+DATASETS = (*_SOURCES, "copy", "templated", "mix", "jsonl:PATH")
 
 
 def _mix(split: str, root: Path) -> list[Prompt]:
@@ -297,6 +343,8 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None)
         return _mix(split, folder)
     if name == "copy":
         return _copy(split, folder)
+    if name == "templated":
+        return _templated(split, folder)
     if name not in _SOURCES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return _SOURCES[name](split, folder)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli_args import add_model_args
+from ..cli_args import add_model_args, add_suffix_cache_args, suffix_cache_arg
 from ..data import DATASETS, SPLITS
 from ..errors import InvalidArgumentError
 from .report import category_table, markdown_table, report_only
@@ -30,6 +30,8 @@ examples:
   adaspec bench --dataset humaneval --split test --methods ar,hf,fixed:3,fixed:5 --limit 20
   adaspec bench --dataset jsonl:question.jsonl --methods ar,fixed:5 --out runs/specbench
   adaspec bench --report-only --out runs/specbench
+  adaspec bench --dataset templated --split dev --in-order \
+      --methods ar,context:draft=model+ngram,context:draft=model+ngram:cache=off
   adaspec bench --quick
 """
 
@@ -61,6 +63,11 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="wrap every prompt in the target's chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false",
                       help="feed every prompt raw (default: chat except for raw sets like humaneval)")
+    p.add_argument("--in-order", action="store_true",
+                   help="keep each method's n-gram suffix cache from prompt to prompt (prompts run "
+                        "in dataset order, as a server would see them); default: every prompt "
+                        "starts with an empty cache")
+    add_suffix_cache_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-RSS measurement per runtime (a fresh process each, ~20 s)")
@@ -119,7 +126,8 @@ def _run_bench(args: argparse.Namespace) -> int:
                       repeats=args.repeats,
                       out=str(out), target=args.target, draft=args.draft, chat=args.chat,
                       progress=not args.no_progress, command=_command(), runtime=args.runtime,
-                      memory=not args.no_memory)
+                      memory=not args.no_memory, in_order=args.in_order,
+                      suffix_cache_tokens=suffix_cache_arg(args))
     summary = run_benchmark(cfg)
     _print_tables(summary, out)
     return 0

@@ -26,7 +26,9 @@ every output. Names:
   One more key, ``draft=``, picks the method's draft sources instead: ``draft=ngram``
   (model-free, no draft model loaded for it), ``draft=model+ngram`` (the run's ``--draft``
   plus the n-gram source, chosen per round), ``draft=model`` (the default), e.g.
-  ``fixed:k=8:draft=ngram`` or ``context:draft=model+ngram``.
+  ``fixed:k=8:draft=ngram`` or ``context:draft=model+ngram``. ``cache=off`` turns the n-gram
+  source's cross-request suffix cache off (``context:draft=model+ngram:cache=off``); it only
+  carries over between prompts with ``adaspec bench --in-order``.
 
 Any ``ar`` or policy method may end in ``@eager``, ``@compiled`` or ``@auto`` to run on that
 runtime instead of the run's ``--runtime`` (``ar@eager,ar`` compares the runtimes in one
@@ -74,6 +76,7 @@ class MethodSpec:
     args: dict[str, str] = field(default_factory=dict)
     runtime: str | None = None
     draft: str | None = None
+    cache: bool = True  # the n-gram source's cross-request suffix cache (``cache=off``)
 
     @property
     def needs_draft(self) -> bool:
@@ -148,6 +151,10 @@ def parse_method(text: str) -> MethodSpec:
     from ..policies import POLICIES, make_policy
 
     draft = args.pop("draft", None)
+    cache = args.pop("cache", "on")
+    if cache not in ("on", "off") or (cache == "off" and "ngram" not in (draft or "")):
+        raise MethodError(f"method {key!r}: cache= takes on or off, with an n-gram draft source "
+                          "(e.g. context:draft=model+ngram:cache=off)")
     try:
         policy = make_policy(name, args)  # validates the name and every argument now, not mid-run
         if draft is not None:
@@ -162,7 +169,7 @@ def parse_method(text: str) -> MethodSpec:
             raise MethodError(f"unknown method {name!r}; choose ar, hf, hf-heuristic, llamacpp or a policy: "
                               f"{', '.join(sorted(POLICIES))}") from None
         raise MethodError(f"method {key!r}: {exc}") from None
-    return MethodSpec(key, "policy", name, args, runtime or None, draft)
+    return MethodSpec(key, "policy", name, args, runtime or None, draft, cache == "on")
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -192,16 +199,30 @@ class EngineRunner:
     """``ar`` or an adaspec policy, through :class:`adaspec.api.SpeculativeGenerator`."""
 
     def __init__(self, spec: MethodSpec, target: LoadedModel, draft: LoadedModel | None,
-                 runtime: str = "auto") -> None:
+                 runtime: str = "auto", suffix_cache: int = 1) -> None:
         from ..api import SpeculativeGenerator
 
         runtime = spec.runtime or runtime
         if spec.kind == "ar":
             self.gen = SpeculativeGenerator(target, None, "fixed", runtime=runtime)
-        else:
+        else:  # suffix_cache: the run's cache size in tokens (1 = the default size, 0 = off)
+            size = (suffix_cache if suffix_cache != 1 else True) if spec.cache else False
             self.gen = SpeculativeGenerator(target, spec.draft_arg(draft), spec.name, spec.args,
-                                            runtime=runtime)
+                                            runtime=runtime, suffix_cache=size)
         self.runtime = self.gen.runtime
+
+    def clear_cache(self) -> None:
+        """Forget the cross-request suffix cache (each prompt starts cold unless --in-order)."""
+        drafter = self.gen.engine.drafter
+        ngram = getattr(drafter, "ngram", drafter)
+        if hasattr(ngram, "flush"):
+            ngram.flush()  # drop the pending text too, then empty the cache
+        if self.gen.suffix_cache is not None:
+            self.gen.suffix_cache.clear()
+
+    @property
+    def suffix_cache(self) -> Any:
+        return self.gen.suffix_cache
 
     def generate(self, ids: list[int], max_new_tokens: int, temperature: float,
                  seed: int | None) -> TurnResult:
@@ -295,8 +316,10 @@ class HFRunner:
 
 
 def build_runner(spec: MethodSpec, target: LoadedModel, draft: LoadedModel | None,
-                 eos_ids: frozenset[int], runtime: str = "auto", threads: int | None = None) -> MethodRunner:
-    """A runner for ``spec`` sharing the already loaded models (``runtime``: the run's default)."""
+                 eos_ids: frozenset[int], runtime: str = "auto", threads: int | None = None,
+                 suffix_cache: int = 1) -> MethodRunner:
+    """A runner for ``spec`` sharing the already loaded models (``runtime``: the run's default;
+    ``suffix_cache``: the n-gram source's cache size in tokens, 1 = default, 0 = off)."""
     if spec.kind == "llamacpp":
         from .llamacpp import LlamaCppRunner
 
@@ -306,7 +329,7 @@ def build_runner(spec: MethodSpec, target: LoadedModel, draft: LoadedModel | Non
     if spec.kind == "hf":
         assert draft is not None
         return HFRunner(spec, target, draft, eos_ids)
-    return EngineRunner(spec, target, draft, runtime)
+    return EngineRunner(spec, target, draft, runtime, suffix_cache)
 
 
 __all__ = ["HF_KEYS", "EngineRunner", "HFRunner", "MethodError", "MethodSpec", "TurnResult",

@@ -3,7 +3,11 @@
 Protocol (DESIGN §5): models are loaded once and shared by all methods; ``warmup``
 untimed generations per method first; then for each prompt every method runs
 ``repeats`` times, the method order rotated by one per prompt so that machine drift
-hits all methods alike. Each finished (prompt, method, repeat) is appended to
+hits all methods alike. Each method keeps one generator for the whole run; its n-gram
+source's cross-request suffix cache is emptied before every prompt (rows do not depend on
+the order) unless ``in_order`` (``--in-order``), where it carries over from prompt to
+prompt as in a server (the warm-up's answer is always dropped; a resumed run first puts
+the finished rows' answers back). Each finished (prompt, method, repeat) is appended to
 ``results.jsonl`` and flushed; a rerun with the same ``out`` skips what is there, so
 an interrupted run loses nothing. Every row carries the run settings (``cfg``); a rerun
 with different settings into the same folder is refused rather than mixed.
@@ -35,6 +39,7 @@ import torch
 
 from ..api import load_head_draft
 from ..data import Prompt, load_dataset
+from ..drafters.suffix import DEFAULT_TOKENS
 from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..head_model import head_dir
 from ..metrics import RunMetrics
@@ -78,13 +83,18 @@ class BenchConfig:
     draft: str = "default"
     chat: bool | None = None  # None: by dataset (humaneval raw, others chat)
     progress: bool = True
+    in_order: bool = False  # the suffix cache carries over from prompt to prompt (a server's view)
+    suffix_cache_tokens: int = DEFAULT_TOKENS
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
     def resume_key(self) -> dict[str, Any]:
         """Settings that must match for rows to be comparable (and resumable)."""
-        return {"dataset": self.dataset, "split": self.split, "max_new_tokens": self.max_new_tokens,
-                "temperature": self.temperature, "seed": self.seed, "dtype": self.dtype,
-                "target": self.target, "draft": self.draft, "chat": self.chat, "runtime": self.runtime}
+        key = {"dataset": self.dataset, "split": self.split, "max_new_tokens": self.max_new_tokens,
+               "temperature": self.temperature, "seed": self.seed, "dtype": self.dtype,
+               "target": self.target, "draft": self.draft, "chat": self.chat, "runtime": self.runtime}
+        if self.in_order or self.suffix_cache_tokens != DEFAULT_TOKENS:  # older rows lack them
+            key.update(in_order=self.in_order, suffix_cache_tokens=self.suffix_cache_tokens)
+        return key
 
 
 def eos_ids(target: LoadedModel) -> frozenset[int]:
@@ -203,6 +213,9 @@ def run_benchmark(
         the summary dict (also written to ``summary.json``).
     """
     specs = parse_methods(cfg.methods)
+    if cfg.in_order and cfg.repeats > 1:
+        raise InvalidArgumentError("--in-order runs each prompt once per method (--repeats 1): a "
+                                   "repeat would find its own earlier answer in the suffix cache")
     if cfg.repeats < 1 or cfg.warmup < 0 or cfg.max_new_tokens < 1 or (cfg.limit is not None
                                                                           and cfg.limit < 1):
         raise InvalidArgumentError("--repeats, --max-new-tokens and --limit must be >= 1, --warmup >= 0")
@@ -246,7 +259,8 @@ def run_benchmark(
         draft = load_head_draft(head_path, target) if head_path is not None else load_model(
             cfg.draft, dtype=cfg.dtype, device=cfg.device, role="draft", runtime=rt)
     eos = eos_ids(target)
-    runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads) for s in specs}
+    runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads,
+                                   cfg.suffix_cache_tokens) for s in specs}
     meta = run_metadata(cfg, target, draft)
     meta["runtimes"] = {k: getattr(r, "runtime", "hf") for k, r in runners.items()}
     meta["methods"] = [s.key for s in specs]
@@ -261,6 +275,9 @@ def run_benchmark(
         for _ in range(cfg.warmup):
             for s in specs:
                 run_one(runners[s.key], warm, target.tokenizer, wcfg, chat_for(warm))
+    _clear_caches(runners)  # the warm-up's answer must not be drafted from
+    if cfg.in_order:  # a resumed run: the caches hold what the finished rows put there
+        rewarm_caches(runners, rows, {p.id: p for p in prompts}, target.tokenizer, chat_for)
 
     bar = _progress(len(todo), cfg.progress)
     new_rows = 0
@@ -270,6 +287,8 @@ def run_benchmark(
             for prompt, spec, rep in todo:
                 row = {"prompt_id": prompt.id, "category": prompt.category, "method": spec.key,
                        "repeat": rep, "turns": len(prompt.turns)}
+                if not cfg.in_order:  # every prompt starts cold: rows independent of the order
+                    _clear_caches({spec.key: runners[spec.key]})
                 row.update(run_one(runners[spec.key], prompt, target.tokenizer, cfg,
                                    chat_for(prompt)))
                 row["cfg"] = key
@@ -298,6 +317,29 @@ def run_benchmark(
                 explain_mismatches(out, rows, {p.id: p for p in prompts}, target, chat_for)
             write_outputs(out, rows, meta)
     return json.loads((out / "summary.json").read_text())
+
+
+def _clear_caches(runners: dict[str, Any]) -> None:
+    for runner in runners.values():
+        if hasattr(runner, "clear_cache"):
+            runner.clear_cache()
+
+
+def rewarm_caches(runners: dict[str, Any], rows: list[dict[str, Any]], prompts: dict[str, Prompt],
+                  tokenizer: Any, chat_for: Callable[[Prompt], bool]) -> None:
+    """Put the finished rows' generations (in file order, i.e. the prompts' order) back into
+    their method's suffix cache, so that a resumed ``--in-order`` run drafts as an
+    uninterrupted one would."""
+    for r in rows:
+        cache = getattr(runners.get(r["method"]), "suffix_cache", None)
+        prompt = prompts.get(r["prompt_id"])
+        if cache is None or prompt is None:
+            continue
+        answers: list[str] = []
+        for turn, out in enumerate(r["token_ids"]):
+            ids = encode_turn(tokenizer, prompt, turn, answers, chat_for(prompt))
+            cache.add_generation(ids, out)
+            answers.append(tokenizer.decode(out, skip_special_tokens=True))
 
 
 def peak_memory(cfg: BenchConfig, runtimes: list[str], with_draft: bool, dtype: str) -> dict[str, Any]:

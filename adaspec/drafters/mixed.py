@@ -62,6 +62,7 @@ class MixedDrafter:
     def rollback(self, committed: list[int]) -> None:
         # after an n-gram round the model's cache lags; its next forward feeds the gap
         self.model.rollback(committed)
+        self.ngram.rollback(committed)  # remembers the text for the suffix cache
 
     def choose(self, match: Match, budget: int) -> str:
         if self.chooser is not None:

@@ -19,14 +19,19 @@ norm(max(p - onehot(x), 0))) keeps the target's distribution exact too.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..sampling import SamplingConfig
 from ..types import Action, Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
+
+if TYPE_CHECKING:
+    from .suffix import SuffixCache
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,17 @@ class Match:
         count: earlier occurrences of the matched n-gram (with a follower).
         agreement: share of those occurrences followed by ``tokens[0]`` (in (0, 1]).
         tokens: the copied continuation (at most the budget asked for).
+        probs: per copied token, the frequency-based probability that it follows its
+            context (cross-request cache matches; empty for the request's own text).
+        origin: ``"text"`` (the request's own text) or ``"cache"`` (the suffix cache).
     """
 
     length: int = 0
     count: int = 0
     agreement: float = 0.0
     tokens: tuple[int, ...] = ()
+    probs: tuple[float, ...] = ()
+    origin: str = "text"
 
 
 class NgramIndex:
@@ -112,16 +122,19 @@ class NgramStep(DraftStep):
     """A :class:`DraftStep` from the n-gram source: one-hot q, no hidden state.
 
     ``logits`` ([V]: 0 at the token, -inf elsewhere) and ``probs`` ([V] one-hot) are built
-    only if a policy reads them. ``match_len`` / ``agreement`` describe the match.
+    only if a policy reads them. ``match_len`` / ``agreement`` describe the match; ``prob``
+    is the token's frequency-based probability (a suffix-cache match; 1.0 for the request's
+    own text) and ``origin`` where the copy came from (``"text"`` or ``"cache"``).
     """
 
     source = "ngram"
 
     def __init__(self, index: int, token: int, vocab_size: int, context_len: int,
-                 match_len: int, agreement: float) -> None:
+                 match_len: int, agreement: float, prob: float = 1.0, origin: str = "text") -> None:
         self.index, self.token, self.vocab_size = index, token, vocab_size
         self.hidden, self.attn_concentration, self.context_len = None, None, context_len
         self.match_len, self.agreement = match_len, agreement
+        self.prob, self.origin = prob, origin  # frequency-based P(token follows), match origin
 
     @cached_property
     def logits(self) -> torch.Tensor:  # type: ignore[override]
@@ -143,11 +156,17 @@ class NgramStep(DraftStep):
 class NgramDrafter:
     """Drafts the continuation of the longest suffix match (module doc); costs no forward.
 
+    With a :class:`~.suffix.SuffixCache` the request's own index is looked up first and the
+    cache proposes instead when its match is longer; every finished text (the committed ids
+    this drafter saw last, from ``prompt_tail`` prompt tokens on) enters the cache at the
+    next :meth:`reset` or :meth:`flush`.
+
     Args:
         vocab_size: the target's logits size (for one-hot q under sampling).
         n_min / n_max: n-gram sizes tried, from long to short (defaults 1 / 8).
         min_match: propose nothing when the match is shorter (default 2).
         max_match: cap on the measured match length (default 64).
+        cache: a cross-request suffix cache (shareable), or None.
     """
 
     vocab_size: int
@@ -156,29 +175,55 @@ class NgramDrafter:
     min_match: int = 2
     max_match: int = 64
     max_context: int = 1 << 30
+    cache: SuffixCache | None = None
     index: NgramIndex = field(init=False, repr=False)
     lookup_s: float = field(default=0.0, init=False)  # seconds spent indexing + matching
+    cache_s: float = field(default=0.0, init=False)  # seconds in cache lookups and insertions
+    cache_matches: int = field(default=0, init=False)  # lookups won by the cache
+    _live: list[int] | None = field(default=None, init=False, repr=False)
+    _live_len: int = field(default=0, init=False, repr=False)
+    _prompt_len: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.index = NgramIndex(self.n_min, self.n_max, self.max_match)
 
     def reset(self) -> None:
+        self.flush()
         self.index.reset()
-        self.lookup_s = 0.0
+        self.lookup_s = self.cache_s = 0.0
+        self.cache_matches = 0
+
+    def flush(self) -> None:
+        """Put the last generation's text (from ``prompt_tail`` prompt tokens on) in the cache."""
+        live, self._live = self._live, None
+        if self.cache is None or live is None or self._live_len <= self._prompt_len:
+            return
+        t = time.perf_counter()
+        self.cache.add_generation(live[:self._prompt_len], live[self._prompt_len:self._live_len])
+        self.cache_s += time.perf_counter() - t
 
     def prefill(self, context: list[int]) -> None:
         self.index.sync(context)
+        self._prompt_len = len(context) + 1
 
     def rollback(self, committed: list[int]) -> None:
-        """Nothing to drop (the index only holds committed text); it catches up on lookup."""
+        """Nothing to drop (the index only holds committed text); it catches up on lookup.
+        The committed ids are remembered for the cache (a reference: no copy per round)."""
+        self._live, self._live_len = committed, len(committed)
 
     def match(self, context: list[int], budget: int) -> Match:
-        """Bring the index to ``context`` and look its suffix up (timed in ``lookup_s``)."""
-        import time
-
+        """Bring the index to ``context`` and look its suffix up, then the cache (timed in
+        ``lookup_s``; the cache's share also in ``cache_s``)."""
         t = time.perf_counter()
         self.index.sync(context)
         m = self.index.match(budget)
+        if self.cache is not None:
+            t1 = time.perf_counter()
+            g = self.cache.match(context, budget)
+            if g.length > m.length:
+                m = g
+                self.cache_matches += 1
+            self.cache_s += time.perf_counter() - t1
         self.lookup_s += time.perf_counter() - t
         return m
 
@@ -206,7 +251,8 @@ class NgramDrafter:
         tokens: list[int] = []
         steps: list[DraftStep] = []
         for i, tok in enumerate(m.tokens[:budget], start=1):
-            step = NgramStep(i, tok, self.vocab_size, len(context), m.length, m.agreement)
+            prob = m.probs[i - 1] if i <= len(m.probs) else 1.0
+            step = NgramStep(i, tok, self.vocab_size, len(context), m.length, m.agreement, prob, m.origin)
             action = decide(step)
             if action is Action.DROP:
                 break
@@ -221,4 +267,8 @@ class NgramDrafter:
         return Draft(tokens, probs, steps, 0)
 
     def report(self) -> dict:
-        return {"ngram_lookup_s": self.lookup_s}
+        out = {"ngram_lookup_s": self.lookup_s}
+        if self.cache is not None:
+            out.update(suffix_cache_s=self.cache_s, suffix_cache_matches=self.cache_matches,
+                       **self.cache.report())
+        return out

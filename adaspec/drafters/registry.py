@@ -18,6 +18,7 @@ from .base import Drafter
 from .mixed import MixedDrafter
 from .model import ModelDrafter
 from .ngram import NgramDrafter
+from .suffix import SuffixCache
 
 # model-free sources: name -> factory(target vocabulary size)
 MODEL_FREE: dict[str, Callable[[int], Any]] = {
@@ -99,12 +100,16 @@ def check_policy(policy: Any, spec: DraftSpec) -> None:
 
 
 def build_drafter(spec: DraftSpec, model_drafter: ModelDrafter | None, vocab_size: int,
-                  policy: Any = None) -> Drafter | None:
+                  policy: Any = None, suffix_cache: SuffixCache | None = None) -> Drafter | None:
     """The drafter for ``spec``: the model's, a model-free one, or a :class:`MixedDrafter`
-    (whose per-round choice is ``policy.choose_source`` when the policy has one)."""
+    (whose per-round choice is ``policy.choose_source`` when the policy has one).
+    ``suffix_cache`` (cross-request drafts) goes to the n-gram source."""
     free = [MODEL_FREE[name](vocab_size) for name in spec.sources]
     if len(free) > 1:
         raise InvalidArgumentError("only one model-free draft source is supported per drafter")
+    for source in free:
+        if isinstance(source, NgramDrafter):
+            source.cache = suffix_cache
     if not free:
         return model_drafter
     if model_drafter is None:

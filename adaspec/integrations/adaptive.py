@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..drafters.ngram import NgramIndex
+from ..drafters.suffix import SuffixCache
 from ..predictors.costs import DecayedLine
 from ..predictors.source_choice import length_bucket
 
@@ -140,6 +141,7 @@ class RequestState:
     buf: np.ndarray  # [capacity] committed token ids (prefix [:n] valid)
     text: list = field(default_factory=list)  # the same ids as a list (what the index reads)
     n: int = 0
+    prompt_len: int = 0  # committed tokens before the request's first decode step
     drafted: int = 0  # tokens proposed at the last step
     bucket: int = 0  # match-length bucket of that proposal
     hits: list = field(default_factory=lambda: [0.0] * N_BUCKETS)
@@ -172,6 +174,7 @@ class RequestTracker:
     rows: dict = field(default_factory=dict)  # row -> state of the last step
     created: int = 0
     dropped: int = 0
+    finished: list = field(default_factory=list)  # states dropped at the last step (finished)
 
     def _new(self, row: np.ndarray, length: int) -> RequestState:
         st = RequestState(NgramIndex(self.n_min, self.n_max, self.max_match),
@@ -211,11 +214,13 @@ class RequestTracker:
                 st = next((c for c in free.values() if c.same_text(row, prev)), None)
             if st is None:
                 out[i] = (self._new(row, n), False)
+                out[i][0].prompt_len = prev
                 steady = False
                 continue
             del free[id(st)]
             st.extend(row, n)
             out[i] = (st, True)
+        self.finished = list(free.values())
         if free:
             steady = False
             self.dropped += len(free)
@@ -233,6 +238,8 @@ class AdaptiveNgram:
         adaptive: False drafts the whole match continuation up to ``k_max`` (ablation).
         min_match: no draft when the longest suffix match is shorter.
         n_min / n_max / max_match: the n-gram index's settings.
+        cache: a cross-request :class:`~adaspec.drafters.suffix.SuffixCache` shared by every
+            request (finished requests enter it; it drafts when its match is longer), or None.
     """
 
     k_max: int
@@ -242,6 +249,7 @@ class AdaptiveNgram:
     n_min: int = 1
     n_max: int = 8
     max_match: int = 64
+    cache: SuffixCache | None = None
     cost: StepCost = field(default_factory=StepCost)
     table: AcceptanceTable = field(default_factory=AcceptanceTable)
     tracker: RequestTracker = field(init=False)
@@ -271,6 +279,9 @@ class AdaptiveNgram:
         """Drafts of this step, one list per row (see :meth:`RequestTracker.match_rows`);
         ``now``: a monotonic clock in seconds."""
         states, steady = self.tracker.match_rows(sampled, num_tokens, token_ids)
+        if self.cache is not None:  # requests gone from the batch have finished
+            for st in self.tracker.finished:
+                self.cache.add_generation(st.text[:st.prompt_len], st.text[st.prompt_len:])
         committed = 0
         for i, (st, continued) in states.items():
             committed += len(sampled[i])
@@ -302,6 +313,9 @@ class AdaptiveNgram:
         if budget <= 0:
             return []
         m = st.index.match(budget)
+        if self.cache is not None:
+            g = self.cache.match(st.text, budget)
+            m = g if g.length > m.length else m
         if m.length < self.min_match:
             return []
         st.bucket = length_bucket(m.length)
@@ -322,5 +336,5 @@ class AdaptiveNgram:
                 "accepted": self._accepted, "matches": self._proposals,
                 "matches_not_drafted": self._skipped,
                 "acceptance_by_bucket": [round(self.table.global_rate(b), 3) for b in range(N_BUCKETS)],
-                **self.cost.report()}
+                **(self.cache.report() if self.cache is not None else {}), **self.cost.report()}
 

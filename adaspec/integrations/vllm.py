@@ -21,6 +21,11 @@ the batch. All the drafting logic lives in :mod:`adaspec.integrations.adaptive`;
 module only adapts vLLM's arguments, and imports nothing from vLLM (it runs inside it).
 
 Classes:
+Both keep one cross-request :class:`~adaspec.drafters.suffix.SuffixCache` (every request's
+finished text; it drafts when its match is longer than the request's own), bounded to
+``suffix_cache_tokens`` tokens (a class attribute, ``DEFAULT_TOKENS``; a subclass named in
+the speculative config may set another bound, 0 turns it off).
+
 - :class:`AdaspecNgramProposer`: adaspec's n-gram index with the per-request adaptive
   length (0 = do not draft) learned online from accepted counts and measured step costs;
   K is only the cap (12 is a good default: most steps draft far less).
@@ -35,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..drafters.suffix import DEFAULT_TOKENS, SuffixCache
 from .adaptive import AdaptiveNgram
 
 DEFAULT_K = 12
@@ -56,12 +62,16 @@ class AdaspecNgramProposer:
     """
 
     adaptive = True
+    suffix_cache_tokens = DEFAULT_TOKENS  # the shared cache's bound (a subclass may change it; 0 = off)
 
     def __init__(self, vllm_config: Any) -> None:
         spec = vllm_config.speculative_config
         self.k = int(spec.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
-        self.core = AdaptiveNgram(k_max=self.k, max_len=self.max_model_len, adaptive=self.adaptive)
+        tokens = self.suffix_cache_tokens
+        self.cache = SuffixCache(tokens) if tokens > 0 else None  # shared by every request
+        self.core = AdaptiveNgram(k_max=self.k, max_len=self.max_model_len, adaptive=self.adaptive,
+                                  cache=self.cache)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """vLLM hands the target model here; the n-gram source needs none."""

@@ -16,16 +16,17 @@ from ..policies import parse_policy_args
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from ..cli_args import add_model_args
+    from ..cli_args import add_model_args, add_suffix_cache_args
 
     p = subparsers.add_parser(
         "serve", help="serve the target through an OpenAI-compatible HTTP API",
         description="Serve POST /v1/completions and /v1/chat/completions (streaming or not), "
                     "GET /v1/models, /health and /metrics. Up to --max-batch sequences share each "
                     "target forward (continuous batching); output is the target's own (lossless "
-                    "speculative decoding), identical alone or in a batch. A request may override the policy "
-                    'with {"adaspec": {"policy": NAME, "policy_args": {...}}}.')
+                    "speculative decoding), identical alone or in a batch. A request may override the "
+                    'policy with {"adaspec": {"policy": NAME, "policy_args": {...}}}.')
     add_model_args(p)
+    add_suffix_cache_args(p)  # one cache per served model, shared by every request
     p.add_argument("--policy", default="fixed", help="default drafting policy (default fixed)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="default policy argument, repeatable (e.g. --policy-arg k=5)")
@@ -69,10 +70,12 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < low:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     api_key = args.api_key or os.environ.get("ADASPEC_API_KEY") or None
+    from ..cli_args import suffix_cache_arg
 
     gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                args.policy, parse_policy_args(args.policy_arg), dtype=args.dtype,
-                               device=args.device, threads=args.threads, runtime=args.runtime)
+                               device=args.device, threads=args.threads, runtime=args.runtime,
+                               suffix_cache=suffix_cache_arg(args))
     app = create_app(gen, model_name=args.served_model_name or args.target, max_queue=args.max_queue,
                      runtime=args.runtime, max_batch=args.max_batch, api_key=api_key,
                      max_body=args.max_body_bytes, batch_budget=args.batch_budget == "on")

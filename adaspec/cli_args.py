@@ -10,7 +10,7 @@ _ARGS: dict[str, dict] = {
     "dtype": {"default": "auto", "choices": ["auto", "bf16", "fp32", "fp16"]},
     "device": {"default": "cpu"},
     "threads": {"type": int, "default": None},
-    "runtime": {"default": "auto", "choices": ["auto", "eager", "compiled"]},
+    "runtime": {"default": "auto", "choices": ["auto", "eager", "compiled", "compiled-fp32"]},
 }
 MODEL_OPTIONS = tuple(_ARGS)
 
@@ -27,9 +27,12 @@ _HELP = {
              "with native bf16 (AVX-512 BF16 / AMX)",
     "device": "torch device (default cpu)",
     "threads": "torch CPU threads (default: torch's)",
-    "runtime": "how model forwards run: compiled = lean CPU forward with packed fp32 weights "
-               "and a static KV cache (Llama family; compiled once per machine and cached); "
-               "eager = Hugging Face modules; auto (default) = compiled where supported",
+    "runtime": "how model forwards run: compiled = lean CPU forward over the checkpoint's own "
+               "encoding (GGUF Q4_0/Q4_1/Q8_0/F16/BF16/F32, fp32/fp16/bf16 safetensors) decoded in "
+               "registers, fp32 arithmetic, static KV cache (Llama family; compiled once per machine "
+               "and cached); compiled-fp32 = the same over weights widened to fp32 (same numbers, "
+               "more memory); eager = Hugging Face modules; auto (default) = compiled where "
+               "supported, compiled-fp32 when an encoding is not, else eager",
 }
 
 

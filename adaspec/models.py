@@ -210,7 +210,116 @@ def load_model(
     if not spec or not spec.strip():
         raise ModelLoadError(f"empty {role} model name")
     with quiet_transformers():
+        cpu = torch.device(device).type == "cpu"
+        if runtime in ("auto", "compiled") and torch_dtype == torch.float32 and cpu:
+            native = _load_native(spec, role, runtime)
+            if native is not None:
+                return native
         return _load(spec, torch_dtype, device, role)
+
+
+def native_source(spec: str, role: str = "target") -> tuple[str, str] | None:
+    """("gguf" | "safetensors", path) of the file(s) ``spec`` is stored in, when the compiled
+    runtime can read its own encoding from them (None: a hub id, a subset draft, ...)."""
+    if spec == "default":
+        return ("gguf", str(_gguf_dir() / _GGUF_FILE)) if role == "target" else None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", str(path)
+    if path.is_dir() and any(path.glob("*.safetensors")) and not is_subset_draft_dir(path):
+        return "safetensors", str(path)
+    return None
+
+
+def _load_native(spec: str, role: str, runtime: str) -> LoadedModel | None:
+    """Load ``spec`` for the native compiled runtime: the module is built empty (no fp32
+    copy of the weights is ever made) and its weights are read from the checkpoint's own
+    encoding into :class:`~adaspec.runtime.native.NativeWeights`; an eager forward decodes
+    them back first. None when ``spec`` has no native source or (``auto``) it cannot be run
+    natively (the caller then loads it the usual way).
+
+    Raises:
+        ModelLoadError: a corrupt or truncated checkpoint (naming the file), or
+            ``runtime="compiled"`` for one it cannot run natively (one line).
+    """
+    import importlib.util
+
+    src = native_source(spec, role)
+    if src is None or importlib.util.find_spec("numba") is None:
+        return None
+    try:
+        return _build_native(spec, role, runtime, src)
+    except ModelLoadError as exc:
+        msg = str(exc)
+        raise ModelLoadError(msg if msg.startswith(("cannot load", "--runtime")) else
+                             f"cannot load {role} model {spec!r}: {msg}") from None
+
+
+def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> LoadedModel | None:
+    """:func:`_load_native` once the source is known."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    kind, file = src
+    if kind == "gguf":  # a truncated or corrupt file: one line naming it, before anything else reads it
+        from .runtime.native import read_gguf_index
+
+        read_gguf_index(Path(file))
+    cfg_dir, gguf = (default_target_dir(), None) if spec == "default" else (
+        (Path(file).parent, Path(file).name) if kind == "gguf" else (Path(file), None))
+    try:
+        extra = {"gguf_file": gguf} if gguf else {}
+        config = AutoConfig.from_pretrained(cfg_dir, **extra)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {role} model {spec!r} from {file}: {first}") from None
+    if getattr(config, "model_type", None) not in ("llama", "mistral"):
+        return None  # the usual load; resolve_runtime then says why it is not compiled
+    from .runtime.compiled import UnsupportedModelError
+    from .runtime.native import NativeWeights
+
+    model = _empty_model(config)
+    model.adaspec_source = src
+    try:
+        nw = NativeWeights.of(model, release=True)
+    except UnsupportedModelError as exc:
+        if runtime == "compiled":
+            raise ModelLoadError(f"--runtime compiled cannot run {role} model {spec!r}: {exc}") from None
+        return None
+    with torch.no_grad():
+        for i, ly in enumerate(model.model.layers):
+            ly.input_layernorm.weight.data = torch.from_numpy(nw.ln1[i].copy())
+            ly.post_attention_layernorm.weight.data = torch.from_numpy(nw.ln2[i].copy())
+        model.model.norm.weight.data = torch.from_numpy(nw.normw.copy())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg_dir, **extra)
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None
+    if spec == "default":
+        model.config.name_or_path = DEFAULT_TARGET_NAME
+    name = DEFAULT_TARGET_NAME if spec == "default" else spec
+    vocab = int(getattr(model.config, "vocab_size", nw.vocab) or nw.vocab)
+    return LoadedModel(model, tokenizer, name, vocab, _max_context(model.config), owned=True)
+
+
+def _empty_model(config: Any) -> nn.Module:
+    """An fp32 HF causal LM of ``config`` whose weights are not allocated (pages never
+    touched), with real rotary tables; norms and weights are filled in by the caller."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh: dict[int, nn.Parameter] = {}  # one new parameter per meta one (tied weights stay tied)
+    for mod in model.modules():
+        for key, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in fresh:
+                    data = torch.empty(0) if p.dim() >= 2 else torch.ones(p.shape)
+                    fresh[id(p)] = nn.Parameter(data, requires_grad=False)
+                mod._parameters[key] = fresh[id(p)]
+    rot = getattr(model.model, "rotary_emb", None)
+    if rot is not None:
+        model.model.rotary_emb = type(rot)(config=model.config)
+    return model.eval()
 
 
 def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role: str) -> LoadedModel:
@@ -233,9 +342,15 @@ def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role:
             tokenizer = None
         else:
             src = str(path) if path.exists() else spec
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+            extra = {}
+            if path.is_file() and path.suffix == ".gguf":  # transformers de-quantises it
+                from .runtime.native import read_gguf_index
+
+                read_gguf_index(path)  # a truncated file: one line naming it
+                src, extra = str(path.parent), {"gguf_file": path.name}
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **extra)
             try:
-                tokenizer = AutoTokenizer.from_pretrained(src)
+                tokenizer = AutoTokenizer.from_pretrained(src, **extra)
             except (OSError, ValueError):
                 tokenizer = None
     except ModelLoadError:
@@ -248,6 +363,9 @@ def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role:
             hint = f"; delete {path} to convert the packaged GGUF again"
         raise ModelLoadError(f"cannot load {role} model {spec!r}: {first}{hint}") from exc
     model.to(device).eval()
+    src = native_source(spec, role) if torch.device(device).type == "cpu" else None
+    if src is not None:
+        model.adaspec_source = src
     vocab = int(model.get_output_embeddings().out_features
                 if hasattr(model.get_output_embeddings(), "out_features")
                 else model.config.vocab_size)

@@ -215,6 +215,7 @@ def test_verify_cost_cli_json(tmp_path, monkeypatch):
     assert verify_cost.main(["--target", str(model_dir), "--dtype", "fp32", "--sizes", "1,4",
                              "--repeats", "1", "--context", "8", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert set(data["runtimes"]) == {"eager", "compiled"}
+    assert set(data["runtimes"]) == {"eager", "compiled", "compiled-fp32"}  # each under its own name
     assert set(data["runtimes"]["compiled"]) == {"1", "4"} and data["machine"]["cpu_count"] >= 1
+    assert set(data["compiled_over_compiled_fp32"]) == {"1", "4"}
     assert verify_cost.main(["--target", str(model_dir), "--runtime", "fast"]) == 2

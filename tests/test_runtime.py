@@ -133,7 +133,10 @@ def test_auto_and_compiled_on_unsupported_architectures(tokenizer):
     with pytest.raises(InvalidArgumentError, match="unknown runtime"):
         SpeculativeGenerator(loaded(gpt2, tokenizer), None, runtime="fast")
     bf16 = make_model("llama").to(torch.bfloat16)
-    assert resolve_runtime("auto", bf16)[0] == "eager"
+    assert resolve_runtime("auto", bf16)[0] == "compiled"  # native bf16 weights, fp32 arithmetic
+    with pytest.raises(InvalidArgumentError, match="compiled-fp32 does not support dtype bfloat16"):
+        resolve_runtime("compiled-fp32", bf16)
+    assert resolve_runtime("auto", make_model("llama").to(torch.float64))[0] == "eager"
     assert isinstance(make_runner(make_model("llama"), "compiled"), CompiledRunner)
 
 

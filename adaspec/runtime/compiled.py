@@ -36,8 +36,9 @@ class UnsupportedModelError(AdaspecError):
     """The compiled runtime cannot run this model (architecture, dtype or device)."""
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why the compiled runtime cannot run ``model``, or None when it can."""
+def unsupported_reason(model: nn.Module, native: bool = False) -> str | None:
+    """Why the compiled runtime cannot run ``model``, or None when it can (``native``: the
+    native-precision path, which also takes fp16 / bf16 modules)."""
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in ("llama", "mistral") or not hasattr(getattr(model, "model", None), "layers"):
@@ -45,7 +46,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
     p = next(model.parameters())
     if p.device.type != "cpu":
         return f"device {p.device.type}: it runs on CPUs"
-    if p.dtype != torch.float32:
+    if p.dtype != torch.float32 and not (native and p.dtype in (torch.float16, torch.bfloat16)):
         return f"dtype {str(p.dtype).replace('torch.', '')}: it computes in fp32"
     if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         return "biases in attention or MLP"
@@ -244,10 +245,23 @@ class LeanWeights:
 class CompiledRunner(RunnerBase):
     """Feeds token sequences to one model through the compiled runtime (static KV cache)."""
 
-    def __init__(self, model: nn.Module, release: bool = False) -> None:
+    def __init__(self, model: nn.Module, release: bool = False, native: bool = False,
+                 encoding: str | None = None) -> None:
+        """``native``: the checkpoint's own encoding (:class:`~adaspec.runtime.native.NativeWeights`,
+        re-encoded to ``encoding`` when given), else packed fp32 (``compiled-fp32``)."""
         super().__init__(model)
         ensure_compiled()
-        self.lean = LeanWeights.of(model, release)
+        if native or encoding is not None:
+            from .native import NativeWeights
+
+            self.lean = NativeWeights.of(model, release, encoding)
+        else:
+            from .native import NativeWeights
+
+            nw = NativeWeights.existing(model)
+            if nw is not None:  # a natively loaded module: decode its weights before packing fp32
+                nw.restore_eager_weights()
+            self.lean = LeanWeights.of(model, release)
         self.kt, self.vc = self.lean.new_cache()
         self._conc = np.zeros(1, np.float32)
 
@@ -432,14 +446,40 @@ def ensure_compiled() -> None:
 def _warm_up(kernels) -> None:
     """Run a 2-layer toy forward so every kernel is compiled or loaded from the cache."""
     rng = np.random.default_rng(0)
-    d, hd, heads, kvh, inter, cap, vocab, layers = 32, 8, 4, 2, 48, 16, 40, 2
+    d, hd, heads, kvh, inter, cap, vocab, layers = 32, 8, 4, 2, 64, 16, 40, 2
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     pk = kernels.pack_weight
     w = [np.stack([pk(f(n, k)) for _ in range(layers)])
          for n, k in (((heads + 2 * kvh) * hd, d), (d, heads * hd), (2 * inter, d), (d, inter))]
     kt = np.zeros((layers, kvh, hd, cap), np.float32)
     vc = np.zeros((layers, kvh, cap, 16), np.float32)
+    _warm_up_native(rng, d, hd, heads, kvh, inter, cap, vocab, layers)
     for n in (2, 1):
         kernels.forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1, 1,
                         f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
                         pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)
+
+
+def _warm_up_native(rng, d: int, hd: int, heads: int, kvh: int, inter: int, cap: int, vocab: int,
+                    layers: int) -> None:
+    """Compile or load the native kernels (:mod:`qkernels`) with a toy fp16 forward."""
+    from . import native, qkernels
+
+    chunks, mats, off = [], [], 0
+    shapes = [((heads + 2 * kvh) * hd, d), (d, heads * hd), (2 * inter, d), (d, inter)] * layers
+    shapes.append((vocab, d))
+    for n, k in shapes:
+        w = rng.standard_normal((n, k)).astype(np.float16).view(np.uint16)
+        kind, data = native.pack(native.Encoded(native.F16, n, k, w))
+        mats.append((kind, off, -(-n // 16), k))
+        chunks.append(data)
+        off += data.size
+    mats.append(mats[-1])
+    blob, table = np.concatenate(chunks), np.array(mats, np.int64)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    kt = np.zeros((layers, kvh, hd, cap), np.float32)
+    vc = np.zeros((layers, kvh, cap, 16), np.float32)
+    for n in (2, 1):
+        ids = np.arange(n, dtype=np.int64)
+        qkernels.forward_native(ids, ids, 0, _causal(n), 1, 1, blob, table, f(layers, d), f(layers, d), f(d),
+                                f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5, n == 1)

@@ -1,0 +1,448 @@
+"""Native-precision kernels: matrix products straight from a checkpoint's own encoding.
+
+A weight matrix keeps the encoding it is stored in (GGUF Q4_0 / Q4_1 / Q8_0 / F16 / BF16 /
+F32, safetensors bf16 / fp16 / fp32); its blocks are only **reordered** into panels of 16
+output features (:mod:`adaspec.runtime.native` packs them). One panel block covers 32 input
+features (k) x 16 outputs, laid out so that each k's 16 quants are contiguous:
+
+    kind   bytes  layout of one panel block (k = 0..31 of the block, 16 lanes = outputs)
+    F32    2048   w[k][lane] fp32                 (the fp32 panels of :mod:`kernels`)
+    F16    1024   w[k][lane] fp16
+    BF16   1024   w[k][lane] bf16
+    Q8_0    544   d[lane] fp16, q[k][lane] int8                       w = fp32(d) * q
+    Q4_0    288   d[lane] fp16, byte[k/2][lane] = q[2j] | q[2j+1] << 4  w = fp32(d) * (q - 8)
+    Q4_1    320   d[lane], m[lane] fp16, nibbles as Q4_0               w = fma(fp32(d), q, fp32(m))
+
+Each w is decoded in registers with gguf's reference arithmetic, and since ``d * q`` is exact
+in fp32 (an 11-bit mantissa times an integer of at most 8 bits) the fused ``fma(d, q, m)``
+is the reference ``d * q + m`` bit for bit; widening fp16 / bf16 to fp32 is exact. The tile
+then accumulates exactly like the fp32 tile of :mod:`kernels`:
+
+    acc[m, 0:16] = 0;  for k in 0..K-1:  acc[m, :] = fma(x[m, k], w[k, 0:16], acc[m, :])
+
+so every output is the same sequential FMA chain over the same fp32 weights as the fp32
+path: logits are **bit-identical** to ``compiled-fp32`` for any number of rows, and a row
+never depends on the rows computed with it (batch invariance). Decoding is done once per
+k for all the rows of a tile (up to 4 rows with 256-bit vectors, 8 with 512-bit ones).
+
+Two variants: 512-bit (one ``<16 x float>`` per k; AVX-512F) and 256-bit (two
+``<8 x float>``; AVX2 + FMA + F16C), chosen at run time (:func:`wide_default`:
+``/proc/cpuinfo`` flags, ``ADASPEC_KERNELS=avx2`` forces the 256-bit one). They compute the
+same per-lane FMA chains, so they agree with each other too.
+"""
+
+# ruff: noqa: I001  (kernels must import numba first: it sets SVML off)
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows  # sets numba up first
+
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
+KIND_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+BLOCK = 32  # input features per panel block
+BLOCK_BYTES = np.array([2048, 1024, 1024, 544, 288, 320], np.int64)  # per kind, one panel block
+_DECODED = (F16, BF16, Q8_0, Q4_0, Q4_1)  # kinds the tile decodes (F32 uses kernels' fp32 tile)
+PREFETCH_BLOCKS = 8  # panel blocks prefetched ahead of the one being read
+
+_F32 = ir.FloatType()
+_HALF = ir.HalfType()
+_I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (8, 16, 32, 64))
+
+
+def wide_default() -> bool:
+    """True when the 512-bit kernels should run: the CPU has AVX-512F and
+    ``ADASPEC_KERNELS`` is not ``avx2`` (``avx512`` forces them)."""
+    force = os.environ.get("ADASPEC_KERNELS", "").strip().lower()
+    if force in ("avx2", "256"):
+        return False
+    if force in ("avx512", "512"):
+        return True
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return " avx512f" in flags
+
+
+class _Gen:
+    """LLVM IR helpers for one tile: vector width ``width`` (8 or 16 floats)."""
+
+    def __init__(self, builder: ir.IRBuilder, width: int) -> None:
+        self.b = builder
+        self.width = width
+        self.nv = PANEL // width
+        self.vt = ir.VectorType(_F32, width)
+        self.fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vt, [self.vt] * 3), f"llvm.fma.v{width}f32")
+
+    def load(self, base, offset: int, elt: ir.Type, align: int):
+        """<16 x elt> at byte ``offset`` of i8* ``base``."""
+        b = self.b
+        ptr = b.gep(base, [ir.Constant(_I64, offset)])
+        return b.load(b.bitcast(ptr, ir.VectorType(elt, PANEL).as_pointer()), align=align)
+
+    def split(self, v16) -> list:
+        """<16 x T> -> nv vectors of ``width`` lanes (lanes 0.. first)."""
+        if self.nv == 1:
+            return [v16]
+        und = ir.Constant(v16.type, ir.Undefined)
+        return [self.b.shuffle_vector(v16, und, ir.Constant(ir.VectorType(_I32, self.width),
+                                                           list(range(h * self.width, (h + 1) * self.width))))
+                for h in range(self.nv)]
+
+    def halves_f32(self, base, offset: int) -> list:
+        """16 fp16 at ``offset`` widened (exactly) to fp32, split."""
+        v = self.load(base, offset, _HALF, 2)
+        return [self.b.fpext(h, self.vt) for h in self.split(v)]
+
+    def decode(self, kind: int, base, k: int, scales: tuple, cache: dict) -> list:
+        """The fp32 weights of row k (0..31) of the panel block at ``base``: nv vectors."""
+        b = self.b
+        i32v = ir.VectorType(_I32, self.width)
+        if kind in (F16, BF16):
+            if kind == F16:
+                return self.halves_f32(base, 32 * k)
+            raw = self.load(base, 32 * k, _I16, 2)
+            return [b.bitcast(b.shl(b.zext(h, i32v), ir.Constant(i32v, [16] * self.width)), self.vt)
+                    for h in self.split(raw)]
+        d = scales[0]
+        if kind == Q8_0:
+            raw = self.load(base, 32 + 16 * k, _I8, 1)
+            return [b.fmul(dv, b.sitofp(b.sext(h, i32v), self.vt)) for dv, h in zip(d, self.split(raw))]
+        hdr = 32 if kind == Q4_0 else 64
+        if k % 2 == 0:
+            raw = self.load(base, hdr + 16 * (k // 2), _I8, 1)
+            cache["pair"] = [b.zext(h, i32v) for h in self.split(raw)]
+        q = [b.and_(h, ir.Constant(i32v, [15] * self.width)) if k % 2 == 0
+             else b.lshr(h, ir.Constant(i32v, [4] * self.width)) for h in cache["pair"]]
+        if kind == Q4_0:
+            return [b.fmul(dv, b.sitofp(b.sub(h, ir.Constant(i32v, [8] * self.width)), self.vt))
+                    for dv, h in zip(d, q)]
+        return [b.call(self.fma, [dv, b.uitofp(h, self.vt), mv]) for dv, mv, h in zip(d, scales[1], q)]
+
+
+def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int = 1) -> None:
+    """The block loop of one kind at the builder's position over ``npan`` adjacent panels
+    (independent FMA chains, so one row does not wait on FMA latency); stores, branches to
+    exit. ``args``: (x, ldx, panel, panel stride in bytes, nb, out, ldo) as LLVM values."""
+    xp, ldx, bp, pstride, nb, op, ldo = args
+    b = g.b
+    bb = int(BLOCK_BYTES[kind])
+    i8p = _I8.as_pointer()
+    pf = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+                                        "llvm.prefetch.p0")
+    pre = b.block
+    loop = b.append_basic_block(f"q{kind}_loop")
+    done = b.append_basic_block(f"q{kind}_done")
+    b.branch(loop)
+    b.position_at_end(loop)
+    blk = b.phi(_I64)
+    blk.add_incoming(ir.Constant(_I64, 0), pre)
+    zero = ir.Constant(g.vt, [0.0] * g.width)
+    accs = []
+    for _ in range(npan * mr * g.nv):
+        acc = b.phi(g.vt)
+        acc.add_incoming(zero, pre)
+        accs.append(acc)
+    bases = [b.gep(bp, [b.add(b.mul(blk, ir.Constant(_I64, bb)), b.mul(pstride, ir.Constant(_I64, j)))])
+             for j in range(npan)]
+    scales: list = []
+    for base in bases:
+        for line in range(0, bb, 64):  # prefetch every cache line of a later block
+            b.call(pf, [b.gep(base, [ir.Constant(_I64, PREFETCH_BLOCKS * bb + line)]), ir.Constant(_I32, 0),
+                        ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        if kind in (Q8_0, Q4_0):
+            scales.append((g.halves_f32(base, 0),))
+        elif kind == Q4_1:
+            scales.append((g.halves_f32(base, 0), g.halves_f32(base, 32)))
+        else:
+            scales.append(())
+    cur = list(accs)
+    k0 = b.mul(blk, ir.Constant(_I64, BLOCK))
+    caches: list[dict] = [{} for _ in range(npan)]
+    splat = ir.Constant(ir.VectorType(_I32, g.width), [0] * g.width)
+    per = mr * g.nv
+    for k in range(BLOCK):
+        ws = [g.decode(kind, bases[j], k, scales[j], caches[j]) for j in range(npan)]
+        kk = b.add(k0, ir.Constant(_I64, k))
+        for m in range(mr):
+            xs = b.load(b.gep(xp, [b.add(b.mul(ir.Constant(_I64, m), ldx), kk)]), align=4)
+            xb = b.insert_element(ir.Constant(g.vt, ir.Undefined), xs, ir.Constant(_I32, 0))
+            xb = b.shuffle_vector(xb, ir.Constant(g.vt, ir.Undefined), splat)
+            for j in range(npan):
+                for v in range(g.nv):
+                    i = j * per + m * g.nv + v
+                    cur[i] = b.call(g.fma, [xb, ws[j][v], cur[i]])
+    blk1 = b.add(blk, ir.Constant(_I64, 1))
+    blk.add_incoming(blk1, b.block)
+    for acc, val in zip(accs, cur):
+        acc.add_incoming(val, b.block)
+    b.cbranch(b.icmp_signed("<", blk1, nb), loop, done)
+    b.position_at_end(done)
+    for j in range(npan):
+        for m in range(mr):
+            orow = b.gep(op, [b.add(b.mul(ir.Constant(_I64, m), ldo), ir.Constant(_I64, 16 * j))])
+            for v in range(g.nv):
+                dst = b.bitcast(b.gep(orow, [ir.Constant(_I64, v * g.width)]), g.vt.as_pointer())
+                b.store(cur[j * per + m * g.nv + v], dst, align=4)
+    b.branch(exit_block)
+
+
+def _make_qtile(mr: int, width: int, npan: int = 1):
+    """An intrinsic: out[0:mr, 0:16 npan] = x[0:mr, 0:32 nb] @ W for ``npan`` adjacent panels
+    of ``nb`` blocks of a decoded kind (switched on at run time). Arguments (kind, x, ldx,
+    panel, panel stride in bytes, nb, out, ldo): addresses, strides in floats."""
+
+    @intrinsic
+    def qtile(typingctx, kind, xa, ldx, wa, pstride, nb, oa, ldo):
+        sig = types.void(*([types.intp] * 8))
+
+        def codegen(context, builder, signature, args):
+            kind, xa, ldx, wa, pstride, nb, oa, ldo = args
+            g = _Gen(builder, width)
+            xp = builder.inttoptr(xa, _F32.as_pointer())
+            bp = builder.inttoptr(wa, _I8.as_pointer())
+            op = builder.inttoptr(oa, _F32.as_pointer())
+            exit_block = builder.append_basic_block("qtile_exit")
+            sw = builder.switch(kind, exit_block)
+            for kd in _DECODED:
+                case = builder.append_basic_block(f"qtile_k{kd}")
+                sw.add_case(ir.Constant(_I64, kd), case)
+                builder.position_at_end(case)
+                _emit_loop(g, kd, mr, (xp, ldx, bp, pstride, nb, op, ldo), exit_block, npan)
+            builder.position_at_end(exit_block)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qtile
+
+
+_n1, _n2, _n4 = (_make_qtile(m, 8) for m in (1, 2, 4))
+_w1, _w2, _w4, _w8 = (_make_qtile(m, 16) for m in (1, 2, 4, 8))
+_n1d, _n2d, _w1d, _w2d = (_make_qtile(m, w, 2) for w in (8, 16) for m in (1, 2))  # two panels at once
+
+
+@njit(cache=True)
+def _qtile_rows(kind, wide, xa, ldx, rows, wa, kdim, oa, ldo):
+    """out[0:rows, 0:16] = x[0:rows, 0:kdim] @ one panel of ``kind`` (addresses; strides in
+    floats). Rows go in tiles of 8 (512-bit) or 4 (256-bit), the rest in 4/2/1: every
+    output is the same FMA chain over k whatever ``rows`` is."""
+    if kind == 0:
+        _tile_rows(xa, ldx, rows, wa, PANEL, kdim, oa, ldo)
+        return
+    nb = kdim // 32
+    m0 = 0
+    while m0 < rows:
+        left = rows - m0
+        xo = xa + m0 * ldx * 4
+        oo = oa + m0 * ldo * 4
+        if wide and left >= 8:
+            _w8(kind, xo, ldx, wa, 0, nb, oo, ldo)
+            m0 += 8
+        elif left >= 4:
+            if wide:
+                _w4(kind, xo, ldx, wa, 0, nb, oo, ldo)
+            else:
+                _n4(kind, xo, ldx, wa, 0, nb, oo, ldo)
+            m0 += 4
+        elif left >= 2:
+            if wide:
+                _w2(kind, xo, ldx, wa, 0, nb, oo, ldo)
+            else:
+                _n2(kind, xo, ldx, wa, 0, nb, oo, ldo)
+            m0 += 2
+        else:
+            if wide:
+                _w1(kind, xo, ldx, wa, 0, nb, oo, ldo)
+            else:
+                _n1(kind, xo, ldx, wa, 0, nb, oo, ldo)
+            m0 += 1
+
+
+@njit(cache=True)
+def _qpair(kind, wide, xa, ldx, rows, wa, pstride, kdim, oa, ldo):
+    """:func:`_qtile_rows` for 1-2 rows over two adjacent panels at once (twice the
+    independent FMA chains: one row is otherwise bound by FMA latency, not bandwidth)."""
+    nb = kdim // 32
+    if rows == 2:
+        if wide:
+            _w2d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+        else:
+            _n2d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+    elif wide:
+        _w1d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+    else:
+        _n1d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+
+
+@njit(parallel=True, cache=True)
+def qlinear(x, blob, mat, out, wide):
+    """out[M, P*16] = x[M, K] @ W^T for the native matrix ``mat`` = (kind, byte offset in
+    ``blob``, panels P, K) of the uint8 ``blob``; x, out C-contiguous fp32; ``wide``:
+    512-bit tiles. One panel (1-2 rows: two) per parallel step; each weight is decoded once
+    per row tile."""
+    m_rows = x.shape[0]
+    kind = mat[0]
+    pbytes = panel_bytes(kind, mat[3])
+    base = blob.ctypes.data + mat[1]
+    n_out = out.shape[1]
+    pair = 1 <= m_rows <= 2 and kind != 0
+    jobs = (mat[2] + 1) // 2 if pair else mat[2]
+    for job in prange(jobs):
+        p = 2 * job if pair else job
+        if pair and p + 1 < mat[2]:
+            _qpair(kind, wide, x.ctypes.data, x.shape[1], m_rows, base + p * pbytes, pbytes, mat[3],
+                   out.ctypes.data + p * 64, n_out)
+        else:
+            _qtile_rows(kind, wide, x.ctypes.data, x.shape[1], m_rows, base + p * pbytes, mat[3],
+                        out.ctypes.data + p * 64, n_out)
+
+
+@njit(cache=True)
+def panel_bytes(kind, kdim):
+    """Bytes of one panel (16 outputs x kdim inputs) of ``kind`` (F32: any kdim; else kdim % 32 == 0)."""
+    return kdim * 64 if kind == 0 else (kdim // 32) * BLOCK_BYTES[kind]
+
+
+@njit(cache=True)
+def _h2f(h):
+    """fp16 bits -> fp32 value (exact; NaN payloads are not kept)."""
+    e = (h >> 10) & 31
+    f = h & 1023
+    if e == 0:
+        v = np.float32(f) * np.float32(2.0 ** -24)
+    elif e == 31:
+        v = np.float32(np.inf) if f == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(1024 + f) * np.float32(2.0 ** (e - 25))
+    return -v if h & 32768 else v
+
+
+@njit(fastmath={"contract"}, cache=True)
+def qrow(blob, mat, r, out):
+    """out[0:K] = row ``r`` (output feature) of the native matrix ``mat`` decoded to fp32
+    with the reference arithmetic (embedding lookups from a tied head)."""
+    kind = mat[0]
+    nb = mat[3] // 32
+    bb = BLOCK_BYTES[kind]
+    lane = r % 16
+    base = mat[1] + (r // 16) * panel_bytes(kind, mat[3])
+    bits = out.view(np.uint32)
+    if kind == 0:
+        for k in range(mat[3]):
+            a = base + (k * 16 + lane) * 4
+            bits[k] = np.uint32(blob[a]) | (np.uint32(blob[a + 1]) << 8) | (np.uint32(blob[a + 2]) << 16) \
+                | (np.uint32(blob[a + 3]) << 24)
+        return
+    for blk in range(nb):
+        o = base + blk * bb
+        for k in range(32):
+            if kind == 2:
+                a = o + (k * 16 + lane) * 2
+                bits[blk * 32 + k] = (np.uint32(blob[a]) | (np.uint32(blob[a + 1]) << 8)) << 16
+                continue
+            if kind == 1:
+                a = o + (k * 16 + lane) * 2
+                v = _h2f(np.int64(blob[a]) | (np.int64(blob[a + 1]) << 8))
+            else:
+                d = _h2f(np.int64(blob[o + 2 * lane]) | (np.int64(blob[o + 2 * lane + 1]) << 8))
+                if kind == 3:
+                    q = np.int64(blob[o + 32 + k * 16 + lane])
+                    v = d * np.float32(q - 256 if q >= 128 else q)
+                else:
+                    hdr = 32 if kind == 4 else 64
+                    byte = np.int64(blob[o + hdr + (k // 2) * 16 + lane])
+                    q = (byte >> 4) if k % 2 else (byte & 15)
+                    if kind == 4:
+                        v = d * np.float32(q - 8)
+                    else:
+                        a = o + 32 + 2 * lane
+                        mm = _h2f(np.int64(blob[a]) | (np.int64(blob[a + 1]) << 8))
+                        v = d * np.float32(q) + mm
+            out[blk * 32 + k] = v
+
+
+@njit(cache=True)
+def qembed(ids, blob, mat):
+    """[T] ids -> [T, K] rows of the native matrix ``mat`` (the embedding or tied head)."""
+    h = np.empty((ids.shape[0], mat[3]), np.float32)
+    for i in range(ids.shape[0]):
+        qrow(blob, mat, ids[i], h[i])
+    return h
+
+
+@njit(cache=True)
+def forward_native(ids, pos, start, mask, n_out, n_logits, blob, mats, ln1, ln2, normw, cos, sin, kt, vc,
+                   heads, kvh, inter, eps, wide):
+    """:func:`kernels.forward` over native matrices: ``mats`` [4 L + 2, 4] int64 rows
+    (kind, offset, panels, K) of ``blob``: per layer wqkv, wo, wgu, wd (rows 4 l .. 4 l + 3),
+    then the LM head (4 L) and the embedding (4 L + 1, the head's row when tied)."""
+    layers = ln1.shape[0]
+    h = qembed(ids, blob, mats[4 * layers + 1])
+    return forward_rows_native(h, pos, start, mask, n_out, n_logits, blob, mats, ln1, ln2, normw, cos, sin,
+                               kt, vc, heads, kvh, inter, eps, wide)
+
+
+@njit(cache=True)
+def forward_rows_native(h, pos, start, mask, n_out, n_logits, blob, mats, ln1, ln2, normw, cos, sin, kt, vc,
+                        heads, kvh, inter, eps, wide):
+    """:func:`forward_native` from input rows h [T, d] (fp32, overwritten); the same
+    operations in the same order as :func:`kernels.forward_rows`."""
+    rows, d = h.shape
+    hd = cos.shape[1]
+    layers = ln1.shape[0]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    xn = np.empty((rows, d), np.float32)
+    qkv = np.empty((rows, mats[0, 2] * 16), np.float32)
+    att = np.empty((rows, heads * hd), np.float32)
+    proj = np.empty((rows, mats[1, 2] * 16), np.float32)
+    gu = np.empty((rows, mats[2, 2] * 16), np.float32)
+    act = np.empty((rows, inter), np.float32)
+    down = np.empty((rows, mats[3, 2] * 16), np.float32)
+    conc = np.zeros((rows, heads), np.float32)
+    qw = heads * hd
+    kw = kvh * hd
+    for layer in range(layers):
+        _rmsnorm(h, ln1[layer], eps, xn)
+        qlinear(xn, blob, mats[4 * layer], qkv, wide)
+        _rope(qkv, 0, heads, hd, cos, sin, pos)
+        _rope(qkv, qw, kvh, hd, cos, sin, pos)
+        for i in range(rows):
+            slot = start + i
+            for g in range(kvh):
+                for e in range(hd):
+                    kt[layer, g, e, slot] = qkv[i, qw + g * hd + e]
+                    vc[layer, g, slot, e] = qkv[i, qw + kw + g * hd + e]
+        _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, att, conc)
+        qlinear(att, blob, mats[4 * layer + 1], proj, wide)
+        for i in range(rows):
+            for j in range(d):
+                h[i, j] += proj[i, j]
+        _rmsnorm(h, ln2[layer], eps, xn)
+        qlinear(xn, blob, mats[4 * layer + 2], gu, wide)
+        _silu_mul(gu, inter, act)
+        qlinear(act, blob, mats[4 * layer + 3], down, wide)
+        for i in range(rows):
+            for j in range(d):
+                h[i, j] += down[i, j]
+    tail = np.ascontiguousarray(h[rows - n_out:])
+    hidden = np.empty((n_out, d), np.float32)
+    _rmsnorm(tail, normw, eps, hidden)
+    lm = mats[4 * layers]
+    logits = np.empty((n_logits, lm[2] * 16), np.float32)
+    qlinear(np.ascontiguousarray(hidden[n_out - n_logits:]), blob, lm, logits, wide)
+    cout = np.empty(n_out, np.float32)
+    for i in range(n_out):
+        cout[i] = conc[rows - n_out + i].sum() / heads
+    return logits, hidden, cout

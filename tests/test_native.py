@@ -1,0 +1,257 @@
+"""Native-precision compiled runtime: every encoding bit-identical to compiled-fp32 over the
+reference de-quantisation, both kernel widths, speculation identity and distribution, bad input."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import loaded, make_model, perturbed, prompt_ids
+
+from adaspec.api import SpeculativeGenerator
+from adaspec.errors import InvalidArgumentError, ModelLoadError
+from adaspec.runtime import resolve_runtime
+from adaspec.runtime.compiled import CompiledRunner
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+              "post_attention_layernorm": "ffn_norm"}
+
+
+def _gguf_name(hf: str) -> str:
+    if hf.startswith("model.layers."):
+        parts = hf.split(".")
+        return f"blk.{parts[2]}.{HF_TO_GGUF['.'.join(parts[3:-1])]}.weight"
+    return {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+            "model.norm.weight": "output_norm.weight"}[hf]
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py)."""
+    n = w.shape[0]
+    return w.reshape(heads, 2, n // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """transformers' reverse (modeling_gguf_pytorch_utils), written independently here."""
+    n = w.shape[0]
+    return w.reshape(heads, n // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model: torch.nn.Module, path: Path, qtype, tied: bool = False,
+               skip_last: int = 0) -> torch.nn.Module:
+    """Write ``model`` as a GGUF whose matrices are ``qtype`` (norms F32); returns the fp32
+    reference module: the same model with every weight replaced by gguf's own de-quantisation."""
+    cfg = model.config
+    ref = copy.deepcopy(model)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    params = dict(ref.named_parameters())
+    for name, p in params.items():
+        if tied and name == "lm_head.weight":
+            continue
+        a = p.detach().numpy().astype(np.float32)
+        heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+        if a.ndim == 2:
+            if "q_proj" in name or "k_proj" in name:
+                a = _permute(a, heads)
+            raw = gguf.quants.quantize(a, qtype)
+            w.add_tensor(_gguf_name(name), raw, raw_dtype=qtype)
+            back = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+            if "q_proj" in name or "k_proj" in name:
+                back = _unpermute(back, heads)
+        else:
+            w.add_tensor(_gguf_name(name), a)
+            back = a
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(back.reshape(p.shape)))
+    if tied:
+        ref.lm_head.weight = ref.model.embed_tokens.weight
+        ref.config.tie_word_embeddings = True
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if skip_last:
+        data = path.read_bytes()
+        path.write_bytes(data[:-skip_last])
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """d = 64 (a multiple of the 32-feature blocks), 2 layers, untied head."""
+    return make_model("llama", seed=5, hidden=64, layers=2)
+
+
+def _native_module(ref: torch.nn.Module, source: tuple[str, str]) -> torch.nn.Module:
+    m = copy.deepcopy(ref)
+    m.adaspec_source = source
+    return m
+
+
+def _assert_identical(ref: torch.nn.Module, native: torch.nn.Module, wide: bool) -> None:
+    """Logits of 1-16 fed rows and of a tree: torch.equal against compiled-fp32."""
+    r32 = CompiledRunner(ref)
+    rn = CompiledRunner(native, native=True)
+    rn.lean.wide = wide
+    ctx = prompt_ids(1)
+    for n in (1, 2, 3, 5, 8, 9, 16):
+        extra = [(7 * j + n) % 250 for j in range(n)]
+        for r in (r32, rn):
+            r.reset()
+            r.prefill(ctx)
+        a, b = r32.forward(ctx + extra, n).logits, rn.forward(ctx + extra, n).logits
+        assert torch.equal(a, b), f"{n} rows: max diff {(a - b).abs().max()}"
+    nodes, parents = [11, 12, 13, 40, 41], [-1, 0, 1, 0, -1]
+    for r in (r32, rn):
+        r.reset()
+        r.prefill(ctx[:-1])
+    a = r32.forward_tree(ctx, nodes, parents).logits
+    assert torch.equal(a, rn.forward_tree(ctx, nodes, parents).logits)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
+def test_gguf_encodings_bit_identical_to_fp32(tiny, tmp_path, qtype, wide):
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    ref = write_gguf(tiny, path, Q[qtype])
+    _assert_identical(ref, _native_module(ref, ("gguf", str(path))), wide)
+
+
+def test_gguf_tied_q8_0_head_is_the_embedding(tiny, tmp_path):
+    path = tmp_path / "tied.gguf"
+    ref = write_gguf(tiny, path, Q.Q8_0, tied=True)
+    _assert_identical(ref, _native_module(ref, ("gguf", str(path))), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+def test_safetensors_encodings_bit_identical_to_fp32(tiny, tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    stored = {k: v.detach().to(dtype).contiguous() for k, v in tiny.state_dict().items()}
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    ref = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for k, p in ref.named_parameters():
+            p.copy_(stored[k].float())
+    for wide in (False, True):
+        _assert_identical(ref, _native_module(ref, ("safetensors", str(tmp_path))), wide)
+
+
+def test_bf16_module_runs_natively_and_matches_its_fp32_widening(tiny):
+    """A bf16 module (no file): compiled runs it natively; compiled-fp32 needs fp32."""
+    b16 = copy.deepcopy(tiny).to(torch.bfloat16)
+    assert resolve_runtime("auto", b16)[0] == "compiled"
+    _assert_identical(copy.deepcopy(b16).float(), b16, True)
+
+
+def test_avx2_forced_by_environment():
+    code = "from adaspec.runtime.qkernels import wide_default; print(wide_default())"
+    env = dict(os.environ, ADASPEC_KERNELS="avx2", PYTHONPATH=str(Path(__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    env["ADASPEC_KERNELS"] = ""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(" avx512f" in flags)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_speculation_identical_on_native_q4_1(tiny, tmp_path, k):
+    path = tmp_path / "t.gguf"
+    ref = write_gguf(tiny, path, Q.Q4_1)
+    target = loaded(_native_module(ref, ("gguf", str(path))))
+    draft = loaded(perturbed(ref, 0.6))
+    gen = SpeculativeGenerator(target, draft, "fixed", {"k": k}, runtime="compiled")
+    assert gen.runtime == "compiled"
+    plain = SpeculativeGenerator(loaded(ref), None, runtime="compiled-fp32")
+    accepted = rejected = 0
+    for i in range(3):
+        want = plain.generate(prompt_ids(i), max_new_tokens=24)
+        out = gen.generate(prompt_ids(i), max_new_tokens=24)
+        assert out.token_ids == want.token_ids
+        accepted += out.stats.accepted_tokens
+        rejected += out.stats.drafted_tokens - out.stats.accepted_tokens
+    assert accepted > 0 and rejected > 0
+
+
+def test_sampling_distribution_on_native_q8_0(tmp_path):
+    """Seeded samples of speculation on the native Q8_0 target follow the exact distribution
+    of the reference (de-quantised) model, enumerated with its eager forward."""
+    import test_distribution as td
+
+    base = make_model("llama", vocab=td.V, seed=3, hidden=64, layers=2, init=0.1)
+    ref = write_gguf(base, tmp_path / "d.gguf", Q.Q8_0)
+    target = loaded(_native_module(ref, ("gguf", str(tmp_path / "d.gguf"))))
+    draft = loaded(perturbed(ref, 0.3))
+    from adaspec.policies import make_policy
+
+    run = td.sample(target, draft, make_policy("fixed", {"k": "3"}), td.T1, 3, runtime="compiled")
+    exact = td.exact_distribution(ref, td.PROMPT, td.T1, 3)
+    for w in ((0, 2), (1, 3)):
+        assert td.chi_square_p(td.marginal(run.counts, w), td.marginal(exact, w)) > td.ALPHA / 2
+    assert run.c["accepted"] > 0 and run.c["rejected"] > 0
+
+
+def test_unsupported_tensor_type_falls_back_or_errors(tiny, tmp_path):
+    path = tmp_path / "q5.gguf"
+    ref = write_gguf(tiny, path, Q.Q5_0)
+    m = _native_module(ref, ("gguf", str(path)))
+    rt, note = resolve_runtime("auto", m)
+    assert rt == "compiled-fp32" and "Q5_0" in note and "\n" not in note
+    with pytest.raises(InvalidArgumentError, match="Q5_0"):
+        resolve_runtime("compiled", m)
+
+
+def test_truncated_gguf_is_one_line_error_naming_the_file(tiny, tmp_path):
+    from adaspec.runtime.native import GGUFSource
+
+    path = tmp_path / "cut.gguf"
+    write_gguf(tiny, path, Q.Q4_1, skip_last=100)
+    with pytest.raises(ModelLoadError, match="cut.gguf") as err:
+        GGUFSource(path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelLoadError, match="junk.gguf"):
+        GGUFSource(tmp_path / "junk.gguf")
+
+
+def test_cli_truncated_gguf_exit_2_and_no_cache_left(tiny, tmp_path, capsys, monkeypatch):
+    from adaspec import cli
+
+    path = tmp_path / "cut.gguf"
+    write_gguf(tiny, path, Q.Q4_1, skip_last=100)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ADASPEC_CACHE", str(cache))
+    capsys.readouterr()
+    argv = ["generate", "hi", "--target", str(path), "--draft", "none", "--runtime", "compiled"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cut.gguf" in err and "truncated" in err and "\n" not in err
+    files = cache.rglob("*") if cache.exists() else []
+    assert not [f for f in files if f.is_file()]
+
+
+def test_eager_forward_of_a_natively_loaded_module_decodes_its_weights(tiny, tmp_path):
+    """release: the module keeps no weights; an eager forward rebuilds the reference ones."""
+    path = tmp_path / "e.gguf"
+    ref = write_gguf(tiny, path, Q.Q4_1)
+    m = _native_module(ref, ("gguf", str(path)))
+    CompiledRunner(m, release=True, native=True)
+    assert m.model.layers[0].mlp.down_proj.weight.numel() == 0
+    x = torch.tensor([prompt_ids(0)])
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, ref(x).logits)

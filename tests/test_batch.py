@@ -35,16 +35,18 @@ def pair64():
     return layered_pair()
 
 
-def _runner(model):
+def _runner(model, native=False, encoding=None):
     from adaspec.runtime.compiled import CompiledRunner
 
-    return CompiledRunner(model)
+    return CompiledRunner(model, native=native, encoding=encoding)
 
 
-def test_batched_forward_bit_identical(pair64):
+@pytest.mark.parametrize("fmt", [(False, None), (True, None), (True, "q8_0")], ids=["fp32", "native", "q8_0"])
+def test_batched_forward_bit_identical(pair64, fmt):
     from adaspec.runtime.batched import batchable, run_calls
 
     target = pair64[0].model
+    _runner = lambda m: globals()["_runner"](m, *fmt)  # noqa: E731
     prompts = rand_prompts(4, seed=11)
     prompts[1] = prompts[1] * 6  # a longer cache than the others
     drafts = [[1, 2, 3], [], [5, 6, 7, 8, 9], [4, 4]]
@@ -90,7 +92,7 @@ def _run_batch(engine: BatchEngine, prompts, max_new, sampling=None, policies=No
     return [out[i] for i in range(len(prompts))], seqs
 
 
-@pytest.mark.parametrize("runtime", ["auto", "eager"])
+@pytest.mark.parametrize("runtime", ["auto", "compiled-fp32", "eager"])
 @pytest.mark.parametrize("policy", [("fixed", {"k": 4}), ("heuristic", {})])
 def test_batch_greedy_identical_to_alone(pair64, runtime, policy):
     gen = SpeculativeGenerator(*pair64, policy[0], policy[1], runtime=runtime)

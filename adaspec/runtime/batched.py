@@ -28,15 +28,47 @@ import torch
 
 from ..kv import ForwardOut
 
+_SLOT = {"wqkv": 0, "wo": 1, "wgu": 2, "wd": 3}  # a native layer's matrices: rows 4 l + slot of mats
+
+
+def _native(lean: Any) -> bool:
+    return hasattr(lean, "blob")
+
 
 def matmul(lean: Any, name: str, layer: int | None, x: np.ndarray, out: np.ndarray) -> None:
-    """out[M, N] = x[M, K] @ W^T for the packed weight ``name`` (of ``layer``, or the model's
-    own when None) of ``lean``: the only weight multiply here (one place to follow a change
-    of the weight format)."""
+    """out[M, N] = x[M, K] @ W^T for the weight ``name`` (of ``layer``, or the LM head when
+    None) of ``lean``: the only weight multiply here. Native weights (``NativeWeights``: rows
+    of ``mats`` into ``blob``) go through ``qkernels.qlinear``, packed fp32 ones
+    (``LeanWeights``) through ``kernels.linear`` -- as their own forwards do."""
+    if _native(lean):
+        from .qkernels import qlinear
+
+        row = lean.mats[4 * lean.layers if layer is None else 4 * layer + _SLOT[name]]
+        qlinear(x, lean.blob, row, out, lean.wide)
+        return
     from .kernels import linear
 
     w = getattr(lean, name)
     linear(x, w if layer is None else w[layer], out)
+
+
+def width(lean: Any, name: str) -> int:
+    """Output columns of weight ``name`` (panels of 16)."""
+    if _native(lean):
+        return int(lean.mats[4 * lean.layers if name == "lm" else _SLOT[name], 2]) * 16
+    w = getattr(lean, name)
+    return (w.shape[0] if name == "lm" else w.shape[1]) * 16
+
+
+def embed(lean: Any, ids: np.ndarray) -> np.ndarray:
+    """[T] ids -> [T, d] input rows."""
+    if _native(lean):
+        from .qkernels import qembed
+
+        return qembed(ids, lean.blob, lean.mats[4 * lean.layers + 1])
+    from .kernels import embed as fp32_embed
+
+    return fp32_embed(ids, lean.emb, lean.emb_packed, lean.lm)
 
 
 @dataclass
@@ -106,7 +138,7 @@ def batchable(calls: list[Any]) -> bool:
     if len(calls) < 2 or not all(type(c.runner) is CompiledRunner for c in calls):
         return False
     lean = calls[0].runner.lean
-    if type(lean) is not LeanWeights:  # the packed fp32 format is the one composed here
+    if type(lean) is not LeanWeights and not _native(lean):  # the two formats composed here
         return False
     return all(c.runner.lean is lean for c in calls) and len({id(c.runner) for c in calls}) == len(calls)
 
@@ -165,16 +197,16 @@ def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.nda
     offsets = np.cumsum([0] + [len(p.feed) for p in parts])
     rows, d, hd = int(offsets[-1]), lean.d, lean.hd
     heads, kvh, inter, eps = lean.heads, lean.kvh, lean.inter, lean.eps  # a float, as forward_rows gets
-    h = K.embed(np.concatenate([p.feed for p in parts]), lean.emb, lean.emb_packed, lean.lm)
+    h = embed(lean, np.concatenate([p.feed for p in parts]))
     pos = np.concatenate([p.pos for p in parts])
     scale = np.float32(1.0 / math.sqrt(hd))
     xn = np.empty((rows, d), np.float32)
-    qkv = np.empty((rows, lean.wqkv.shape[1] * 16), np.float32)
+    qkv = np.empty((rows, width(lean, "wqkv")), np.float32)
     att = np.empty((rows, heads * hd), np.float32)
-    proj = np.empty((rows, lean.wo.shape[1] * 16), np.float32)
-    gu = np.empty((rows, lean.wgu.shape[1] * 16), np.float32)
+    proj = np.empty((rows, width(lean, "wo")), np.float32)
+    gu = np.empty((rows, width(lean, "wgu")), np.float32)
     act = np.empty((rows, inter), np.float32)
-    down = np.empty((rows, lean.wd.shape[1] * 16), np.float32)
+    down = np.empty((rows, width(lean, "wd")), np.float32)
     conc = np.zeros((rows, heads), np.float32)
     qw = heads * hd
     for layer in range(lean.layers):
@@ -206,7 +238,7 @@ def _heads(lean: Any, parts: list[Part], offsets: np.ndarray, h: np.ndarray, con
     tail = np.ascontiguousarray(h[idx])
     hidden = np.empty_like(tail)
     K._rmsnorm(tail, lean.normw, lean.eps, hidden)
-    logits = np.empty((len(idx), lean.lm.shape[0] * 16), np.float32)
+    logits = np.empty((len(idx), width(lean, "lm")), np.float32)
     matmul(lean, "lm", None, hidden, logits)
     cmean = conc[idx].sum(axis=1) / lean.heads
     out, o = [], 0

@@ -96,6 +96,9 @@ def test_stop_string_inside_a_draft(tiny_pair, tokenizer):
 
 def _cache_matches_fresh_prefill(runner) -> None:
     fresh = type(runner)(runner.model)
+    if hasattr(runner, "lean"):  # the same packed weights (a draft's may be re-encoded, e.g. Q8_0)
+        fresh.lean = runner.lean
+        fresh.kt, fresh.vc = runner.lean.new_cache()
     fresh.reset()
     fresh.prefill(list(runner.tokens))
     n = len(runner.tokens)

@@ -18,8 +18,11 @@ every output. Names:
   ``hf-heuristic``'s state. A reduced-vocabulary adaspec draft returns full-size
   logits (``-inf`` outside its subset), so transformers treats it as an ordinary
   same-vocabulary assistant.
-- ``llamacpp``: plain greedy decoding of the same fp32 weights in llama.cpp (optional
-  extra ``[llamacpp]``; see :mod:`adaspec.bench.llamacpp`), the CPU engine peer row.
+- ``llamacpp``: plain greedy decoding of the shipped Q4_1 GGUF as is in llama.cpp, the
+  CPU engine a user would pick; ``llamacpp-f32``: the same of its F32 export (the fp32
+  weights adaspec computes with). Optional extra ``[llamacpp]``; llama.cpp runs in a child
+  process, so a crash fails that row with a one-line reason and the run goes on (see
+  :mod:`adaspec.bench.llamacpp`).
 - any adaspec policy: ``fixed:5`` (short for ``fixed:k=5``), ``heuristic``,
   ``context:branch=on``, ``oracle``, ... Arguments go to
   :func:`adaspec.policies.make_policy` unchanged, so new policies need no change here.
@@ -30,7 +33,8 @@ every output. Names:
   source's cross-request suffix cache off (``context:draft=model+ngram:cache=off``); it only
   carries over between prompts with ``adaspec bench --in-order``.
 
-Any ``ar`` or policy method may end in ``@eager``, ``@compiled`` or ``@auto`` to run on that
+Any ``ar`` or policy method may end in ``@RUNTIME``, a name of
+:data:`adaspec.runtime.RUNTIMES` (``@eager``, ``@compiled``, ``@auto``...), to run on that
 runtime instead of the run's ``--runtime`` (``ar@eager,ar`` compares the runtimes in one
 run). ``hf`` always runs transformers' own modules.
 """
@@ -46,6 +50,8 @@ import torch
 from ..errors import InvalidArgumentError
 from ..models import LoadedModel
 from ..types import GenerationStats
+from . import llamacpp
+from .turn import MethodFailedError, TurnResult
 
 HF_KEYS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
 _HF_PRESETS = {"hf": {}, "hf-heuristic": {"num_assistant_tokens_schedule": "heuristic"}}
@@ -64,8 +70,8 @@ class MethodSpec:
         kind: ``"ar"``, ``"hf"`` or ``"policy"``.
         name: ``ar``, ``hf`` / ``hf-heuristic``, or the policy name.
         args: ``key -> value`` strings (policy arguments or assistant settings).
-        runtime: ``eager`` / ``compiled`` / ``auto`` from an ``@runtime`` suffix, else None
-            (the run's ``--runtime``).
+        runtime: a name of :data:`adaspec.runtime.RUNTIMES` from an ``@runtime`` suffix, else
+            None (the run's ``--runtime``).
         draft: a policy method's ``draft=`` value (``ngram``, ``model+ngram``), else None
             (the run's draft model).
     """
@@ -131,14 +137,12 @@ def parse_method(text: str) -> MethodSpec:
         if args:
             raise MethodError(f"method {key!r}: ar takes no arguments")
         return MethodSpec(key, "ar", name, runtime=runtime or None)
-    if name == "llamacpp":
-        bad = [k for k in args if k not in ("gguf", "n_ctx")]
-        if bad or at:
-            raise MethodError(f"method {key!r}: llamacpp takes gguf=PATH and n_ctx=N only")
-        from .llamacpp import llama_cpp_available
-
-        if not llama_cpp_available():
-            raise MethodError('method llamacpp needs llama-cpp-python: pip install "adaspec[llamacpp]"')
+    if name in llamacpp.PEERS:
+        if at or any(k not in llamacpp.KEYS for k in args):
+            raise MethodError(f"method {key!r}: {name} takes gguf=PATH and n_ctx=N only")
+        if not llamacpp.llama_cpp_available():
+            raise MethodError(f'method {name} needs llama-cpp-python: pip install "adaspec[llamacpp]" '
+                              "(README: its build flags on each CPU kind)")
         return MethodSpec(key, "llamacpp", name, args)
     if name in _HF_PRESETS:
         if at:
@@ -166,7 +170,8 @@ def parse_method(text: str) -> MethodSpec:
             check_policy(policy, spec)
     except InvalidArgumentError as exc:
         if name not in POLICIES:
-            raise MethodError(f"unknown method {name!r}; choose ar, hf, hf-heuristic, llamacpp or a policy: "
+            raise MethodError(f"unknown method {name!r}; choose ar, hf, hf-heuristic, "
+                              f"{', '.join(llamacpp.PEERS)} or a policy: "
                               f"{', '.join(sorted(POLICIES))}") from None
         raise MethodError(f"method {key!r}: {exc}") from None
     return MethodSpec(key, "policy", name, args, runtime or None, draft, cache == "on")
@@ -180,14 +185,6 @@ def parse_methods(text: str) -> list[MethodSpec]:
     if dup:
         raise MethodError(f"method {dup!r} listed twice")
     return specs
-
-
-@dataclass
-class TurnResult:
-    """One generate call: new ids (EOS included) and its statistics (GenerationStats)."""
-
-    token_ids: list[int]
-    stats: GenerationStats
 
 
 class MethodRunner(Protocol):
@@ -321,9 +318,7 @@ def build_runner(spec: MethodSpec, target: LoadedModel, draft: LoadedModel | Non
     """A runner for ``spec`` sharing the already loaded models (``runtime``: the run's default;
     ``suffix_cache``: the n-gram source's cache size in tokens, 1 = default, 0 = off)."""
     if spec.kind == "llamacpp":
-        from .llamacpp import LlamaCppRunner
-
-        return LlamaCppRunner(spec.args, target.name, eos_ids, threads)
+        return llamacpp.LlamaCppRunner(spec.name, spec.args, target.name, eos_ids, threads)
     if spec.needs_draft and draft is None:
         raise MethodError(f"method {spec.key!r} needs a draft model (--draft)")
     if spec.kind == "hf":
@@ -332,5 +327,5 @@ def build_runner(spec: MethodSpec, target: LoadedModel, draft: LoadedModel | Non
     return EngineRunner(spec, target, draft, runtime, suffix_cache)
 
 
-__all__ = ["HF_KEYS", "EngineRunner", "HFRunner", "MethodError", "MethodSpec", "TurnResult",
-           "build_runner", "parse_method", "parse_methods"]
+__all__ = ["HF_KEYS", "EngineRunner", "HFRunner", "MethodError", "MethodFailedError", "MethodSpec",
+           "TurnResult", "build_runner", "parse_method", "parse_methods"]

@@ -227,6 +227,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
                      f"{_f(e['tau'], '.2f')} | {_pct(e['acceptance_rate'])} | "
                      f"{_f(e['draft_forwards_per_token'], '.2f')} | {_f(e['overhead_pct'], '.1f', '%')} | "
                      f"{_pct(e['identical_to_ar_rate'])} | {e['n']} |")
+    for m, why in (summary.get("meta") or {}).get("failed", {}).items():  # e.g. a peer engine crashed
+        lines.append(f"| `{m}` | failed: {why} | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -305,6 +307,10 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
                 "so a near-tie argmax can flip (DESIGN §4). The gaps come from one extra target "
                 "forward over the shared prefix (same dtype): a gap near the bf16 resolution "
                 "(a few hundredths of a logit) is such a tie; compare with `--dtype fp32`.", ""]
+        if any(x["method"].startswith("llamacpp") for x in mism):
+            out += ["`llamacpp` rows are another engine: llama.cpp quantises activations to 8 bits in "
+                    "its quantised dot products and sums in its own order, so its greedy text is not "
+                    "the reference model's; its mismatches are reported, not a losslessness failure.", ""]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)

@@ -44,7 +44,7 @@ from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..head_model import head_dir
 from ..metrics import RunMetrics
 from ..models import LoadedModel, load_model
-from .methods import EngineRunner, MethodSpec, build_runner, parse_methods
+from .methods import EngineRunner, MethodFailedError, MethodSpec, build_runner, parse_methods
 from .report import (
     MARGINS_FILE,
     margin_key,
@@ -269,12 +269,25 @@ def run_benchmark(
     def chat_for(p: Prompt) -> bool:  # --chat / --no-chat win; by default raw rows stay raw
         return (not p.raw) if cfg.chat is None else cfg.chat
 
+    failed: dict[str, str] = meta.setdefault("failed", {})  # method -> one-line reason (peer crashes)
+
+    def attempt(spec: MethodSpec, prompt: Prompt, run_cfg: BenchConfig) -> dict[str, Any] | None:
+        """run_one, or None once the method has failed (recorded in meta, said on stderr)."""
+        if spec.key in failed:
+            return None
+        try:
+            return run_one(runners[spec.key], prompt, target.tokenizer, run_cfg, chat_for(prompt))
+        except MethodFailedError as exc:
+            failed[spec.key] = str(exc)
+            print(f"\nbench: method {spec.key} failed, the others go on: {exc}", file=sys.stderr)
+            return None
+
     if todo and cfg.warmup:
         warm = Prompt(prompts[0].id, prompts[0].category, prompts[0].turns[:1], prompts[0].raw)
         wcfg = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(cfg.max_new_tokens, 32)})
         for _ in range(cfg.warmup):
             for s in specs:
-                run_one(runners[s.key], warm, target.tokenizer, wcfg, chat_for(warm))
+                attempt(s, warm, wcfg)
     _clear_caches(runners)  # the warm-up's answer must not be drafted from
     if cfg.in_order:  # a resumed run: the caches hold what the finished rows put there
         rewarm_caches(runners, rows, {p.id: p for p in prompts}, target.tokenizer, chat_for)
@@ -289,8 +302,12 @@ def run_benchmark(
                        "repeat": rep, "turns": len(prompt.turns)}
                 if not cfg.in_order:  # every prompt starts cold: rows independent of the order
                     _clear_caches({spec.key: runners[spec.key]})
-                row.update(run_one(runners[spec.key], prompt, target.tokenizer, cfg,
-                                   chat_for(prompt)))
+                result = attempt(spec, prompt, cfg)
+                if result is None:
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                row.update(result)
                 row["cfg"] = key
                 row["ts"] = time.time()
                 fh.write(json.dumps(row, default=_jsonable) + "\n")

@@ -23,7 +23,7 @@ from ..head_model import FeatureHead
 from ..sampling import SamplingConfig, processed_probs, sample
 from ..types import Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
-from .model import keep_step
+from .model import ModelStep, keep_step
 
 
 class _EagerCore:
@@ -212,11 +212,15 @@ class HeadDrafter:
             if i == 1:
                 self.cached = n - 1
                 self._first = (sub, fhat, conc)
-            logits = self._full(sub)
-            probs = processed_probs(logits, sampling)
-            token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)
-            step = DraftStep(i, token, logits, probs, hidden=fhat if needs.hidden else None,
-                             attn_concentration=conc if needs.attention else None, context_len=n)
+            probs, j = None, None
+            if sampling.greedy:  # argmax over the subset; full logits / q only if a policy reads them
+                j = int(sub.argmax())
+                token = int(self.token_ids[j])
+            else:
+                probs = processed_probs(self._full(sub), sampling)
+                token = sample(probs, generator)
+            step = ModelStep(i, token, sub, self.token_ids, self.vocab_size, sampling,
+                             fhat if needs.hidden else None, conc if needs.attention else None, n, probs, j)
             if not keep_step(step, decide, branch, tokens, steps, branches):
                 break
             pend_tok, pend_feat, pos0 = [token], fhat[None], n - 1 + i

@@ -1,8 +1,18 @@
-"""A small causal LM as the drafter (the standard speculative-decoding draft)."""
+"""A small causal LM as the drafter (the standard speculative-decoding draft).
+
+Per drafted token the hot path does one draft forward, one argmax (greedy) or one sample
+and one policy call; nothing else is computed unless a policy reads it (:class:`ModelStep`
+builds the full-vocabulary logits and q on first access). On the native compiled runtime
+the draft's weights are re-encoded to :data:`DRAFT_ENCODING` (Q8_0; ``$ADASPEC_DRAFT_ENCODING``
+overrides it): the draft's precision never changes the output (verification decides), only
+how often its guesses are accepted.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +23,88 @@ from ..runtime import make_runner
 from ..sampling import SamplingConfig, processed_probs, sample
 from ..types import Action, Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
+
+DRAFT_ENCODING = "q8_0"  # the draft's weights on the native compiled runtime
+ENCODING_ENV = "ADASPEC_DRAFT_ENCODING"  # overrides it: q8_0, bf16, f16, f32, or "stored" (as loaded)
+
+
+class ModelStep(DraftStep):
+    """A :class:`DraftStep` of a draft LM whose ``logits`` ([V]) and ``probs`` ([V]) are
+    built only when read.
+
+    Args:
+        sub: [Vs] draft logits over ``ids`` (a reduced-vocabulary head), or [V] when ``ids``
+            is None.
+        ids: [Vs] int64 target ids of ``sub`` (ascending), or None.
+        vocab_size: V, the target's vocabulary.
+        sampling: how q derives from the logits (temperature, top-k, top-p).
+        probs: q when the drafter already computed it (sampling), else None.
+
+    Under greedy, ``token_prob``, ``entropy`` and ``top_probs`` read ``sub`` directly: the
+    tokens outside the subset have q = 0 and add nothing.
+    """
+
+    def __init__(self, index: int, token: int, sub: torch.Tensor, ids: torch.Tensor | None,
+                 vocab_size: int, sampling: SamplingConfig, hidden: torch.Tensor | None = None,
+                 attn_concentration: float | None = None, context_len: int = 0,
+                 probs: torch.Tensor | None = None, pos: int | None = None) -> None:
+        self.index, self.token, self.context_len = index, token, context_len
+        self.hidden, self.attn_concentration = hidden, attn_concentration
+        self.sub, self.ids, self.vocab_size, self.sampling = sub, ids, vocab_size, sampling
+        self.pos = pos  # index of ``token`` in ``sub`` when known (greedy)
+        if probs is not None:
+            self.probs = probs
+
+    @cached_property
+    def logits(self) -> torch.Tensor:  # type: ignore[override]
+        return fit_vocab(self.sub, self.vocab_size, self.ids)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:  # type: ignore[override]
+        return processed_probs(self.logits, self.sampling)
+
+    @cached_property
+    def token_prob(self) -> float:
+        if not self.sampling.greedy or self.pos is None or "probs" in self.__dict__:
+            return float(self.probs[self.token])
+        x = self.sub.float()
+        return float(torch.exp(x[self.pos] - torch.logsumexp(x, dim=-1)))
+
+    @cached_property
+    def entropy(self) -> float:
+        logp = torch.log_softmax(self.sub.float(), dim=-1)
+        return float(-torch.nansum(logp.exp() * logp))
+
+    def top_probs(self, k: int) -> torch.Tensor:
+        p = torch.softmax(self.sub.float(), dim=-1)
+        top = p.topk(min(k, p.shape[-1])).values
+        return top if top.shape[-1] == k else torch.cat([top, top.new_zeros(k - top.shape[-1])])
+
+    def __repr__(self) -> str:
+        return f"ModelStep(index={self.index}, token={self.token}, context_len={self.context_len})"
+
+
+def draft_encoding() -> str | None:
+    """The encoding of the draft's weights on the native runtime: ``$ADASPEC_DRAFT_ENCODING``
+    (``stored``: as loaded) or :data:`DRAFT_ENCODING`."""
+    enc = os.environ.get(ENCODING_ENV, DRAFT_ENCODING).strip().lower()
+    return None if enc in ("", "stored", "none") else enc
+
+
+def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
+    """The draft's runner: on the native compiled runtime, weights re-encoded to
+    :func:`draft_encoding` (a draft loaded natively from its files runs as stored), else as
+    ``make_runner``."""
+    enc = draft_encoding()
+    if runtime == "compiled" and enc:
+        from ..runtime.compiled import CompiledRunner
+        from ..runtime.native import NativeWeights
+
+        # a draft loaded natively from its own files has no module weights to re-encode: as stored
+        if NativeWeights.existing(model) is None:
+            return CompiledRunner(model, release, native=True, encoding=enc)
+    return make_runner(model, runtime, release=release)
+
 
 if TYPE_CHECKING:
     from ..engine import VerifyCall
@@ -27,9 +119,14 @@ class ModelDrafter:
 
     def __init__(self, draft: LoadedModel, vocab_size: int, runtime: str = "eager") -> None:
         self.loaded = draft
-        self.runner = make_runner(draft.model, runtime, release=draft.owned)
+        self.runner = _draft_runner(draft.model, runtime, draft.owned)
         self.vocab_size = vocab_size
         self.max_context = min(draft.max_context, getattr(self.runner, "capacity", draft.max_context))
+        # a reduced-vocabulary head on the compiled runtime: take its [Vs] logits unscattered
+        ids = getattr(getattr(self.runner, "lean", None), "out_ids", None)
+        self.ids = ids if ids is not None and hasattr(type(self.runner), "full_vocab") else None
+        if self.ids is not None:
+            self.runner.full_vocab = False
 
     def reset(self) -> None:
         self.runner.reset()
@@ -71,20 +168,28 @@ class ModelDrafter:
         steps: list[DraftStep] = []
         branches: dict[int, list[int]] = {}
         start_forwards = self.runner.forwards
+        seq = list(context)  # context + drafted tokens, grown in place
+        ids, greedy = self.ids, sampling.greedy
         for i in range(1, budget + 1):
-            out = yield VerifyCall(self.runner, context + tokens, 1, needs.hidden,
-                                   concentration=needs.attention)
-            logits = fit_vocab(out.logits[0], self.vocab_size)  # [V]
-            probs = processed_probs(logits, sampling)  # [V]
-            token = int(logits.argmax()) if sampling.greedy else sample(probs, generator)
+            out = yield VerifyCall(self.runner, seq, 1, needs.hidden, concentration=needs.attention)
+            sub = out.logits[0]  # [Vs] over ids, or [V_draft]
+            if ids is None and sub.shape[-1] != self.vocab_size:
+                sub = fit_vocab(sub, self.vocab_size)
+            probs, j = None, None
+            if greedy:
+                j = int(sub.argmax())
+                token = j if ids is None else int(ids[j])
+            else:
+                probs = processed_probs(fit_vocab(sub, self.vocab_size, ids), sampling)  # [V]
+                token = sample(probs, generator)
             conc = self.runner.attention_concentration() if needs.attention else None
-            step = DraftStep(i, token, logits, probs,
-                             hidden=None if out.hidden is None else out.hidden[0],
-                             attn_concentration=conc, context_len=len(context))
+            step = ModelStep(i, token, sub, ids, self.vocab_size, sampling,
+                             None if out.hidden is None else out.hidden[0], conc, len(context), probs, j)
             if not keep_step(step, decide, branch, tokens, steps, branches):
                 break
+            seq.append(token)
         probs_kq = None
-        if not sampling.greedy and steps:
+        if not greedy and steps:
             probs_kq = torch.stack([s.probs for s in steps])  # [K, V]
         return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards,
                      {i: c for i, c in branches.items() if c})
@@ -100,9 +205,13 @@ def run_steps(steps: Generator[VerifyCall, ForwardOut, Draft]) -> Draft:
         return stop.value
 
 
-def fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def fit_vocab(logits: torch.Tensor, vocab_size: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """[..., V_draft] -> [..., V_target] logits: a smaller draft head is padded with -inf
-    (q = 0), padding rows beyond the target's vocabulary are dropped."""
+    (q = 0), padding rows beyond the target's vocabulary are dropped. With ``ids`` ([Vs]
+    target ids of the last dim), the scores are scattered to those ids, -inf elsewhere."""
+    if ids is not None:
+        full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+        return full.index_copy_(-1, ids, logits)
     v = logits.shape[-1]
     if v == vocab_size:
         return logits

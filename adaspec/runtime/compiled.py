@@ -276,6 +276,8 @@ class CompiledRunner(RunnerBase):
     def _crop(self, length: int) -> None:
         pass  # slots >= len(self.tokens) are simply overwritten by the next forward
 
+    full_vocab = True  # False: a reduced-vocabulary head's logits stay [n, Vs] (lean.out_ids order)
+
     def _run(self, feed: list[int], pos: list[int], start: int, mask: np.ndarray, n_out: int,
              hidden: bool, n_logits: int | None = None) -> ForwardOut:
         self.kt, self.vc = self.lean.fit_cache(self.kt, self.vc, start + len(feed), start)
@@ -284,7 +286,7 @@ class CompiledRunner(RunnerBase):
         self.forwards += 1
         self._conc = conc
         out = torch.from_numpy(logits)
-        if self.lean.out_ids is not None:  # reduced-vocabulary head: q = 0 outside the subset
+        if self.lean.out_ids is not None and self.full_vocab:  # reduced-vocabulary head: q = 0 elsewhere
             full = out.new_full((out.shape[0], self.lean.vocab), float("-inf"))
             out = full.index_copy_(1, self.lean.out_ids, out)
         return ForwardOut(out, torch.from_numpy(hid) if hidden else None)

@@ -55,6 +55,30 @@ class TextStream:
         return self._chunks
 
 
+class IncrementalText:
+    """Incremental detokenisation of committed ids (offsets as in TGI / vLLM): ``feed(ids)``
+    returns the new text that is safe to send (no partial UTF-8 character); ``rest(final)``
+    the rest of the final text once generation ends."""
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def feed(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def rest(self, final: str) -> str:
+        emitted = self.decode(self.ids[:self.read])
+        return final[len(emitted):] if len(final) > len(emitted) else ""
+
+
 def load_head_draft(path: Path, target: LoadedModel) -> LoadedModel:
     """The feature head in ``path`` for ``target``, wrapped as a draft :class:`LoadedModel`.
 
@@ -132,24 +156,33 @@ class SpeculativeGenerator:
         self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
         self.runtime, note = resolve_runtime(runtime, self.target.model)
         self.runtime_note = f"runtime: target {note}"
+        self._spec, self._runtime_arg = spec, runtime
+        if self.head is not None:
+            self.runtime_note += f"; draft: feature head on the {self.runtime} runtime"
+        elif self.draft:
+            self.runtime_note += f"; draft {resolve_runtime(runtime, self.draft.model)[1]}"
+        if spec.sources:
+            self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
+        # cross-request drafts for the n-gram source, kept across generate calls (and shared by
+        # every engine of this generator, e.g. the server's batched sequences)
+        self.suffix_cache = make_cache(suffix_cache) if "ngram" in spec.sources else None
+        self.engine = self.new_engine(self.policy)
+
+    def new_engine(self, policy: Policy) -> Engine:
+        """A fresh engine of this generator's target and draft under ``policy``: its own KV
+        caches and drafter state, the models' weights shared (one per batched sequence)."""
         drafter = None
         if self.head is not None:
             from .drafters.head import HeadDrafter
 
             drafter = HeadDrafter(self.head, self.target.model, self.target.vocab_size, self.runtime,
                                   self.target.max_context)
-            self.runtime_note += f"; draft: feature head on the {self.runtime} runtime"
         elif self.draft:
-            draft_runtime, dnote = resolve_runtime(runtime, self.draft.model)
-            self.runtime_note += f"; draft {dnote}"
+            draft_runtime = resolve_runtime(self._runtime_arg, self.draft.model)[0]
             drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned
-        if spec.sources:
-            self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
-        # cross-request drafts for the n-gram source, kept across generate calls
-        self.suffix_cache = make_cache(suffix_cache) if "ngram" in spec.sources else None
-        drafter = build_drafter(spec, drafter, self.target.vocab_size, self.policy, self.suffix_cache)
-        self.engine = Engine(self.target.model, self.target.vocab_size, self.target.max_context,
-                             drafter, self.policy, self.runtime, release=self.target.owned)
+        drafter = build_drafter(self._spec, drafter, self.target.vocab_size, policy, self.suffix_cache)
+        return Engine(self.target.model, self.target.vocab_size, self.target.max_context,
+                      drafter, policy, self.runtime, release=self.target.owned)
 
     @property
     def policy_name(self) -> str:
@@ -225,8 +258,9 @@ class SpeculativeGenerator:
         stats = GenerationStats()
         return self.engine.run(ids, sampling, rules, stats), stats, stops
 
-    def _finish(self, new: list[int], stats: GenerationStats, stops: tuple[str, ...]) -> GenerationResult:
-        drafter_report = getattr(self.engine.drafter, "report", None)
+    def _finish(self, new: list[int], stats: GenerationStats, stops: tuple[str, ...],
+                engine: Engine | None = None) -> GenerationResult:
+        drafter_report = getattr((engine or self.engine).drafter, "report", None)
         if drafter_report is not None:  # e.g. rounds per draft source, n-gram lookup seconds
             stats.extra.update(drafter_report())
         text = self._decode(new)
@@ -271,19 +305,15 @@ class SpeculativeGenerator:
         stream = TextStream(iter(()))
 
         def chunks() -> Iterator[str]:
-            new: list[int] = []
-            prefix = read = 0  # incremental detokenisation offsets (as in TGI / vLLM)
+            text = IncrementalText(self._decode)
             for chunk in rounds:
-                new.extend(chunk)
-                before = self._decode(new[prefix:read])
-                after = self._decode(new[prefix:])
-                if len(after) > len(before) and not after.endswith("\ufffd"):
-                    yield after[len(before):]
-                    prefix, read = read, len(new)
-            result = self._finish(new, stats, stops)
-            emitted = self._decode(new[:read])
-            if len(result.text) > len(emitted):
-                yield result.text[len(emitted):]
+                piece = text.feed(chunk)
+                if piece:
+                    yield piece
+            result = self._finish(text.ids, stats, stops)
+            rest = text.rest(result.text)
+            if rest:
+                yield rest
             stream.result = result
 
         stream._chunks = chunks()

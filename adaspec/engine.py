@@ -8,7 +8,7 @@ maths of acceptance in :mod:`adaspec.verify`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,8 +101,35 @@ class StageTimer:
         stats.verify_s += t_end - t_verify
 
 
+@dataclass
+class VerifyCall:
+    """The one target forward a round needs, handed to whoever drives the round.
+
+    A chain: outputs for the last ``n_out`` positions of ``seq`` (committed ids + draft).
+    A tree (``nodes`` set): outputs for [root, node 0..T-1] over ``seq`` (committed ids,
+    ending with the root) plus ``nodes`` with ``parents`` (see ``forward_tree``).
+    :meth:`run` executes it on ``runner``; the batch engine may execute many in one forward.
+    """
+
+    runner: Any
+    seq: list[int]
+    n_out: int
+    hidden: bool
+    nodes: list[int] | None = None
+    parents: list[int] | None = None
+    concentration: bool = False  # the runner's attention_concentration() reports this forward
+
+    def run(self) -> Any:
+        """The forward output (``ForwardOut``) from this call's own runner."""
+        if self.nodes is None:
+            kw = {"concentration": True} if self.concentration else {}
+            return self.runner.forward(self.seq, self.n_out, hidden=self.hidden, **kw)
+        return self.runner.forward_tree(self.seq, self.nodes, self.parents, hidden=self.hidden)
+
+
 class Engine:
-    """Speculative decoding of one target with one drafter under one policy (batch size 1)."""
+    """Speculative decoding of one target with one drafter under one policy (one sequence;
+    :mod:`adaspec.batch` drives many engines' rounds with one target forward per step)."""
 
     def __init__(self, target: torch.nn.Module, vocab_size: int, max_context: int,
                  drafter: Drafter | None, policy: Policy, runtime: str = "eager",
@@ -113,6 +140,7 @@ class Engine:
         self.max_context = min(max_context, getattr(self.target, "capacity", max_context))
         self.drafter = drafter
         self.policy = policy
+        self.cap: int | None = None  # a batch-level draft budget for the next round (None: none)
 
     def plain_greedy(self, prompt: list[int], rules: StopRules) -> list[int]:
         """The target's own greedy continuation (plain decoding: no drafter, so the base
@@ -134,6 +162,24 @@ class Engine:
 
         ``stats`` is filled in place (final once the iterator is exhausted).
         """
+        rounds = self.rounds(prompt, sampling, rules, stats)
+        item = next(rounds, None)
+        while item is not None:
+            if isinstance(item, VerifyCall):
+                item = rounds.send(item.run())
+            else:
+                yield item
+                item = next(rounds, None)
+
+    def rounds(
+        self,
+        prompt: list[int],
+        sampling: SamplingConfig,
+        rules: StopRules,
+        stats: GenerationStats,
+    ) -> Generator[VerifyCall | list[int], Any, None]:
+        """:meth:`run` with the target forward handed out: yields a :class:`VerifyCall` and
+        expects its output sent back, then yields the round's committed ids (send None)."""
         policy, drafter = self.policy, self.drafter
         gen = self._start(prompt, sampling, rules)
         # a drafter that reads the target's features (a feature head) gets the target's
@@ -154,14 +200,19 @@ class Engine:
             ctx = RoundContext(ids, len(prompt), stats.rounds, max(room, 0))
             with clock.policy_time():
                 budget = min(policy.begin_round(ctx), room) if drafter is not None else 0
+            if self.cap is not None:
+                budget = min(budget, self.cap)
             # 2. draft
             t1, hooks_before = clock.now(), clock.hooks
             draft = Draft([], None, [], 0)
-            if budget > 0:
-                draft = drafter.propose(ids, budget, decide, sampling, gen, policy.needs, branch)
+            if budget > 0:  # a drafter with propose_steps hands its draft forwards out too
+                propose = getattr(drafter, "propose_steps", None)
+                args = (ids, budget, decide, sampling, gen, policy.needs, branch)
+                draft = (yield from propose(*args)) if propose else drafter.propose(*args)
             t2 = clock.now(sync=True)
             # 3. verify: one target forward over [last committed, x1..xK] -> p1..p(K+1)
-            verdict, logits, out, path = self._verify(ids, draft, sampling, gen, want_hidden, stats)
+            verdict, logits, out, path = yield from self._verify(ids, draft, sampling, gen, want_hidden,
+                                                                 stats)
             t3 = clock.now(sync=True)
             # 4. commit the accepted prefix plus one token, honouring EOS / stop / budget
             committed, reason = _commit(draft, verdict, new, rules, max_new)
@@ -182,9 +233,9 @@ class Engine:
                 hidden = out.hidden[: len(draft.tokens) + 1] if policy.needs_target_hidden else None
                 policy.observe(RoundOutcome(draft, verdict, logits, hidden, t2 - t1, t3 - t2, ctx))
             stats.new_tokens = len(new)
+            stats.stop_reason = reason
             yield committed
             if reason:
-                stats.stop_reason = reason
                 break
         stats.wall_s = clock.now(sync=True) - clock.start
         stats.policy_s = clock.policy + clock.hooks
@@ -225,10 +276,10 @@ class Engine:
         stats.tree_nodes += draft.tree_size
         if draft.branches:
             stats.branch_rounds += 1
-            verdict, logits, out, path = self._verify_tree(ids, draft, sampling, gen, hidden)
+            verdict, logits, out, path = yield from self._verify_tree(ids, draft, sampling, gen, hidden)
             stats.branch_accepts += verdict.branch_rank > 0
             return verdict, logits, out, path[: verdict.accepted]
-        out = self.target.forward(ids + draft.tokens, k + 1, hidden=hidden)
+        out = yield VerifyCall(self.target, ids + draft.tokens, k + 1, hidden)
         logits = out.logits[:, : self.vocab_size]  # [K+1, V]
         if sampling.greedy:
             verdict = verify_greedy(draft.tokens, logits)
@@ -253,7 +304,7 @@ class Engine:
                 sib_nodes[(pos, c)] = len(nodes)
                 nodes.append(c)
                 parents.append(pos - 2)  # same parent as chain node pos-1
-        out = self.target.forward_tree(ids, nodes, parents, hidden=hidden)
+        out = yield VerifyCall(self.target, ids, len(nodes) + 1, hidden, nodes, parents)
         logits = out.logits[:, : self.vocab_size]  # [1 + T, V]
         probs = None
         if not sampling.greedy:

@@ -23,7 +23,8 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from adaspec.api import SpeculativeGenerator, TextStream  # noqa: E402
+from adaspec.api import SpeculativeGenerator  # noqa: E402
+from adaspec.engine import VerifyCall  # noqa: E402
 from adaspec.serve.app import create_app  # noqa: E402
 from adaspec.serve.protocol import StopTrimmer  # noqa: E402
 
@@ -245,39 +246,48 @@ def test_concurrent_clients_identical_to_single(server, ref):
 
 
 class GatedGenerator(SpeculativeGenerator):
-    """Waits for ``gate`` before every chunk after the first; ``fail`` makes stream() raise."""
+    """Its sequences wait for ``gate`` before every forward after their first chunk; ``fail``
+    makes a new sequence's engine fail to build."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
-        self.ends: list[str] = []  # per stream: "done" (exhausted) or "closed" (abandoned)
+        self.ends: list[str] = []  # per sequence: "done" (exhausted) or "closed" (abandoned)
+        super().__init__(*args, **kwargs)
+        self.ends.clear()
 
-    def stream(self, prompt, **kwargs) -> TextStream:
+    def new_engine(self, policy):
         if self.fail:
             raise RuntimeError("injected failure")
-        inner = super().stream(prompt, **kwargs)
+        engine = super().new_engine(policy)
+        rounds = engine.rounds
 
-        def chunks():
-            end = "closed"
+        def gated(*args, **kwargs):
+            inner, end, chunks, sent = rounds(*args, **kwargs), "closed", 0, None
             try:
-                for i, chunk in enumerate(inner):
-                    if i:
+                while True:
+                    try:
+                        item = inner.send(sent)
+                    except StopIteration:
+                        end = "done"
+                        return
+                    if not isinstance(item, VerifyCall):
+                        chunks += 1
+                    elif chunks:
                         assert self.gate.wait(20)
-                    yield chunk
-                outer.result, end = inner.result, "done"
+                    sent = yield item
             finally:
                 self.ends.append(end)
 
-        outer = TextStream(chunks())
-        return outer
+        engine.rounds = gated
+        return engine
 
 
 @pytest.fixture()
 def gated(pair):
     gen = GatedGenerator(*pair, "fixed", {"k": 3})
-    running = Running(create_app(gen, model_name=NAME, max_queue=1))
+    running = Running(create_app(gen, model_name=NAME, max_queue=1, max_batch=1))
     yield running, gen
     gen.gate.set()
     running.stop()

@@ -12,14 +12,15 @@ budget)`` method (``context``) is wired in as the chooser by :func:`.registry.bu
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 import torch
 
 from ..sampling import SamplingConfig
 from ..types import Draft
 from .base import BranchFn, DecideFn, DraftNeeds
-from .model import ModelDrafter
+from .model import ModelDrafter, run_steps
 from .ngram import Match, NgramDrafter
 
 SOURCES = ("ngram", "model", "none")
@@ -81,6 +82,13 @@ class MixedDrafter:
         needs: DraftNeeds,
         branch: BranchFn | None = None,
     ) -> Draft:
+        return run_steps(self.propose_steps(context, budget, decide, sampling, generator, needs, branch))
+
+    def propose_steps(self, context: list[int], budget: int, decide: DecideFn, sampling: SamplingConfig,
+                      generator: torch.Generator | None, needs: DraftNeeds, branch: BranchFn | None = None,
+                      ) -> Generator[Any, Any, Draft]:
+        """:meth:`propose` with the model's draft forwards handed out (a batch engine runs
+        many sequences' draft forwards together; see ``ModelDrafter.propose_steps``)."""
         match = self.ngram.match(context, budget)
         source = self.choose(match, budget)
         if source == "ngram" and not match.tokens:
@@ -90,7 +98,8 @@ class MixedDrafter:
         if source == "ngram":
             return self.ngram.draft_from(match, context, budget, decide, sampling)
         if source == "model":
-            return self.model.propose(context, budget, decide, sampling, generator, needs, branch)
+            return (yield from self.model.propose_steps(context, budget, decide, sampling, generator, needs,
+                                                        branch))
         return Draft([], None, [], 0)
 
     def report(self) -> dict:

@@ -11,10 +11,13 @@ how often its guesses are accepted.
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..kv import ForwardOut
 from ..models import LoadedModel
 from ..runtime import make_runner
 from ..sampling import SamplingConfig, processed_probs, sample
@@ -103,6 +106,10 @@ def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
     return make_runner(model, runtime, release=release)
 
 
+if TYPE_CHECKING:
+    from ..engine import VerifyCall
+
+
 class ModelDrafter:
     """Drafts with an HF causal LM that shares the target's vocabulary.
 
@@ -140,6 +147,23 @@ class ModelDrafter:
         needs: DraftNeeds,
         branch: BranchFn | None = None,
     ) -> Draft:
+        return run_steps(self.propose_steps(context, budget, decide, sampling, generator, needs, branch))
+
+    def propose_steps(
+        self,
+        context: list[int],
+        budget: int,
+        decide: DecideFn,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        needs: DraftNeeds,
+        branch: BranchFn | None = None,
+    ) -> Generator[VerifyCall, ForwardOut, Draft]:
+        """:meth:`propose` with each draft forward handed out (a :class:`VerifyCall` on the
+        draft's runner, its output sent back), so a batch engine can run the draft forwards of
+        many sequences together; returns the :class:`Draft`."""
+        from ..engine import VerifyCall  # the engine imports the drafters
+
         tokens: list[int] = []
         steps: list[DraftStep] = []
         branches: dict[int, list[int]] = {}
@@ -147,7 +171,7 @@ class ModelDrafter:
         seq = list(context)  # context + drafted tokens, grown in place
         ids, greedy = self.ids, sampling.greedy
         for i in range(1, budget + 1):
-            out = self.runner.forward(seq, 1, hidden=needs.hidden, concentration=needs.attention)
+            out = yield VerifyCall(self.runner, seq, 1, needs.hidden, concentration=needs.attention)
             sub = out.logits[0]  # [Vs] over ids, or [V_draft]
             if ids is None and sub.shape[-1] != self.vocab_size:
                 sub = fit_vocab(sub, self.vocab_size)
@@ -169,6 +193,16 @@ class ModelDrafter:
             probs_kq = torch.stack([s.probs for s in steps])  # [K, V]
         return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards,
                      {i: c for i, c in branches.items() if c})
+
+
+def run_steps(steps: Generator[VerifyCall, ForwardOut, Draft]) -> Draft:
+    """Drive a ``propose_steps`` generator, running each forward on its own runner."""
+    try:
+        call = next(steps)
+        while True:
+            call = steps.send(call.run())
+    except StopIteration as stop:
+        return stop.value
 
 
 def fit_vocab(logits: torch.Tensor, vocab_size: int, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +28,7 @@ from .protocol import ApiError, ResponseShape, error_body, parse_request
 from .scheduler import Event, Failure, Final, Job, Scheduler, Text
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting non-streamed request checks for a gone client
+MAX_BODY_BYTES = 1 << 20  # default request body limit (413 beyond)
 
 
 def _sse(obj: dict | str) -> str:
@@ -52,16 +55,37 @@ async def _next_event(job: Job, request: Request) -> Event | None:
         getter.cancel()
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or ApiError 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body exceeds the limit of {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Server:
     """Holds the scheduler and metrics; its methods are the route handlers."""
 
     def __init__(self, generator: SpeculativeGenerator, model_name: str, max_queue: int,
-                 runtime: str) -> None:
+                 runtime: str, max_batch: int = 8, max_body: int = MAX_BODY_BYTES,
+                 batch_budget: bool = True) -> None:
         if generator.tokenizer is None:
             raise InvalidArgumentError(f"target {generator.target.name!r} has no tokenizer: nothing to serve")
+        if max_body < 1:
+            raise InvalidArgumentError(f"max_body must be >= 1 byte, got {max_body}")
         self.model_name = model_name
+        self.max_body = max_body
         self.metrics = Metrics()
-        self.scheduler = Scheduler(generator, self.metrics, max_queue=max_queue, runtime=runtime)
+        self.scheduler = Scheduler(generator, self.metrics, max_queue=max_queue, max_batch=max_batch,
+                                   runtime=runtime, batch_budget=batch_budget)
         self.metrics.gauges = self.scheduler.gauges
         self.started = int(time.time())
 
@@ -74,8 +98,9 @@ class Server:
     async def _generate(self, request: Request, kind: str, endpoint: str) -> Response:
         t0 = time.perf_counter()
         try:
+            raw = await _read_body(request, self.max_body)
             try:
-                body = await request.json()
+                body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ApiError(400, "the request body is not valid JSON") from None
             req = parse_request(body, kind)
@@ -156,7 +181,8 @@ class Server:
     async def health(self, request: Request) -> Response:
         s = self.scheduler
         return JSONResponse({"status": "ok", "model": self.model_name, "policy": s.policy_name(None),
-                             "running": s.running, "queue_depth": s.waiting, "max_queue": s.max_queue})
+                             "running": s.running, "max_batch": s.batch.max_batch, "queue_depth": s.waiting,
+                             "max_queue": s.max_queue})
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -173,17 +199,43 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
 
+class ApiKeyMiddleware:
+    """ASGI middleware: ``/v1/*`` requests need ``Authorization: Bearer <key>`` (401 otherwise;
+    constant-time comparison). ``/health`` and ``/metrics`` stay open, as in vLLM."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                body = error_body("invalid or missing API key (send Authorization: Bearer <key>)",
+                                  "authentication_error", code="invalid_api_key")
+                await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(generator: SpeculativeGenerator, *, model_name: str | None = None,
-               max_queue: int = 16, runtime: str = "auto") -> Starlette:
+               max_queue: int = 16, runtime: str = "auto", max_batch: int = 8,
+               api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+               batch_budget: bool = True) -> Starlette:
     """The OpenAI-compatible app serving ``generator`` (its target, draft and default policy).
 
     Args:
         model_name: the id clients pass as ``model`` (default: the target's name).
-        max_queue: requests that may wait behind the running one; more get 429.
-        runtime: runtime name for the generators built for per-request policy overrides
-            (pass the one ``generator`` was built with).
+        max_queue: requests that may wait for a batch slot; more get 429.
+        runtime: kept for compatibility (per-sequence engines share ``generator``'s runtime).
+        max_batch: sequences generated together (one target forward per step).
+        api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
+        max_body: request body limit in bytes (413 beyond).
+        batch_budget: cap adaptive policies' drafts by the batch-level draft budget.
     """
-    server = Server(generator, model_name or generator.target.name, max_queue, runtime)
+    server = Server(generator, model_name or generator.target.name, max_queue, runtime, max_batch,
+                    max_body, batch_budget)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -200,4 +252,6 @@ def create_app(generator: SpeculativeGenerator, *, model_name: str | None = None
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan)
     app.state.server = server
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, key=api_key)
     return app

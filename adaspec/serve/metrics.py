@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TAU_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
 GAUGE_HELP = {"adaspec_queue_depth": "Requests waiting for the engine.",
-              "adaspec_running": "1 while a sequence is being generated."}
+              "adaspec_running": "Sequences being generated (in the batch)."}
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -53,6 +55,8 @@ class Metrics:
         self.tau = Histogram(TAU_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.queue_wait = Histogram(WAIT_BUCKETS)
         self.gauges = gauges or (lambda: {})
 
     def request_done(self, endpoint: str, status: str, seconds: float | None = None) -> None:
@@ -79,7 +83,9 @@ class Metrics:
         for name, hist, text in (
                 ("adaspec_tau", self.tau, "Tokens committed per target forward, per request."),
                 ("adaspec_request_latency_seconds", self.latency, "Request latency (received to last byte)."),
-                ("adaspec_time_to_first_token_seconds", self.ttft, "Time to the first generated text.")):
+                ("adaspec_time_to_first_token_seconds", self.ttft, "Time to the first generated text."),
+                ("adaspec_batch_size", self.batch_size, "Sequences per batch step (one target forward)."),
+                ("adaspec_queue_wait_seconds", self.queue_wait, "Time from arrival to a batch slot.")):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *hist.lines(name)]
         for name, value in self.gauges().items():
             lines += [f"# HELP {name} {GAUGE_HELP.get(name, name)}", f"# TYPE {name} gauge",

@@ -1,214 +1,178 @@
-"""One sequence at a time: a bounded FIFO queue in front of the engine.
+"""Continuous batching: a bounded FIFO queue in front of one :class:`~adaspec.batch.BatchEngine`.
 
-Every request becomes a :class:`Job`. An asyncio task per job waits for the engine (a FIFO
-lock), then drives :meth:`SpeculativeGenerator.stream` one step at a time on a single
-worker thread, so models, KV caches and tokenizers are only ever touched by that thread.
-Events go to the job's queue: :class:`Text` chunks, then one :class:`Final` or one
-:class:`Failure`. A cancelled job (its client went away) stops before the next step, and
-the stream generator is closed, which frees the engine; any exception ends only its own
-job.
+Every request becomes a :class:`Job`, checked on arrival (policy override, prompt length:
+a 400 at once, not after the wait) and queued (429 beyond ``max_queue`` waiting). One
+engine thread runs the loop: admit waiting jobs into free batch slots (up to
+``max_batch``), drop the sequences of jobs whose client went away, run one batch step
+(one target forward for every running sequence), and hand each job its events:
+:class:`Text` chunks, then one :class:`Final` or one :class:`Failure`. Models, KV caches
+and generation only ever run on that thread; events and metrics reach the event loop
+through ``call_soon_threadsafe``. An exception ends only its own sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import copy
 import logging
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections import deque
+from typing import Any
 
-from ..api import SpeculativeGenerator
+from ..api import IncrementalText, SpeculativeGenerator
+from ..batch import BatchEngine, DraftBudget, Sequence
+from ..drafters.registry import check_policy
+from ..engine import StopRules
 from ..errors import AdaspecError, InvalidArgumentError
 from ..policies import Policy, make_policy
+from ..sampling import SamplingConfig
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, StopTrimmer, adaspec_stats, finish_reason, usage
 
 log = logging.getLogger("adaspec.serve")
-T = TypeVar("T")
-PolicyKey = tuple[str, tuple[tuple[str, str], ...]] | None  # None = the server's own generator
 
 
-@dataclass(frozen=True)
 class Text:
-    text: str
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
-@dataclass(frozen=True)
 class Final:
     """End of a generation: OpenAI finish reason, usage and the ``adaspec`` stats object."""
 
-    finish_reason: str
-    usage: dict
-    stats: dict
+    __slots__ = ("finish_reason", "stats", "usage")
+
+    def __init__(self, finish_reason: str, usage: dict, stats: dict) -> None:
+        self.finish_reason, self.usage, self.stats = finish_reason, usage, stats
 
 
-@dataclass(frozen=True)
 class Failure:
-    error: ApiError
+    __slots__ = ("error",)
+
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
 
 
 Event = Text | Final | Failure
 
 
 class Job:
-    """A submitted request: its events queue and a cancellation flag read between rounds."""
+    """A submitted request: prompt ids, its policy, its events queue and a cancellation flag
+    read between rounds."""
 
-    def __init__(self, request: GenerationRequest, key: PolicyKey, policy: Policy | None) -> None:
-        self.request, self.key, self.policy = request, key, policy
+    def __init__(self, request: GenerationRequest, ids: list[int], policy: Policy, policy_name: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.request, self.ids, self.policy, self.policy_name = request, ids, policy, policy_name
+        self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
         self.submitted = time.perf_counter()
+        self.text: IncrementalText | None = None
+        self.trim = StopTrimmer(request.stop)
 
     def cancel(self) -> None:
         self.cancelled = True
 
-
-def _policy_key(request: GenerationRequest) -> PolicyKey:
-    if request.policy is None:
-        return None
-    return request.policy, tuple(sorted((k, repr(v)) for k, v in request.policy_args.items()))
+    def emit(self, event: Event) -> None:
+        """Queue an event for the request's handler (from any thread)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Scheduler:
-    """Runs jobs one at a time on a worker thread; at most ``max_queue`` wait behind the running one.
+    """Admits jobs into a batch of up to ``max_batch`` sequences; at most ``max_queue`` wait.
 
     Args:
         generator: the served generator (target, draft, default policy).
-        metrics: where finished generations are counted.
+        metrics: where requests, batch sizes and queue waits are counted.
         max_queue: waiting jobs beyond which :meth:`submit` answers 429.
-        cache_size: generators kept for per-request policy overrides (each holds its own KV caches).
-        runtime: the runtime name for those override generators (as given to the served one).
+        max_batch: sequences generated together (one target forward per step).
+        runtime: unused (kept for callers of the one-at-a-time scheduler).
+        batch_budget: cap adaptive policies' drafts by the batch-level budget.
     """
 
     def __init__(self, generator: SpeculativeGenerator, metrics: Metrics, max_queue: int = 16,
-                 cache_size: int = 4, runtime: str = "auto") -> None:
+                 max_batch: int = 8, runtime: str = "auto", batch_budget: bool = True) -> None:
         if max_queue < 0:
             raise InvalidArgumentError(f"max_queue must be >= 0, got {max_queue}")
+        if max_batch < 1:
+            raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
         self.generator = generator
         self.metrics = metrics
         self.max_queue = max_queue
-        self.cache_size = cache_size
-        self.runtime = runtime
-        self.waiting = 0
-        self.running = False
-        self._lock = asyncio.Lock()  # FIFO: waiters acquire in arrival order
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaspec-engine")
-        self._generators: OrderedDict[PolicyKey, SpeculativeGenerator] = OrderedDict()
-        self._tasks: set[asyncio.Task] = set()
+        self.max_context = generator.engine.max_context
+        self.batch = BatchEngine(generator.new_engine, max_batch, DraftBudget() if batch_budget else None)
+        self._pending: deque[Job] = deque()
+        self._jobs: dict[int, Job] = {}  # id(Sequence) -> job
+        self._wake = threading.Condition()
+        self._stop = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
+        self._thread.start()
 
-    def policy_name(self, key: PolicyKey) -> str:
-        return key[0] if key else getattr(self.generator.policy, "name", type(self.generator.policy).__name__)
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self.batch.active)
+
+    def policy_name(self, job: Job | None) -> str:
+        return job.policy_name if job else getattr(self.generator.policy, "name", "?")
 
     def submit(self, request: GenerationRequest) -> Job:
-        """Queue ``request``; its policy override is validated here.
+        """Check and queue ``request`` (on the event loop).
 
         Raises:
-            ApiError: 400 for a bad policy or policy argument, 429 when the queue is full.
+            ApiError: 400 for a bad policy, policy argument or prompt (too long, outside the
+                vocabulary, no chat template), 429 when the queue is full.
         """
-        key = _policy_key(request)
-        policy = None
-        if key is not None and key not in self._generators:
-            try:
-                policy = make_policy(request.policy, request.policy_args)
-            except AdaspecError as exc:
-                raise ApiError(400, str(exc), param="adaspec") from None
-        if self.waiting + self.running > self.max_queue:  # one runs, max_queue wait
-            raise ApiError(429, f"the server is busy: {self.waiting} requests are already queued "
+        policy, name = self._policy(request)
+        try:
+            ids = self._prompt_ids(request)
+        except AdaspecError as exc:
+            raise ApiError(400, str(exc), param="messages" if request.messages is not None else "prompt") \
+                from None
+        if len(ids) >= self.max_context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context is "
+                                f"{self.max_context}", param="prompt", code="context_length_exceeded")
+        if len(self._pending) >= self.max_queue + self.batch.free:  # free slots take them at once
+            raise ApiError(429, f"the server is busy: {len(self._pending)} requests are already queued "
                                 f"(limit {self.max_queue}); retry later",
                            type="rate_limit_exceeded", code="queue_full")
-        job = Job(request, key, policy)
-        self.waiting += 1
-        task = asyncio.get_running_loop().create_task(self._run(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        job = Job(request, ids, policy, name, asyncio.get_running_loop())
+        self._event_loop = job.loop
+        with self._wake:
+            self._pending.append(job)
+            self._wake.notify()
         return job
 
     def gauges(self) -> dict[str, float]:
-        return {"adaspec_queue_depth": self.waiting, "adaspec_running": int(self.running)}
+        return {"adaspec_queue_depth": self.waiting, "adaspec_running": self.running}
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(10)
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-
-    async def _run(self, job: Job) -> None:
+    def _policy(self, request: GenerationRequest) -> tuple[Policy, str]:
+        gen = self.generator
+        if request.policy is None:
+            return copy.deepcopy(gen.policy), getattr(gen.policy, "name", "?")
         try:
-            await self._lock.acquire()
-        finally:
-            self.waiting -= 1
-        self.running = True
-        try:
-            if not job.cancelled:
-                await self._generate(job)
+            policy = make_policy(request.policy, request.policy_args)
+            check_policy(policy, gen._spec)
+            policy.check_pair(gen.target, gen.draft)
         except AdaspecError as exc:
-            job.events.put_nowait(Failure(ApiError(400, str(exc))))
-        except Exception as exc:  # a bug or a broken model: fail this request, keep serving
-            log.exception("request failed")
-            job.events.put_nowait(Failure(ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                                   type="server_error")))
-        finally:
-            self.running = False
-            self._lock.release()
+            raise ApiError(400, str(exc), param="adaspec") from None
+        return policy, request.policy
 
-    async def _generate(self, job: Job) -> None:
-        req = job.request
-        gen = await self._call(self._generator_for, job.key, job.policy, req.policy_args)
-        ids = await self._call(self._prompt_ids, gen, req)
-        budget = req.max_tokens or gen.target.max_context  # the engine clips to the context
-        stream = await self._call(gen.stream, ids, max_new_tokens=budget, temperature=req.temperature,
-                                  top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                                  stop=list(req.stop) or None)
-        chunks = iter(stream)
-        trim = StopTrimmer(req.stop)
-        while True:
-            if job.cancelled:  # the client went away: stop at this round, free the engine
-                await self._call(getattr(chunks, "close", lambda: None))
-                return
-            chunk = await self._call(next, chunks, None)
-            if chunk is None:
-                break
-            text = trim.feed(chunk)
-            if text:
-                job.events.put_nowait(Text(text))
-        rest = trim.flush()
-        if rest:
-            job.events.put_nowait(Text(rest))
-        stats = stream.result.stats
-        use = usage(stats.prompt_tokens, stats.new_tokens)
-        self.metrics.generation_done(stats.prompt_tokens, stats.new_tokens, stats.tau)
-        job.events.put_nowait(Final(finish_reason(stats.stop_reason, trim.stopped), use,
-                                    adaspec_stats(stats.to_dict(), self.policy_name(job.key),
-                                                  getattr(gen, "draft_name", None))))
-
-    # --- worker thread only -------------------------------------------------------------
-
-    def _generator_for(self, key: PolicyKey, policy: Policy | None,
-                       args: dict[str, Any]) -> SpeculativeGenerator:
-        """The served generator, or a cached one sharing its models with another policy."""
-        if key is None:
-            return self.generator
-        if key in self._generators:
-            self._generators.move_to_end(key)
-            return self._generators[key]
-        base = self.generator
-        policy = policy or make_policy(key[0], args)  # evicted since submit
-        # the same draft model and model-free sources (e.g. n-gram) as the served generator
-        draft = ([base.draft] if base.draft else []) + list(base.draft_sources) \
-            if base.draft_sources else base.draft
-        gen = SpeculativeGenerator(base.target, draft, policy, runtime=self.runtime)
-        self._generators[key] = gen
-        while len(self._generators) > self.cache_size:
-            self._generators.popitem(last=False)
-        return gen
-
-    @staticmethod
-    def _prompt_ids(gen: SpeculativeGenerator, req: GenerationRequest) -> list[int]:
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        gen = self.generator
         if req.messages is not None:
             tok = gen.tokenizer
             if not getattr(tok, "chat_template", None):
@@ -223,3 +187,97 @@ class Scheduler:
             raise InvalidArgumentError(f"token id {max(req.prompt)} is outside the vocabulary "
                                        f"(size {gen.target.vocab_size})")
         return gen.encode(req.prompt)
+
+    # --- engine thread only ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._pending and not self.batch.active:
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self._admit()
+                self._drop_cancelled()
+                if self.batch.active:
+                    self._observe(self.metrics.batch_size.observe, len(self.batch.active))
+                    for ev in self.batch.step():
+                        self._deliver(ev.seq, ev.committed, ev.finished)
+            except Exception:  # a bug in the loop itself: fail the running jobs, keep serving
+                log.exception("batch step failed")
+                for seq in list(self.batch.active):
+                    self._finish_failed(seq, RuntimeError("batch step failed"))
+                    self.batch.remove(seq)
+
+    def _observe(self, fn: Any, *args: Any) -> None:
+        """Run a metrics update on the event loop (metrics are not locked)."""
+        if self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(fn, *args)
+
+    def _admit(self) -> None:
+        while self.batch.free:
+            with self._wake:
+                if not self._pending:
+                    return
+                job = self._pending.popleft()
+            if job.cancelled:
+                continue
+            self._observe(self.metrics.queue_wait.observe, time.perf_counter() - job.submitted)
+            req, gen = job.request, self.generator
+            stops = req.stop
+            rules = StopRules(req.max_tokens or self.max_context, gen.target.eos_ids, stops,
+                              gen._decode if stops else None)
+            sampling = SamplingConfig(req.temperature, req.top_k, req.top_p, req.seed)
+            try:
+                seq = self.batch.add(id(job), job.ids, sampling, rules, job.policy)
+            except Exception as exc:
+                self._fail(job, exc)
+                continue
+            job.text = IncrementalText(gen._decode)
+            self._jobs[id(seq)] = job
+
+    def _drop_cancelled(self) -> None:
+        for seq in list(self.batch.active):
+            job = self._jobs.get(id(seq))
+            if job is not None and job.cancelled:
+                self.batch.remove(seq)
+                self._jobs.pop(id(seq), None)
+
+    def _deliver(self, seq: Sequence, committed: list[int], finished: bool) -> None:
+        job = self._jobs.get(id(seq))
+        if job is None:
+            return
+        if seq.error is not None:
+            self._finish_failed(seq, seq.error)
+            return
+        if committed:
+            text = job.trim.feed(job.text.feed(committed))
+            if text:
+                job.emit(Text(text))
+        if not finished:
+            return
+        self._jobs.pop(id(seq), None)
+        result = self.generator._finish(seq.new, seq.stats, job.request.stop, seq.engine)
+        rest = job.trim.feed(job.text.rest(result.text)) + job.trim.flush()
+        if rest:
+            job.emit(Text(rest))
+        stats = seq.stats
+        self._observe(self.metrics.generation_done, stats.prompt_tokens, stats.new_tokens, stats.tau)
+        job.emit(Final(finish_reason(stats.stop_reason, job.trim.stopped),
+                       usage(stats.prompt_tokens, stats.new_tokens),
+                       adaspec_stats(stats.to_dict(), job.policy_name,
+                                     getattr(self.generator, "draft_name", None))))
+
+    def _finish_failed(self, seq: Sequence, exc: BaseException) -> None:
+        job = self._jobs.pop(id(seq), None)
+        if job is not None:
+            self._fail(job, exc)
+
+    @staticmethod
+    def _fail(job: Job, exc: BaseException) -> None:
+        if isinstance(exc, AdaspecError):
+            job.emit(Failure(ApiError(400, str(exc))))
+            return
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+        job.emit(Failure(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")))

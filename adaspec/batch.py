@@ -2,7 +2,7 @@
 
 Each sequence is one :class:`~adaspec.engine.Engine` (its own target cache, drafter and
 policy state) whose :meth:`~adaspec.engine.Engine.rounds` hands its verify forward out as a
-:class:`~adaspec.engine.VerifyCall`. A :meth:`BatchEngine.step` advances every active
+:class:`~adaspec.types.VerifyCall`. A :meth:`BatchEngine.step` advances every active
 sequence to its verify call (budget, then draft), runs all calls in one forward
 (:func:`adaspec.runtime.batched.run_calls`: on the compiled runtime the rows of all
 sequences go through every linear together), then hands each output back (verify, commit,

@@ -20,7 +20,7 @@ from .errors import InvalidArgumentError, PromptTooLongError
 from .policies.base import Policy
 from .runtime import make_runner
 from .sampling import SamplingConfig, processed_probs
-from .types import Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome, Verdict
+from .types import Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome, Verdict, VerifyCall
 from .verify import verify_greedy, verify_sampling, verify_tree
 
 
@@ -99,32 +99,6 @@ class StageTimer:
         """Add one round's draft (minus its policy hooks) and verify time to ``stats``."""
         stats.draft_s += (t_verify - t_draft) - (self.hooks - hooks_before)
         stats.verify_s += t_end - t_verify
-
-
-@dataclass
-class VerifyCall:
-    """The one target forward a round needs, handed to whoever drives the round.
-
-    A chain: outputs for the last ``n_out`` positions of ``seq`` (committed ids + draft).
-    A tree (``nodes`` set): outputs for [root, node 0..T-1] over ``seq`` (committed ids,
-    ending with the root) plus ``nodes`` with ``parents`` (see ``forward_tree``).
-    :meth:`run` executes it on ``runner``; the batch engine may execute many in one forward.
-    """
-
-    runner: Any
-    seq: list[int]
-    n_out: int
-    hidden: bool
-    nodes: list[int] | None = None
-    parents: list[int] | None = None
-    concentration: bool = False  # the runner's attention_concentration() reports this forward
-
-    def run(self) -> Any:
-        """The forward output (``ForwardOut``) from this call's own runner."""
-        if self.nodes is None:
-            kw = {"concentration": True} if self.concentration else {}
-            return self.runner.forward(self.seq, self.n_out, hidden=self.hidden, **kw)
-        return self.runner.forward_tree(self.seq, self.nodes, self.parents, hidden=self.hidden)
 
 
 class Engine:

@@ -12,7 +12,6 @@ shipped in ``adaspec/assets/default-draft``.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from torch import nn
 
 from .draft_model import is_subset_draft_dir, load_subset_draft
 from .errors import ModelLoadError, VocabMismatchError
+from .runtime import cache_dir
 
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,11 +114,6 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu",
         return DTYPES[name.lower()]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {name!r}; choose one of auto, bf16, fp32, fp16") from None
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$ADASPEC_CACHE`` or ``~/.cache/adaspec``."""
-    return Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec")
 
 
 def _gguf_dir() -> Path:

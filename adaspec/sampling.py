@@ -36,6 +36,22 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+def fit_vocab(logits: torch.Tensor, vocab_size: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., V_draft] -> [..., V_target] logits: a smaller draft head is padded with -inf
+    (q = 0), padding rows beyond the target's vocabulary are dropped. With ``ids`` ([Vs]
+    target ids of the last dim), the scores are scattered to those ids, -inf elsewhere."""
+    if ids is not None:
+        full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+        return full.index_copy_(-1, ids, logits)
+    v = logits.shape[-1]
+    if v == vocab_size:
+        return logits
+    if v > vocab_size:
+        return logits[..., :vocab_size]
+    pad = logits.new_full((*logits.shape[:-1], vocab_size - v), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
 def processed_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """[..., V] logits -> [..., V] float32 probabilities after temperature, top-k, top-p.
 

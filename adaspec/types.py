@@ -1,5 +1,6 @@
 """Contracts that cross module borders: what a drafter proposes, what verification decides,
-what a policy sees per drafted token and per round, and the per-call statistics.
+what a policy sees per drafted token and per round, the forwards a round hands out
+(:class:`VerifyCall`), and the per-call statistics.
 
 Shapes: V = vocabulary size (logits' last dim), d = hidden size, K = drafted tokens.
 """
@@ -10,6 +11,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -148,6 +150,33 @@ class RoundOutcome:
     draft_s: float
     verify_s: float
     context: RoundContext | None = None
+
+
+@dataclass
+class VerifyCall:
+    """One forward handed out to whoever drives the round: the target forward a round of
+    the engine needs, or a draft forward of ``ModelDrafter.propose_steps``.
+
+    A chain: outputs for the last ``n_out`` positions of ``seq`` (committed ids + draft).
+    A tree (``nodes`` set): outputs for [root, node 0..T-1] over ``seq`` (committed ids,
+    ending with the root) plus ``nodes`` with ``parents`` (see ``forward_tree``).
+    :meth:`run` executes it on ``runner``; the batch engine may execute many in one forward.
+    """
+
+    runner: Any
+    seq: list[int]
+    n_out: int
+    hidden: bool
+    nodes: list[int] | None = None
+    parents: list[int] | None = None
+    concentration: bool = False  # the runner's attention_concentration() reports this forward
+
+    def run(self) -> Any:
+        """The forward output (``ForwardOut``) from this call's own runner."""
+        if self.nodes is None:
+            kw = {"concentration": True} if self.concentration else {}
+            return self.runner.forward(self.seq, self.n_out, hidden=self.hidden, **kw)
+        return self.runner.forward_tree(self.seq, self.nodes, self.parents, hidden=self.hidden)
 
 
 @dataclass

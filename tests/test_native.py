@@ -255,3 +255,19 @@ def test_eager_forward_of_a_natively_loaded_module_decodes_its_weights(tiny, tmp
     x = torch.tensor([prompt_ids(0)])
     with torch.no_grad():
         assert torch.equal(m(x).logits, ref(x).logits)
+
+
+def test_runner_of_a_module_freed_by_its_q8_0_copy_runs_on_that_copy(tiny):
+    """A draft's weights re-encoded to Q8_0 with ``release`` leave empty module tensors; a second
+    runner for the same module (the oracle's, a tree's) runs on the Q8_0 copy instead of failing
+    on the empty tensors (it failed with "weight '0.q' missing" before)."""
+    from adaspec.runtime import make_runner
+
+    model = copy.deepcopy(tiny)
+    q8 = CompiledRunner(model, release=True, native=True, encoding="q8_0")
+    assert any(not p.numel() for p in model.parameters())
+    again = make_runner(model, "compiled")
+    seq = prompt_ids(1)[:9]
+    q8.prefill(seq[:-3])
+    again.prefill(seq[:-3])
+    assert torch.equal(q8.forward(seq, 3).logits, again.forward(seq, 3).logits)

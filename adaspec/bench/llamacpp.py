@@ -144,7 +144,7 @@ class LlamaCppRunner:
         self.failed: str | None = None
         self._log = tempfile.TemporaryFile(mode="w+")
         argv = [*(command or WORKER), "--gguf", str(path), "--n-ctx", str(int(args.get("n_ctx", 4096))),
-                "--threads", str(threads or 2)]
+                "--n-threads", str(threads or 2)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, bufsize=1)
         try:  # a failed start is recorded, not raised: the run goes on without this method

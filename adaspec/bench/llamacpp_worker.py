@@ -44,17 +44,18 @@ def _generate(llm: Any, req: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.llamacpp_worker")
+    # llama.cpp's own parameters (n_ctx, n_threads), set by the parent from its --threads
     p.add_argument("--gguf", required=True)
     p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-threads", type=int, default=2)
     args = p.parse_args(argv)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
         import llama_cpp
 
-        llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=args.n_ctx, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
+        llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=args.n_ctx, n_threads=args.n_threads,
+                              n_threads_batch=args.n_threads, verbose=False)
     except Exception as exc:  # any load failure is reported as one line to the parent
         _reply(out, {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
         return 1

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ..cli_args import add_model_args
 from ..drafters.suffix import SuffixCache
 
 
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=1_000_000, help="cache fill (default 1M)")
     p.add_argument("--text-tokens", type=int, default=256, help="tokens per cached text (default 256)")
     p.add_argument("--budget", type=int, default=16, help="tokens a lookup may copy (default 16)")
-    p.add_argument("--target", default="default", help="target whose decode step is the yardstick")
-    p.add_argument("--threads", type=int, default=None)
+    add_model_args(p, ("target", "threads"), target="target whose decode step is the yardstick")
     args = p.parse_args(argv)
     cache = SuffixCache(max(args.tokens + args.tokens // 16, 64))
     t = time.perf_counter()

@@ -13,15 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Generator
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..kv import ForwardOut
 from ..models import LoadedModel
 from ..runtime import make_runner
-from ..sampling import SamplingConfig, processed_probs, sample
-from ..types import Action, Draft, DraftStep
+from ..sampling import SamplingConfig, fit_vocab, processed_probs, sample
+from ..types import Action, Draft, DraftStep, VerifyCall
 from .base import BranchFn, DecideFn, DraftNeeds
 
 DRAFT_ENCODING = "q8_0"  # the draft's weights on the native compiled runtime
@@ -100,14 +99,13 @@ def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
         from ..runtime.compiled import CompiledRunner
         from ..runtime.native import NativeWeights
 
-        # a draft loaded natively from its own files has no module weights to re-encode: as stored
-        if NativeWeights.existing(model) is None:
+        # a draft loaded natively from its own files has no module weights to re-encode: as stored.
+        # Native weights built earlier for a module that still has its weights (e.g. the
+        # re-encoded copy of an earlier drafter of the same draft) do not make it "stored": every
+        # drafter of one module runs the same encoding (NativeWeights.of shares the copy).
+        if NativeWeights.existing(model) is None or all(p.numel() for p in model.parameters()):
             return CompiledRunner(model, release, native=True, encoding=enc)
     return make_runner(model, runtime, release=release)
-
-
-if TYPE_CHECKING:
-    from ..engine import VerifyCall
 
 
 class ModelDrafter:
@@ -162,8 +160,6 @@ class ModelDrafter:
         """:meth:`propose` with each draft forward handed out (a :class:`VerifyCall` on the
         draft's runner, its output sent back), so a batch engine can run the draft forwards of
         many sequences together; returns the :class:`Draft`."""
-        from ..engine import VerifyCall  # the engine imports the drafters
-
         tokens: list[int] = []
         steps: list[DraftStep] = []
         branches: dict[int, list[int]] = {}
@@ -203,22 +199,6 @@ def run_steps(steps: Generator[VerifyCall, ForwardOut, Draft]) -> Draft:
             call = steps.send(call.run())
     except StopIteration as stop:
         return stop.value
-
-
-def fit_vocab(logits: torch.Tensor, vocab_size: int, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """[..., V_draft] -> [..., V_target] logits: a smaller draft head is padded with -inf
-    (q = 0), padding rows beyond the target's vocabulary are dropped. With ``ids`` ([Vs]
-    target ids of the last dim), the scores are scattered to those ids, -inf elsewhere."""
-    if ids is not None:
-        full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
-        return full.index_copy_(-1, ids, logits)
-    v = logits.shape[-1]
-    if v == vocab_size:
-        return logits
-    if v > vocab_size:
-        return logits[..., :vocab_size]
-    pad = logits.new_full((*logits.shape[:-1], vocab_size - v), float("-inf"))
-    return torch.cat([logits, pad], dim=-1)
 
 
 def keep_step(step: DraftStep, decide: DecideFn, branch: BranchFn | None, tokens: list[int],

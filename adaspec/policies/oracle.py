@@ -76,8 +76,8 @@ class OraclePolicy(Policy):
         """[len(ref)] m_j: reference tokens the draft model's argmax gets right in a row from j."""
         import torch
 
-        from ..drafters.model import fit_vocab
         from ..runtime import make_runner, resolve_runtime
+        from ..sampling import fit_vocab
 
         ref = self._ref
         if not ref:

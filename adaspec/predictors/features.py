@@ -55,7 +55,7 @@ _FINITE: dict[int, int] = {}  # vocabulary size -> length of the finite prefix l
 
 def finite_prefix(x: torch.Tensor) -> torch.Tensor:
     """``x`` [V] without the trailing -inf padding of a reduced-vocabulary draft (its
-    output ids come first; :func:`adaspec.drafters.model.fit_vocab` pads the rest).
+    output ids come first; :func:`adaspec.sampling.fit_vocab` pads the rest).
 
     The padding length is found once per vocabulary size and re-checked in O(1) per call
     (the last kept entry finite, the first and last dropped ones -inf); dropped entries

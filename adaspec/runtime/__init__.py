@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 from torch import nn
 
@@ -23,6 +25,12 @@ from ..kv import ModelRunner, RunnerBase
 
 RUNTIMES = ("auto", "eager", "compiled", "compiled-fp32")
 COMPILED = ("compiled", "compiled-fp32")  # resolved runtimes that use the compiled kernels
+
+
+def cache_dir() -> Path:
+    """Where converted models and the compiled kernels live: ``$ADASPEC_CACHE`` or
+    ``~/.cache/adaspec``."""
+    return Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec")
 
 
 def compiled_unsupported(model: nn.Module, native: bool = False) -> str | None:

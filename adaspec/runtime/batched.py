@@ -2,7 +2,7 @@
 
 Every sequence keeps its own :class:`~adaspec.runtime.compiled.CompiledRunner` (its own
 static KV cache); all runners share one model's packed weights. :func:`run_calls` takes
-the rounds' :class:`~adaspec.engine.VerifyCall` s and, when they are compiled runners of
+the rounds' :class:`~adaspec.types.VerifyCall` s and, when they are compiled runners of
 one model, runs them as **one** forward: every linear (the weight-bound part on a CPU)
 runs over the rows of all sequences at once, so each weight is read once per step instead
 of once per sequence; attention runs per sequence, over its own cache and its own fed

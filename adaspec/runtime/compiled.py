@@ -358,6 +358,11 @@ class CompiledRunner(RunnerBase):
         """Last-layer attention concentration of the last forward's newest query."""
         return float(self._conc[-1]) if len(self._conc) else 0.0
 
+    def attention_concentrations(self, n: int) -> torch.Tensor:
+        """[n] last-layer attention concentrations of the last forward's newest ``n`` output
+        rows (n <= its ``n_out``), as :meth:`attention_concentration` reads the newest one."""
+        return torch.from_numpy(np.ascontiguousarray(self._conc[len(self._conc) - n:]))
+
 
 _CAUSAL = [np.tril(np.ones((n, n), np.uint8)) for n in range(33)]
 

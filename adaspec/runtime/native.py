@@ -493,6 +493,10 @@ class NativeWeights:
         with cls._lock:
             per = cls._by_model.setdefault(model, {})
             lean = per.get(encoding)
+            if lean is None and encoding is None and per and _released(model):
+                # the module's weights were freed by an earlier re-encoding (e.g. the draft's
+                # Q8_0 copy): the weights it runs on are the ones it has
+                lean = next(iter(per.values()))
             if lean is None:
                 lean = per[encoding] = cls(model, source_of(model, encoding))
             if release:
@@ -659,6 +663,11 @@ class NativeWeights:
                 param.data = torch.from_numpy(np.ascontiguousarray(decoded[idx][row0:row0 + n]))
         self._restore_hook.remove()
         self._restore_hook = None
+
+
+def _released(model: nn.Module) -> bool:
+    """Whether some of ``model``'s parameters were freed (an empty tensor left in place)."""
+    return any(not p.numel() for p in model.parameters())
 
 
 def _tied(model: nn.Module) -> bool:

@@ -255,6 +255,7 @@ def build(model: Any, tokenizer: Any, prompts: list[Prompt], out: Path, *, minut
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: build or extend a corpus (see the module docstring)."""
+    from ..cli_args import add_model_args
     from ..models import load_model
     from ..runtime import set_threads
     from .corpus_speed import pick_dtype
@@ -262,16 +263,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m adaspec.train.corpus", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="shard directory (outside the repository)")
-    p.add_argument("--target", default="default")
+    add_model_args(p, ("target", "dtype", "threads"), threads="torch CPU threads (default 2)",
+                   dtype="auto (default: bf16 with native bf16 matmuls, else fp32) | fp32 | bf16 | fp16")
+    p.set_defaults(threads=2)
     p.add_argument("--data-dir", default=None, help="prompt data (default $ADASPEC_DATA or ../shared/data)")
     p.add_argument("--minutes", type=float, default=60.0)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk", type=int, default=256, help="prompts per shard")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 with native bf16 matmuls, else fp32) | fp32 | bf16")
     args = p.parse_args(argv)
     set_threads(args.threads)
     dtype = pick_dtype() if args.dtype == "auto" else args.dtype

@@ -78,13 +78,14 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the Markdown table (rows: batch; columns: generation and features, fp32 / bf16)."""
+    from ..cli_args import add_model_args
     from ..models import load_model
     from ..runtime import set_threads
 
     p = argparse.ArgumentParser(prog="python -m adaspec.train.corpus_speed",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", default="default")
-    p.add_argument("--threads", type=int, default=2)
+    add_model_args(p, ("target", "threads"), threads="torch CPU threads (default 2)")
+    p.set_defaults(threads=2)
     p.add_argument("--batches", default="1,4,16,64,256")
     p.add_argument("--feature-batches", default="1,4,16,64",
                    help="rows of 128 tokens per teacher-forced pass")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
 from .corpus import CorpusRow, build, load_corpus, reference_rows
 
@@ -152,6 +153,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
     from ..models import check_vocab_compat, load_model
     from .corpus_speed import pick_dtype
 
+    if args.dtype not in ("auto", "fp32", "bf16"):
+        raise InvalidArgumentError(f"--dtype {args.dtype}: training takes auto, fp32 or bf16")
     target = load_model(args.target, dtype="float32")
     draft = load_model(args.draft, dtype="float32", role="draft")
     check_vocab_compat(target, draft)
@@ -259,8 +262,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="corpus shard directory (python -m adaspec.train.corpus)")
     p.add_argument("--out", required=True, help="draft directory for the best checkpoint (by mean dev tau)")
     p.add_argument("--work", required=True, help="checkpoint, dev sets, log and history.json")
-    p.add_argument("--target", default="default")
-    p.add_argument("--draft", default="default", help="adaspec draft to start from")
+    add_model_args(p, ("target", "draft", "dtype", "threads"), draft="adaspec draft to start from",
+                   dtype="teacher pass and autocast dtype: auto (default: bf16 with native bf16 "
+                         "matmuls) | fp32 | bf16",
+                   threads="torch CPU threads (default 2)")
+    p.set_defaults(threads=2)
     p.add_argument("--data-dir", default=None,
                    help="reference-text data (default $ADASPEC_DATA or ../shared/data)")
     p.add_argument("--minutes", type=float, default=9.0, help="stop (resumably) after this long")
@@ -278,10 +284,7 @@ def parser() -> argparse.ArgumentParser:
                    help="share of each batch from reference text (train-split answers and stdlib source)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--dev-prompts", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="teacher pass and autocast dtype (auto: bf16 with native bf16 matmuls)")
     return p
 
 

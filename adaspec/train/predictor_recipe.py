@@ -40,15 +40,16 @@ def commands(draft: str, traces: str, dev_traces: str, out: str, limit: int, dev
 
 def main(argv: list[str] | None = None) -> int:
     from .. import cli
+    from ..cli_args import add_model_args
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft", default="default")
+    add_model_args(ap, ("draft", "threads"), threads="torch CPU threads of every step (default 2)")
+    ap.set_defaults(threads=2)
     ap.add_argument("--traces", default="runs/pred/traces-all")
     ap.add_argument("--dev-traces", default="runs/pred/traces-dev")
     ap.add_argument("--out", default="adaspec/assets/predictors")
     ap.add_argument("--limit", type=int, default=64, help="train prompts per source (default 64)")
     ap.add_argument("--dev-limit", type=int, default=8, help="dev prompts per source (default 8)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-collect", action="store_true", help="train on the traces already collected")
     args = ap.parse_args(argv)
     steps = commands(args.draft, args.traces, args.dev_traces, args.out, args.limit, args.dev_limit,

@@ -13,6 +13,11 @@ continuation. Replay therefore
    differs from the target token ends it (accepted m), the target's own token at t+m is
    the committed extra token, and the next round starts at t+m+1.
 
+Both passes run on the runners the engine would use with the same ``runtime``: the target's
+resolved runtime, and the draft's :class:`~adaspec.drafters.model.ModelDrafter` runner (on
+the native compiled runtime its weights re-encoded like the engine's, Q8_0 unless
+``$ADASPEC_DRAFT_ENCODING`` says otherwise), so the recorded draft is the one users run.
+
 :func:`adaspec.train.traces.collect` with ``replay=True`` writes these rounds in the same
 trace format as engine collection (``meta.args.replay = true``) with two differences: only
 tried positions are recorded (the engine also records the draft's own continuation after
@@ -27,22 +32,33 @@ from collections.abc import Callable
 
 import torch
 
-from ..drafters.model import fit_vocab
+from ..drafters.model import ModelDrafter, fit_vocab
 from ..errors import InvalidArgumentError
-from ..kv import ModelRunner
+from ..kv import ModelRunner, RunnerBase
 from ..models import LoadedModel
 from ..predictors.features import RecentAcceptance, scalar_features, soft_label
+from ..runtime import make_runner, resolve_runtime
 from ..types import DraftStep
 from ..verify import greedy_from_argmax
 from .traces import RecorderPolicy
 
 
+def replay_runners(target: LoadedModel, draft: LoadedModel, runtime: str = "auto",
+                   ) -> tuple[RunnerBase, ModelDrafter]:
+    """The target's runner and the draft's drafter exactly as the engine builds them for
+    ``runtime`` (the target's weights are kept: the greedy continuations run its HF module)."""
+    t_run = make_runner(target.model, resolve_runtime(runtime, target.model)[0])
+    drafter = ModelDrafter(draft, target.vocab_size, resolve_runtime(runtime, draft.model)[0])
+    return t_run, drafter
+
+
 @torch.inference_mode()
-def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], response: list[int],
-                  rec: RecorderPolicy, k: int, attention: bool) -> int:
+def replay_prompt(target: LoadedModel, runners: tuple[RunnerBase, ModelDrafter], prompt: list[int],
+                  response: list[int], rec: RecorderPolicy, k: int, attention: bool) -> int:
     """Append the replayed rounds of one (prompt, target greedy response) to ``rec``.
 
-    Returns the number of rounds. ``response`` must be the target's greedy continuation.
+    ``runners``: :func:`replay_runners`. Returns the number of rounds. ``response`` must be
+    the target's greedy continuation.
     """
     from ..runtime.attention import AttentionProbe
 
@@ -50,21 +66,28 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
     if n < 2 or not prompt:
         return 0
     seq = prompt + response
-    t_run, d_run = ModelRunner(target.model), ModelRunner(draft.model)
+    t_run, drafter = runners
+    d_run = drafter.runner
     t_run.reset()
     d_run.reset()
-    probe = AttentionProbe(draft.model) if attention else None
+    # the eager draft reads every row's concentration from its cache; a compiled one computes them
+    probe = AttentionProbe(d_run.model) if attention and isinstance(d_run, ModelRunner) else None
     try:
         # one forward of each model over seq[:-1]; output row j (position P - 1 + j) is what
         # the model predicts for response[j]
         t_out = t_run.forward(seq[:-1], n, hidden=True)
-        d_out = d_run.forward(seq[:-1], n, hidden=True)
-        conc = probe.concentrations(d_run.cache, n) if probe is not None else None  # [n]
+        d_out = d_run.forward(seq[:-1], n, hidden=True, concentration=attention and probe is None)
+        conc = None  # [n]
+        if probe is not None:
+            conc = probe.concentrations(d_run.cache, n)
+        elif attention:
+            conc = d_run.attention_concentrations(n)
     finally:
         if probe is not None:
             probe.remove()
     t_logits, t_hidden = t_out.logits, t_out.hidden  # [n, V], [n, d_t]
-    d_logits, d_hidden = fit_vocab(d_out.logits, target.vocab_size), d_out.hidden  # [n, V], [n, d]
+    d_logits = fit_vocab(d_out.logits, target.vocab_size, drafter.ids)  # [n, V]
+    d_hidden = d_out.hidden  # [n, d]
     t_arg = t_logits.argmax(-1).tolist()  # [n]: equals response[j] up to batching numerics
     d_arg = d_logits.argmax(-1).tolist()  # [n]: the draft's greedy proposal at each position
     recent = RecentAcceptance()
@@ -109,12 +132,14 @@ def replay_prompt(target: LoadedModel, draft: LoadedModel, prompt: list[int], re
 
 def replay_prompts(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], start: int, end: int,
                    rec: RecorderPolicy, *, k: int, max_new_tokens: int, attention: bool, batch_size: int,
-                   tick: Callable[[int], object] = lambda n: None) -> None:
+                   runtime: str = "auto", tick: Callable[[int], object] = lambda n: None) -> None:
     """Record the replayed rounds of ``prompts[start:end]`` into ``rec``: the target's greedy
-    continuations in batches of ``batch_size``, then :func:`replay_prompt` on each;
-    ``tick(1)`` after each prompt. (``collect(..., replay=True)`` writes them as shards.)"""
+    continuations in batches of ``batch_size``, then :func:`replay_prompt` on each, on the
+    engine's runners for ``runtime``; ``tick(1)`` after each prompt.
+    (``collect(..., replay=True)`` writes them as shards.)"""
     from .draft_data import greedy_batch
 
+    runners = replay_runners(target, draft, runtime)
     eos = sorted(target.eos_ids)
     for b in range(start, end, batch_size):
         group = prompts[b:min(b + batch_size, end)]
@@ -128,5 +153,5 @@ def replay_prompts(target: LoadedModel, draft: LoadedModel, prompts: list[list[i
         responses = greedy_batch(target.model, ids, mask, min(room), eos)
         for i, (p, resp) in enumerate(zip(group, responses)):
             rec.prompt_index = b + i
-            replay_prompt(target, draft, p, resp, rec, k, attention)
+            replay_prompt(target, runners, p, resp, rec, k, attention)
             tick(1)

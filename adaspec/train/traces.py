@@ -179,7 +179,8 @@ def collect(
 
     The engine runs each prompt (``runtime``: how its forwards run, see
     :mod:`adaspec.runtime`); with ``replay``, fixed-K rounds are replayed over the target's
-    batched greedy continuations instead (``batch_size`` prompts per generation; see
+    batched greedy continuations instead (``batch_size`` prompts per generation; the
+    teacher-forced passes run on the engine's runners for ``runtime``; see
     :mod:`adaspec.train.replay`).
 
     Returns the final meta dict. Raises InvalidArgumentError when ``out`` holds traces of
@@ -202,7 +203,8 @@ def collect(
 
         def record(start: int, end: int) -> None:
             replay_prompts(target, draft, prompts, start, end, rec, k=k, max_new_tokens=max_new_tokens,
-                           attention=attention, batch_size=batch_size, tick=bar.update)
+                           attention=attention, batch_size=batch_size, runtime=runtime,
+                           tick=bar.update)
     else:
         from ..api import SpeculativeGenerator
 

@@ -98,8 +98,10 @@ class MixedDrafter:
         if source == "ngram":
             return self.ngram.draft_from(match, context, budget, decide, sampling)
         if source == "model":
-            return (yield from self.model.propose_steps(context, budget, decide, sampling, generator, needs,
-                                                        branch))
+            steps = getattr(self.model, "propose_steps", None)  # a head drafter has none
+            if steps is None:
+                return self.model.propose(context, budget, decide, sampling, generator, needs, branch)
+            return (yield from steps(context, budget, decide, sampling, generator, needs, branch))
         return Draft([], None, [], 0)
 
     def report(self) -> dict:

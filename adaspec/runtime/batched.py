@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..kv import ForwardOut
+from .compiled import tree_mask
 
 _SLOT = {"wqkv": 0, "wo": 1, "wgu": 2, "wd": 3}  # a native layer's matrices: rows 4 l + slot of mats
 
@@ -94,24 +95,6 @@ def _causal(n: int) -> np.ndarray:
     return np.tril(np.ones((n, n), np.uint8))
 
 
-def _tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
-    """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth."""
-    size = n_lin + len(parents)
-    mask = np.zeros((size, size), np.uint8)
-    mask[:n_lin, :n_lin] = _causal(n_lin)
-    mask[n_lin:, :n_lin] = 1
-    depth: list[int] = []
-    for j, par in enumerate(parents):
-        row = n_lin + j
-        if par >= 0:
-            mask[row] = mask[n_lin + par]
-            depth.append(depth[par] + 1)
-        else:
-            depth.append(1)
-        mask[row, row] = 1
-    return mask, depth
-
-
 def prepare(call: Any) -> Part:
     """Bring the call's runner to its committed prefix and describe its fed rows (as
     ``CompiledRunner.forward`` / ``forward_tree`` do before their forward)."""
@@ -123,7 +106,7 @@ def prepare(call: Any) -> Part:
     else:
         start = r._sync_prefix(call.seq, 1)
         linear = call.seq[start:]
-        mask, depth = _tree_mask(len(linear), call.parents)
+        mask, depth = tree_mask(len(linear), call.parents)
         fed = linear + call.nodes
         pos = list(range(start, start + len(linear))) + [start + len(linear) - 1 + d for d in depth]
     r.kt, r.vc = r.lean.fit_cache(r.kt, r.vc, start + len(fed), start)

@@ -313,18 +313,7 @@ class CompiledRunner(RunnerBase):
         start = self._sync_prefix(committed, 1)
         linear = committed[start:]
         n_lin = len(linear)
-        mask = np.zeros((n_lin + len(nodes), n_lin + len(nodes)), np.uint8)
-        mask[:n_lin, :n_lin] = _causal(n_lin)
-        mask[n_lin:, :n_lin] = 1
-        depth: list[int] = []
-        for j, par in enumerate(parents):
-            row = n_lin + j
-            if par >= 0:
-                mask[row] = mask[n_lin + par]
-                depth.append(depth[par] + 1)
-            else:
-                depth.append(1)
-            mask[row, row] = 1
+        mask, depth = tree_mask(n_lin, parents)
         pos = list(range(start, start + n_lin)) + [start + n_lin - 1 + d for d in depth]
         out = self._run(linear + nodes, pos, start, mask, len(nodes) + 1, hidden)
         self.tokens.extend(linear + nodes)
@@ -411,6 +400,24 @@ def _own_remaining_tensors(model: nn.Module) -> None:
         for t in list(model.parameters()) + list(model.buffers()):
             if t.numel():
                 t.data = t.data.clone()
+
+
+def tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
+    """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth."""
+    size = n_lin + len(parents)
+    mask = np.zeros((size, size), np.uint8)
+    mask[:n_lin, :n_lin] = _causal(n_lin)
+    mask[n_lin:, :n_lin] = 1
+    depth: list[int] = []
+    for j, par in enumerate(parents):
+        row = n_lin + j
+        if par >= 0:
+            mask[row] = mask[n_lin + par]
+            depth.append(depth[par] + 1)
+        else:
+            depth.append(1)
+        mask[row, row] = 1
+    return mask, depth
 
 
 def _causal(n: int) -> np.ndarray:

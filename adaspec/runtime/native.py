@@ -590,11 +590,10 @@ class NativeWeights:
         return unpack(kind, self.blob[off:off + _nbytes(kind, p * 16, k)], self.shapes[index], k)
 
     def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """Zeroed K^T and V caches (see LeanWeights.new_cache)."""
-        slots = -(-min(slots, self.capacity) // 16) * 16
-        kt = np.zeros((self.layers, self.kvh, self.hd, slots), np.float32)
-        vc = np.zeros((self.layers, self.kvh, slots, -(-self.hd // 16) * 16), np.float32)
-        return kt, vc
+        """Zeroed K^T and V caches (see LeanWeights.new_cache: same shapes)."""
+        from .compiled import LeanWeights
+
+        return LeanWeights.new_cache(self, slots)  # type: ignore[arg-type]
 
     def fit_cache(self, kt: np.ndarray, vc: np.ndarray, need: int, keep: int,
                   ) -> tuple[np.ndarray, np.ndarray]:

@@ -114,14 +114,7 @@ class LeanWeights:
             raise UnsupportedModelError(f"the compiled runtime does not support {reason}")
         cfg = model.config
         layers = model.model.layers
-        self.heads = int(cfg.num_attention_heads)
-        self.kvh = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
-        self.hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
-        self.inter = int(cfg.intermediate_size)
-        self.eps = float(cfg.rms_norm_eps)
-        self.d = int(cfg.hidden_size)
-        ctx = getattr(cfg, "max_position_embeddings", None) or MAX_CAPACITY
-        self.capacity = int(min(ctx, MAX_CAPACITY))
+        read_geometry(self, cfg)
         self._model_ref = weakref.ref(model)
         self._restore_hook = None
         self._released: list[tuple[nn.Parameter, np.ndarray, int, int]] = []  # (param, packed, row0, rows)
@@ -400,6 +393,19 @@ def _own_remaining_tensors(model: nn.Module) -> None:
         for t in list(model.parameters()) + list(model.buffers()):
             if t.numel():
                 t.data = t.data.clone()
+
+
+def read_geometry(weights, cfg) -> None:
+    """Set the decoder geometry a lean forward needs (heads, kvh, hd, inter, eps, d, capacity)
+    on ``weights`` (LeanWeights or NativeWeights) from a Llama-style ``cfg``."""
+    weights.heads = int(cfg.num_attention_heads)
+    weights.kvh = int(getattr(cfg, "num_key_value_heads", None) or weights.heads)
+    weights.hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // weights.heads)
+    weights.inter = int(cfg.intermediate_size)
+    weights.eps = float(cfg.rms_norm_eps)
+    weights.d = int(cfg.hidden_size)
+    ctx = getattr(cfg, "max_position_embeddings", None) or MAX_CAPACITY
+    weights.capacity = int(min(ctx, MAX_CAPACITY))
 
 
 def tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:

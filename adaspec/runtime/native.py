@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError, InvalidArgumentError, ModelLoadError
-from .compiled import MAX_CAPACITY, UnsupportedModelError, unsupported_reason
+from .compiled import UnsupportedModelError, read_geometry, unsupported_reason
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
 KIND_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -525,15 +525,8 @@ class NativeWeights:
         if reason:
             raise UnsupportedModelError(f"the compiled runtime does not support {reason}")
         cfg = model.config
-        self.heads = int(cfg.num_attention_heads)
-        self.kvh = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
-        self.hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
-        self.inter = int(cfg.intermediate_size)
-        self.eps = float(cfg.rms_norm_eps)
-        self.d = int(cfg.hidden_size)
+        read_geometry(self, cfg)
         self.layers = len(model.model.layers)
-        ctx = getattr(cfg, "max_position_embeddings", None) or MAX_CAPACITY
-        self.capacity = int(min(ctx, MAX_CAPACITY))
         self.wide = wide_default()
         self._model_ref = weakref.ref(model)
         self._restore_hook = None

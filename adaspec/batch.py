@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine, StopRules, VerifyCall
-from .runtime.batched import run_calls
+from .runtime.batched import batchable_runner, run_calls
 from .sampling import SamplingConfig
 from .types import GenerationStats
 
@@ -154,6 +154,7 @@ class BatchEngine:
         self.max_batch = max_batch
         self.budget = budget
         self.active: list[Sequence] = []
+        self.spare: list[Engine] = []  # engines of finished sequences, reused by joining ones
         self.last_rows = 0
 
     @property
@@ -165,7 +166,7 @@ class BatchEngine:
         """Start a sequence (it prefills and drafts at the next step)."""
         if not self.free:
             raise RuntimeError("the batch is full")
-        engine = self.make_engine(policy)
+        engine = self._engine(policy)
         stats = GenerationStats()
         seq = Sequence(key, engine, stats, adaptive=getattr(engine.policy, "name", "") != "fixed")
         seq.rounds = engine.rounds(prompt, sampling, rules, stats)
@@ -186,6 +187,29 @@ class BatchEngine:
                 break
         if self.budget is not None:
             self.budget.forget(seq)
+        if seq.error is None and len(self.spare) < self.max_batch:
+            self.spare.append(seq.engine)
+
+    def _engine(self, policy: Any) -> Engine:
+        """An engine for a joining sequence: a finished sequence's engine when it ran the same
+        kind of policy (``None``: the factory's default), reusing its caches, drafter and
+        runners (no new KV cache per request), else a new one. On a compiled
+        (batch-invariant) target the prompt is fed with the first shared forward, and the
+        cache keeps the prefix it shares with the slot's previous request."""
+        kind = None if policy is None else type(policy)
+        for i, engine in enumerate(self.spare):
+            if engine.pool_kind is kind:
+                del self.spare[i]
+                engine.cap = None
+                if policy is not None:  # None: the engine's own policy (reset per generation)
+                    engine.policy = policy
+                    if hasattr(engine.drafter, "chooser"):  # a mixed drafter asks its policy for a source
+                        engine.drafter.chooser = getattr(policy, "choose_source", None)
+                return engine
+        engine = self.make_engine(policy)
+        engine.pool_kind = kind
+        engine.defer_prefill = engine.keep_prefix = batchable_runner(engine.target)
+        return engine
 
     def step(self) -> list[StepEvent]:
         """One round of every active sequence; returns what each committed (finished ones

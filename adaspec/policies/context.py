@@ -237,7 +237,7 @@ class ContextPolicy(Policy):
         if c.T <= 0:
             return 0
         prev, p = self._last
-        top = entropy_and_top(step.logits, self.max_branch + 1)[1].tolist()  # q_top, q_2, ...
+        top = entropy_and_top(step.scored, self.max_branch + 1)[1].tolist()  # q_top, q_2, ...
         rest = max(1e-6, 1.0 - top[0])
         node_cost = max(c.slope, self.node_floor * c.T)
         n = 0

@@ -285,7 +285,7 @@ class CompiledRunner(RunnerBase):
         return ForwardOut(out, torch.from_numpy(hid) if hidden else None)
 
     def forward(self, seq: list[int], n_out: int, *, hidden: bool = False,
-                attentions: bool = False, concentration: bool = False) -> ForwardOut:
+                attentions: bool = False, concentration: bool = False, synced: int = 0) -> ForwardOut:
         """Bring the cache to ``seq``; outputs for its last ``n_out`` positions (see ModelRunner).
 
         The attention concentration is always computed (:meth:`attention_concentration`);
@@ -293,7 +293,7 @@ class CompiledRunner(RunnerBase):
         """
         if attentions:
             raise NotImplementedError("the compiled runtime does not return attention weights")
-        start = self._sync_prefix(seq, n_out)
+        start = self._sync_prefix(seq, n_out, synced)
         feed = seq[start:]
         n = len(feed)
         out = self._run(feed, list(range(start, start + n)), start, _causal(n), n_out, hidden)

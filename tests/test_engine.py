@@ -8,6 +8,7 @@ from conftest import EOS_ID, loaded, make_model, prompt_ids
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.drafters import ModelDrafter
+from adaspec.errors import InvalidArgumentError
 from adaspec.kv import ModelRunner
 
 
@@ -143,6 +144,10 @@ def test_stream_concatenates_to_text(tiny_pair):
     text = "".join(stream)
     assert stream.result is not None
     assert text == stream.result.text
+    # generate's defaults are stream's (declared once): same ids without arguments
+    assert "".join(gen.stream("hello")) == gen.generate("hello").text
+    with pytest.raises(InvalidArgumentError, match="unknown arguments: max_tokens"):
+        gen.stream("hello", max_tokens=3)
 
 
 def test_stats_definitions(tiny_pair):

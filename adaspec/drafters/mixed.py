@@ -21,7 +21,7 @@ from ..types import Draft, DraftRequest
 from .model import ModelDrafter, run_steps
 from .ngram import Match, NgramDrafter
 
-SOURCES = ("ngram", "model", "none")
+SOURCES = ("ngram", "model", "none")  # what a source choice may return (the one list)
 Chooser = Callable[[Match, int], str]
 
 

@@ -42,7 +42,6 @@ without difficulty prediction: ``max_branch`` of them at every kept position.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -197,14 +196,7 @@ class ContextPolicy(Policy):
         if self._pred is None:
             raw = top1(step.probs)
         else:
-            pred = self._pred
-            if step.hidden is None:
-                raise PolicyArgumentError("context: the drafter gave no hidden state")
-            if step.index == 1:
-                pred.check_dim("draft", step.hidden.shape[-1])
-            s = scalar_features(step, self._recent.value)
-            a, b = pred.calib
-            raw = 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden, s) + b)))
+            raw = self._pred.step_prob(step, "context", scalar_features(step, self._recent.value))
         if self._online is None:
             return raw
         self._conf.append(raw)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from .costs import DecayedLine, WarmEma
 
 _EDGES = (1, 2, 4, 8, 16, 32)  # bucket b holds lengths <= _EDGES[b]; the last one the rest
-SOURCES = ("ngram", "model", "none")
 
 
 def length_bucket(length: int) -> int:

@@ -17,6 +17,23 @@ import torch
 from torch import nn
 
 
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` for an HF forward: the argument ``cache`` where ``model.forward``
+    declares it (transformers >= 5.2x, which deprecates ``past_key_values``), else
+    ``past_key_values`` (older releases and models that only take that): the one switch
+    between the two names, checked on the model's own signature (a model that swallows
+    unknown keywords must not silently lose its cache)."""
+    cls = type(model)
+    name = _CACHE_ARG.get(cls)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = _CACHE_ARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_ARG: dict[type, str] = {}  # model class -> the name its forward takes the KV cache by
+
+
 def cache_length(cache) -> int:
     """Number of positions held by an HF cache (0 for None)."""
     return 0 if cache is None else int(cache.get_seq_length())
@@ -159,7 +176,7 @@ class ModelRunner(RunnerBase):
         """
         start = self._sync_prefix(seq, n_out, synced)
         feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)  # [1, T]
-        kwargs = {"past_key_values": self.cache, "use_cache": True}
+        kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = n_out
         if hidden:
@@ -212,7 +229,7 @@ class ModelRunner(RunnerBase):
                 depth.append(1)
         pos = list(range(start, start + n_lin)) + [start + n_lin - 1 + d for d in depth]
         feed = torch.tensor([linear + nodes], dtype=torch.long, device=self.device)
-        kwargs = {"past_key_values": self.cache, "use_cache": True,
+        kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True,
                   "attention_mask": mask[None, None].to(self.device),
                   "position_ids": torch.tensor([pos], device=self.device)}
         if self._keeps_logits:
@@ -245,7 +262,7 @@ class ModelRunner(RunnerBase):
         if start == len(seq):
             return None
         feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)
-        kwargs = {"past_key_values": self.cache, "use_cache": True}
+        kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1
         if hidden:

@@ -41,7 +41,7 @@ class LoadedModel:
     """A causal LM ready for the engine.
 
     Attributes:
-        model: HF-style causal LM; ``model(input_ids [1, T], past_key_values=cache)``
+        model: HF-style causal LM; ``model(input_ids [1, T], cache=cache)`` (:func:`~adaspec.kv.cache_kwargs`)
             returns ``.logits`` [1, T, vocab_size].
         tokenizer: its tokenizer, or None for a draft that shares the target's.
         name: human-readable id (the spec it was loaded from).

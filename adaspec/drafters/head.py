@@ -45,7 +45,7 @@ class _EagerCore:
         (subset logits [Vs] and estimated feature [d] of the last row, concentration)."""
         e = self.emb[torch.tensor(tokens)].to(self.w_sub.dtype)[None]
         pos = torch.arange(pos0, pos0 + len(tokens))[None]
-        f = self.head(e, feats.to(self.w_sub.dtype)[None], pos, past_key_values=self.cache)[0, -1]
+        f = self.head(e, feats.to(self.w_sub.dtype)[None], pos, cache=self.cache)[0, -1]
         return (f @ self.w_sub.T).float(), f.float(), 0.0
 
     def crop(self, rows: int) -> None:

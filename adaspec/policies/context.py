@@ -93,7 +93,7 @@ class ContextPolicy(Policy):
     k_max: int = 16
     mode: str = "model"
     seed: int = 0
-    branch: bool = False  # replaced by the hook in __post_init__ (see there)
+    branch: bool = False  # on: extra candidates at difficult positions (extra_candidates)
     max_branch: int = 3
     branch_rule: str = "cost"
     node_floor: float = 0.05

@@ -185,10 +185,6 @@ class SourceChoice:
             return Plan("model")  # re-measure the model now and then: its yield drifts
         return best
 
-    def choose(self, length: int, agreement: float = 1.0, budget: int = 16) -> str:
-        """The source alone (see :meth:`plan`)."""
-        return self.plan(length, agreement, budget).source
-
     def update(self, source: str, length: int, agreement: float, draft_s: float, verify_s: float,
                verified: int, drafted: int, accepted: int, committed: int) -> None:
         """One verified round: its source and match, seconds drafting / verifying,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,6 +58,36 @@ def select_cache(cache, keep: torch.Tensor) -> None:
             idx = keep.to(layer.keys.device)
             layer.keys = layer.keys.index_select(-2, idx)
             layer.values = layer.values.index_select(-2, idx)
+
+
+def tree_rows(start: int, n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
+    """The fed rows of a causal tail plus a token tree (every runtime's ``forward_tree``).
+
+    Args:
+        start: cache slots before the fed rows (their positions start there).
+        n_lin: tail tokens fed causally; the last one is the tree's root.
+        parents: T nodes; node j's parent is ``parents[j]`` (-1 = the root, else an
+            earlier node index).
+
+    Returns:
+        mask: [n_lin + T, n_lin + T] uint8 visibility among the fed rows (every row sees
+            the cached slots too); positions: n_lin + T ints, a node at its root's position
+            plus its depth.
+    """
+    size = n_lin + len(parents)
+    mask = np.zeros((size, size), np.uint8)
+    mask[:n_lin, :n_lin] = np.tril(np.ones((n_lin, n_lin), np.uint8))
+    mask[n_lin:, :n_lin] = 1
+    pos = list(range(start, start + n_lin))
+    depth: list[int] = []
+    for j, par in enumerate(parents):
+        row = n_lin + j
+        if par >= 0:
+            mask[row] = mask[n_lin + par]
+        depth.append(depth[par] + 1 if par >= 0 else 1)
+        mask[row, row] = 1
+        pos.append(start + n_lin - 1 + depth[-1])
+    return mask, pos
 
 
 @dataclass
@@ -213,21 +244,9 @@ class ModelRunner(RunnerBase):
         start = self._sync_prefix(committed, 1)
         linear = committed[start:]  # fed causally, ends with the root
         n_lin, n_tree = len(linear), len(nodes)
-        fed = n_lin + n_tree
-        depth: list[int] = []
-        mask = torch.zeros(fed, start + fed, dtype=torch.bool)
-        mask[:, :start] = True
-        mask[:n_lin, start:start + n_lin] = torch.ones(n_lin, n_lin, dtype=torch.bool).tril()
-        mask[n_lin:, start:start + n_lin] = True
-        for j, par in enumerate(parents):
-            row = n_lin + j
-            mask[row, start + row] = True
-            if par >= 0:
-                mask[row] |= mask[n_lin + par]
-                depth.append(depth[par] + 1)
-            else:
-                depth.append(1)
-        pos = list(range(start, start + n_lin)) + [start + n_lin - 1 + d for d in depth]
+        rows, pos = tree_rows(start, n_lin, parents)
+        mask = torch.ones(n_lin + n_tree, start + n_lin + n_tree, dtype=torch.bool)  # cached slots: seen
+        mask[:, start:] = torch.from_numpy(rows).bool()
         feed = torch.tensor([linear + nodes], dtype=torch.long, device=self.device)
         kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True,
                   "attention_mask": mask[None, None].to(self.device),

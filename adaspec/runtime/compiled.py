@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError
-from ..kv import ForwardOut, RunnerBase
+from ..kv import ForwardOut, RunnerBase, tree_rows
 
 MAX_CAPACITY = 16384  # KV slots when the config does not bound the context
 
@@ -305,9 +305,7 @@ class CompiledRunner(RunnerBase):
         """Committed tail plus a token tree in one forward (tree mask); see ModelRunner."""
         start = self._sync_prefix(committed, 1)
         linear = committed[start:]
-        n_lin = len(linear)
-        mask, depth = tree_mask(n_lin, parents)
-        pos = list(range(start, start + n_lin)) + [start + n_lin - 1 + d for d in depth]
+        mask, pos = tree_rows(start, len(linear), parents)
         out = self._run(linear + nodes, pos, start, mask, len(nodes) + 1, hidden)
         self.tokens.extend(linear + nodes)
         return out
@@ -409,21 +407,10 @@ def read_geometry(weights, cfg) -> None:
 
 
 def tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
-    """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth."""
-    size = n_lin + len(parents)
-    mask = np.zeros((size, size), np.uint8)
-    mask[:n_lin, :n_lin] = _causal(n_lin)
-    mask[n_lin:, :n_lin] = 1
-    depth: list[int] = []
-    for j, par in enumerate(parents):
-        row = n_lin + j
-        if par >= 0:
-            mask[row] = mask[n_lin + par]
-            depth.append(depth[par] + 1)
-        else:
-            depth.append(1)
-        mask[row, row] = 1
-    return mask, depth
+    """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth
+    (:func:`~adaspec.kv.tree_rows`)."""
+    mask, pos = tree_rows(0, n_lin, parents)
+    return mask, [p - n_lin + 1 for p in pos[n_lin:]]
 
 
 def _causal(n: int) -> np.ndarray:

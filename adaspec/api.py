@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
+from .checkpoints.feature_head import FeatureHead, head_dir, load_head
+from .checkpoints.loader import LoadedModel, check_vocab_compat, load_model
 from .drafters import ModelDrafter
 from .drafters.registry import DraftSpec, build_drafter, check_policy, parse_draft
 from .drafters.suffix import SuffixCache, make_cache
 from .engine import Engine, StopRules
 from .errors import InvalidArgumentError, PolicyArgumentError, VocabMismatchError
-from .head_model import FeatureHead, head_dir, load_head
-from .models import LoadedModel, check_vocab_compat, load_model
 from .policies import Policy, make_policy
 from .policies.auto import AUTO, AUTO_DRAFT, auto_policy
 from .runtime import check_runtime, resolve_runtime, set_threads
@@ -85,7 +85,7 @@ def load_head_draft(path: Path, target: LoadedModel) -> LoadedModel:
     Raises:
         ModelLoadError: a head trained for another target (hidden size or vocabulary).
     """
-    from .models import vocab_fingerprint
+    from .checkpoints.loader import vocab_fingerprint
 
     sha = vocab_fingerprint(target.tokenizer) if target.tokenizer is not None else None
     head = load_head(path, target_hidden=int(target.model.config.hidden_size), target_vocab_sha=sha)

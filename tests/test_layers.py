@@ -16,17 +16,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Decode-time code. Everything else (adaspec.train, adaspec.bench, adaspec.data, the CLIs,
+# Decode-time code. Everything else (adaspec.train, adaspec.bench and its datasets, the CLIs,
 # the server, integrations) is a tool built on top of it.
-RUNTIME = ("adaspec.api", "adaspec.engine", "adaspec.verify", "adaspec.kv", "adaspec.types",
-           "adaspec.sampling", "adaspec.errors", "adaspec.metrics", "adaspec.models", "adaspec.draft_model",
-           "adaspec.head_model", "adaspec.runtime", "adaspec.drafters", "adaspec.policies",
-           "adaspec.predictors")
-OFFLINE = ("adaspec.train", "adaspec.bench", "adaspec.data", "adaspec.cli", "adaspec.cli_args",
-           "adaspec.serve", "adaspec.integrations")
+RUNTIME = ("adaspec.api", "adaspec.engine", "adaspec.verify", "adaspec.types", "adaspec.sampling",
+           "adaspec.errors", "adaspec.metrics", "adaspec.checkpoints", "adaspec.runtime", "adaspec.drafters",
+           "adaspec.policies", "adaspec.predictors")
+OFFLINE = ("adaspec.train", "adaspec.bench", "adaspec.cli", "adaspec.frontend", "adaspec.serve",
+           "adaspec.integrations")
 # Parts of the runtime as nodes of the loop check (a module or a package, by prefix).
-PARTS = {"adaspec.kv": "runtime", "adaspec.runtime": "runtime", "adaspec.draft_model": "models",
-         "adaspec.head_model": "models", "adaspec.models": "models"}
+PARTS = {"adaspec.runtime": "runtime", "adaspec.checkpoints": "models"}
 
 
 def _module_name(path: Path) -> str:
@@ -90,7 +88,7 @@ def test_runtime_never_imports_offline_code() -> None:
     (("adaspec.predictors",), ("adaspec.policies", "adaspec.drafters", "adaspec.api", "adaspec.engine")),
     (("adaspec.verify", "adaspec.types", "adaspec.sampling"),
      ("adaspec.policies", "adaspec.drafters", "adaspec.predictors", "adaspec.engine", "adaspec.api",
-      "adaspec.runtime", "adaspec.kv")),
+      "adaspec.runtime", "adaspec.runtime.eager")),
 ])
 def test_parts_talk_through_types(src: tuple[str, ...], dst: tuple[str, ...]) -> None:
     assert _edges(src, dst) == []
@@ -141,12 +139,12 @@ def _calls(attr: str) -> list[tuple[str, ast.Call]]:
 def test_model_options_are_declared_once():
     """--target / --draft / --dtype / --device / --threads / --runtime come from
     cli_args.add_model_args in every command (a command may pick a subset or a default)."""
-    from adaspec.cli_args import MODEL_OPTIONS
+    from adaspec.frontend.options import MODEL_OPTIONS
 
     names = {f"--{o}" for o in MODEL_OPTIONS}
     own = sorted((mod, call.args[0].value) for mod, call in _calls("add_argument")
                  if call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value in names
-                 and mod != "adaspec.cli_args")
+                 and mod != "adaspec.frontend.options")
     # bench.verify_cost's --runtime is a comma list of runtimes to compare, and draft_cost's
     # --draft a repeatable list: other options under the same names
     assert own == [("adaspec.bench.draft_cost", "--draft"), ("adaspec.bench.verify_cost", "--runtime")]

@@ -13,13 +13,13 @@ from scipy.stats import chi2
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.bench.methods import MethodError, parse_methods
+from adaspec.checkpoints.loader import LoadedModel
 from adaspec.drafters.mixed import SOURCES, MixedDrafter
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import Match, NgramDrafter, NgramIndex
 from adaspec.drafters.registry import DraftSpec, parse_draft
 from adaspec.engine import Engine, StopRules
 from adaspec.errors import InvalidArgumentError, PolicyArgumentError
-from adaspec.models import LoadedModel
 from adaspec.policies.context import ContextPolicy
 from adaspec.policies.fixed import FixedPolicy
 from adaspec.predictors.source_choice import Plan, SourceChoice, prior_survival

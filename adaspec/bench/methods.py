@@ -52,8 +52,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checkpoints.loader import LoadedModel
 from ..errors import InvalidArgumentError
-from ..models import LoadedModel
 from ..types import GenerationStats
 from . import llamacpp
 from .turn import MethodFailedError, TurnResult

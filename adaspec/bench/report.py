@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..data import DatasetError, read_jsonl_objects
 from ..metrics import RunMetrics
+from .datasets import DatasetError, read_jsonl_objects
 
 _REQUIRED = ("prompt_id", "category", "method", "repeat", "new_tokens", "wall_s")
 

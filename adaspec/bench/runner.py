@@ -38,12 +38,12 @@ from typing import Any
 import torch
 
 from ..api import load_head_draft
-from ..data import Prompt, load_dataset
+from ..checkpoints.feature_head import head_dir
+from ..checkpoints.loader import LoadedModel, load_model
 from ..drafters.suffix import DEFAULT_TOKENS
 from ..errors import InvalidArgumentError, ensure_writable_dir
-from ..head_model import head_dir
 from ..metrics import RunMetrics
-from ..models import LoadedModel, load_model
+from .datasets import Prompt, load_dataset
 from .methods import EngineRunner, MethodFailedError, MethodSpec, build_runner, parse_methods
 from .report import (
     MARGINS_FILE,

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from ..cli_args import add_model_args
-from ..data import Prompt
-from ..draft_model import save_subset_draft
+from ..bench.datasets import Prompt
+from ..checkpoints.subset_draft import save_subset_draft
 from ..errors import InvalidArgumentError, ModelLoadError
+from ..frontend.options import add_model_args
 from ..runtime import set_threads
 from .draft_data import (
     CODE_SOURCES,
@@ -208,7 +208,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
     """Entry point of ``adaspec train-draft``; returns the exit code."""
     from tqdm import tqdm
 
-    from ..models import load_model, vocab_fingerprint
+    from ..checkpoints.loader import load_model, vocab_fingerprint
 
     for name in ("steps", "batch_size", "seq_len", "hidden", "layers", "draft_vocab", "threads"):
         if getattr(args, name) <= 0:
@@ -391,6 +391,6 @@ def run_train_draft(args: argparse.Namespace) -> int:
 
 def target_name(spec: str) -> str:
     """Human name of a target spec (``default`` -> SmolLM2-135M-Instruct)."""
-    from ..models import DEFAULT_TARGET_NAME
+    from ..checkpoints.loader import DEFAULT_TARGET_NAME
 
     return DEFAULT_TARGET_NAME if spec == "default" else spec

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cli_args import add_model_args
+from ..checkpoints.feature_head import FeatureHead, body_config, save_head
 from ..errors import InvalidArgumentError
-from ..head_model import FeatureHead, body_config, save_head
+from ..frontend.options import add_model_args
 from ..runtime import set_threads
 
 
@@ -102,7 +102,7 @@ def train(args: argparse.Namespace) -> None:
     """The ``train-head`` command (see :func:`add_arguments`)."""
     from tqdm import tqdm
 
-    from ..models import load_model, vocab_fingerprint
+    from ..checkpoints.loader import load_model, vocab_fingerprint
     from . import head_data as hd
 
     torch.manual_seed(args.seed)

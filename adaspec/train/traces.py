@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.loader import LoadedModel, vocab_fingerprint
 from ..errors import InvalidArgumentError, ensure_writable_dir
-from ..models import LoadedModel, vocab_fingerprint
 from ..policies.base import Policy
 from ..predictors.features import SCALAR_FEATURES, RecentAcceptance, scalar_features, soft_label
 from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome

@@ -118,7 +118,7 @@ class ModelRunner(RunnerBase):
         """The cheap last-layer attention probe, or False when the model family lacks one
         (then the concentration comes from ``output_attentions``, which needs eager attention)."""
         if self._probe is None:
-            from .runtime.attention import AttentionProbe
+            from .attention import AttentionProbe
 
             try:
                 self._probe = AttentionProbe(self.model)

@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .draft_model import is_subset_draft_dir, load_subset_draft
-from .errors import ModelLoadError, VocabMismatchError
-from .runtime import cache_dir
+from ..errors import ModelLoadError, VocabMismatchError
+from ..runtime import cache_dir
+from .subset_draft import is_subset_draft_dir, load_subset_draft
 
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -256,7 +256,7 @@ def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> L
 
     kind, file = src
     if kind == "gguf":  # a truncated or corrupt file: one line naming it, before anything else reads it
-        from .runtime.native import read_gguf_index
+        from ..runtime.native import read_gguf_index
 
         read_gguf_index(Path(file))
     cfg_dir, gguf = (default_target_dir(), None) if spec == "default" else (
@@ -269,8 +269,8 @@ def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> L
         raise ModelLoadError(f"cannot load {role} model {spec!r} from {file}: {first}") from None
     if getattr(config, "model_type", None) not in ("llama", "mistral"):
         return None  # the usual load; resolve_runtime then says why it is not compiled
-    from .runtime.compiled import UnsupportedModelError
-    from .runtime.native import NativeWeights
+    from ..runtime.compiled import UnsupportedModelError
+    from ..runtime.native import NativeWeights
 
     model = _empty_model(config)
     model.adaspec_source = src
@@ -339,7 +339,7 @@ def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role:
             src = str(path) if path.exists() else spec
             extra = {}
             if path.is_file() and path.suffix == ".gguf":  # transformers de-quantises it
-                from .runtime.native import read_gguf_index
+                from ..runtime.native import read_gguf_index
 
                 read_gguf_index(path)  # a truncated file: one line naming it
                 src, extra = str(path.parent), {"gguf_file": path.name}

@@ -58,7 +58,7 @@ def add_model_args(p: argparse.ArgumentParser, options: tuple[str, ...] = MODEL_
 def add_suffix_cache_args(p: argparse.ArgumentParser) -> None:
     """``--suffix-cache-tokens N`` / ``--no-suffix-cache``: the n-gram source's cross-request
     cache of finished texts (read back with :func:`suffix_cache_arg`)."""
-    from .drafters.suffix import DEFAULT_TOKENS
+    from ..drafters.suffix import DEFAULT_TOKENS
 
     p.add_argument("--suffix-cache-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
                    help="with an n-gram draft source: draft also from the last N tokens of "
@@ -74,7 +74,7 @@ def suffix_cache_arg(args: argparse.Namespace) -> int:
     Raises:
         InvalidArgumentError: a count below 64 that is not 0.
     """
-    from .errors import InvalidArgumentError
+    from ..errors import InvalidArgumentError
 
     n = 0 if getattr(args, "no_suffix_cache", False) else getattr(args, "suffix_cache_tokens", 0)
     if n < 0 or 0 < n < 64:

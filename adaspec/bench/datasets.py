@@ -119,7 +119,7 @@ def data_root(override: str | Path | None = None) -> Path:
     env = os.environ.get("ADASPEC_DATA")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _need(path: Path) -> Path:

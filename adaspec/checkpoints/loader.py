@@ -30,7 +30,7 @@ from .subset_draft import is_subset_draft_dir, load_subset_draft
 
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DRAFT_DIR = Path(__file__).parent / "assets" / "default-draft"
+DEFAULT_DRAFT_DIR = Path(__file__).parents[1] / "assets" / "default-draft"
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

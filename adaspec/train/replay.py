@@ -40,7 +40,7 @@ from ..runtime import make_runner, resolve_runtime
 from ..runtime.eager import ModelRunner, RunnerBase
 from ..types import DraftStep
 from ..verify import greedy_from_argmax
-from .traces import RecorderPolicy
+from .recorder import RecorderPolicy
 
 
 def replay_runners(target: LoadedModel, draft: LoadedModel, runtime: str = "auto",

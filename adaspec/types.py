@@ -133,7 +133,7 @@ class RoundContext:
 
 @dataclass
 class RoundOutcome:
-    """What a policy learns after verification (DESIGN §1 step 6).
+    """What a policy learns after verification (docs/design.md §1 step 6).
 
     Attributes:
         draft: the draft that was verified.
@@ -181,7 +181,7 @@ class VerifyCall:
 
 @dataclass
 class GenerationStats(RunMetrics):
-    """Per-call statistics with the DESIGN §2 definitions: the mergeable counts of
+    """Per-call statistics with the docs/design.md §2 definitions: the mergeable counts of
     :class:`~adaspec.metrics.RunMetrics` (τ, acceptance, per-position acceptance, the
     accepted-length histogram; ``a + b`` pools calls) plus what belongs to one call."""
 

@@ -1,5 +1,5 @@
 """Sampling is exact for every policy and variant: the distribution of sampled continuations
-equals the target's own (DESIGN §4), with a test that has the power to see a 5 % error.
+equals the target's own (docs/design.md §4), with a test that has the power to see a 5 % error.
 
 Design (fixed seeds and a virtual clock, so every run draws the very same samples):
 - a vocabulary-4 pair (:func:`conftest.layered_pair`, small weights so that distributions

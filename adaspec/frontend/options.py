@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from ..runtime import RUNTIMES
+from ..runtime.plan import DTYPE_CHOICES
+
 _ARGS: dict[str, dict] = {
     "target": {"default": "default"},
     "draft": {"default": "default"},
-    "dtype": {"default": "auto", "choices": ["auto", "bf16", "fp32", "fp16"]},
+    "dtype": {"default": "auto", "choices": list(DTYPE_CHOICES)},
     "device": {"default": "cpu"},
     "threads": {"type": int, "default": None},
-    "runtime": {"default": "auto", "choices": ["auto", "eager", "compiled", "compiled-fp32"]},
+    "runtime": {"default": "auto", "choices": list(RUNTIMES)},
 }
 MODEL_OPTIONS = tuple(_ARGS)
 

@@ -165,7 +165,7 @@ class Scheduler:
             return copy.deepcopy(gen.policy), getattr(gen.policy, "name", "?")
         try:
             policy = make_policy(request.policy, request.policy_args)
-            check_policy(policy, gen._spec)
+            check_policy(policy, gen.draft_spec)
             policy.check_pair(gen.target, gen.draft)
         except AdaspecError as exc:
             raise ApiError(400, str(exc), param="adaspec") from None

@@ -14,6 +14,13 @@ from ..policies.base import Policy
 from ..predictors.features import SCALAR_FEATURES, RecentAcceptance, scalar_features, soft_label
 from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome
 
+# the per-token and per-round rows of a shard besides the hidden states and scalars, and their dtypes
+TOKEN_DTYPES = {"match": torch.uint8, "tried": torch.uint8, "soft": torch.float32, "qx": torch.float32,
+                "pos": torch.int32, "round": torch.int64}
+ROUND_DTYPES = {"prompt": torch.int64, "index": torch.int32, "k": torch.int32, "accepted": torch.int32,
+                "draft_s": torch.float32, "verify_s": torch.float32, "draft_forwards": torch.int32,
+                "token": torch.int64}
+
 
 @dataclass
 class RecorderPolicy(Policy):
@@ -34,9 +41,8 @@ class RecorderPolicy(Policy):
         self.clear()
 
     def clear(self) -> None:
-        self.tok = {k: [] for k in ("hidden", "scalars", "match", "tried", "soft", "qx", "pos", "round")}
-        self.rnd = {k: [] for k in ("prompt", "index", "k", "accepted", "draft_s", "verify_s",
-                                    "draft_forwards", "hidden", "token")}
+        self.tok = {k: [] for k in ("hidden", "scalars", *TOKEN_DTYPES)}
+        self.rnd = {k: [] for k in ("hidden", *ROUND_DTYPES)}
 
     def reset(self) -> None:
         self._recent.reset()
@@ -80,26 +86,12 @@ class RecorderPolicy(Policy):
         t, r = self.tok, self.rnd
         d_d = t["hidden"][0].shape[-1] if t["hidden"] else 0
         d_t = r["hidden"][0].shape[-1] if r["hidden"] else 0
-        f = len(SCALAR_FEATURES)
-        return {
-            "tok_hidden": _stack(t["hidden"], d_d),
-            "tok_scalars": torch.stack(t["scalars"]) if t["scalars"] else torch.zeros(0, f),
-            "tok_match": torch.tensor(t["match"], dtype=torch.uint8),
-            "tok_tried": torch.tensor(t["tried"], dtype=torch.uint8),
-            "tok_soft": torch.tensor(t["soft"], dtype=torch.float32),
-            "tok_qx": torch.tensor(t["qx"], dtype=torch.float32),
-            "tok_pos": torch.tensor(t["pos"], dtype=torch.int32),
-            "tok_round": torch.tensor(t["round"], dtype=torch.int64),
-            "round_prompt": torch.tensor(r["prompt"], dtype=torch.int64),
-            "round_index": torch.tensor(r["index"], dtype=torch.int32),
-            "round_k": torch.tensor(r["k"], dtype=torch.int32),
-            "round_accepted": torch.tensor(r["accepted"], dtype=torch.int32),
-            "round_draft_s": torch.tensor(r["draft_s"], dtype=torch.float32),
-            "round_verify_s": torch.tensor(r["verify_s"], dtype=torch.float32),
-            "round_draft_forwards": torch.tensor(r["draft_forwards"], dtype=torch.int32),
-            "round_hidden": _stack(r["hidden"], d_t),
-            "round_token": torch.tensor(r["token"], dtype=torch.int64),
-        }
+        scalars = torch.stack(t["scalars"]) if t["scalars"] else torch.zeros(0, len(SCALAR_FEATURES))
+        out = {"tok_hidden": _stack(t["hidden"], d_d), "tok_scalars": scalars,
+               "round_hidden": _stack(r["hidden"], d_t)}
+        for prefix, rows, dtypes in (("tok", t, TOKEN_DTYPES), ("round", r, ROUND_DTYPES)):
+            out.update({f"{prefix}_{k}": torch.tensor(rows[k], dtype=dt) for k, dt in dtypes.items()})
+        return out
 
 
 def _stack(rows: list[torch.Tensor], d: int) -> torch.Tensor:

@@ -50,9 +50,9 @@ class ForwardOut:
     attentions: [heads, n, S] last-layer attention weights or None.
     """
 
-    logits: torch.Tensor
-    hidden: torch.Tensor | None
-    attentions: torch.Tensor | None = None
+    logits: torch.Tensor  # [n, V] float32
+    hidden: torch.Tensor | None  # [n, d] or None
+    attentions: torch.Tensor | None = None  # [heads, n, S] or None
 
 
 class RunnerBase:

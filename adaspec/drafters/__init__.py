@@ -1,5 +1,5 @@
 """Drafters propose tokens for the target to verify: ``propose(context, DraftRequest) -> Draft``
-(:class:`~.base.Drafter`; one drafting loop, :class:`~.base.DraftBuilder`)."""
+(docs/design.md §1; protocol :class:`~.base.Drafter`; one drafting loop, :class:`~.base.DraftBuilder`)."""
 
 from .base import DraftBuilder, Drafter, DraftNeeds, DraftRequest
 from .model import ModelDrafter

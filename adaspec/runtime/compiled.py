@@ -1,6 +1,6 @@
 """The compiled CPU runtime: a lean Llama forward over packed weights and a static KV cache.
 
-:class:`CompiledRunner` has the same contract as the eager :class:`~adaspec.kv.ModelRunner`
+:class:`CompiledRunner` has the same contract as the eager :class:`~adaspec.runtime.eager.ModelRunner`
 (forward / forward_tree / keep_path / prefill / rollback over the ids its cache holds), so
 the engine and the drafters do not know which runtime they drive. Differences inside:
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError
-from ..kv import ForwardOut, RunnerBase, tree_rows
+from .eager import ForwardOut, RunnerBase, tree_rows
 
 MAX_CAPACITY = 16384  # KV slots when the config does not bound the context
 
@@ -408,7 +408,7 @@ def read_geometry(weights, cfg) -> None:
 
 def tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
     """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth
-    (:func:`~adaspec.kv.tree_rows`)."""
+    (:func:`~adaspec.runtime.eager.tree_rows`)."""
     mask, pos = tree_rows(0, n_lin, parents)
     return mask, [p - n_lin + 1 for p in pos[n_lin:]]
 

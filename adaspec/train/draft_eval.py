@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..cli_args import add_model_args
+from ..frontend.options import add_model_args
 from ..metrics import RunMetrics
 from ..runtime import set_threads
 from .draft_data import CODE_SOURCES, load_shards
@@ -34,7 +34,7 @@ def step_ms(model: torch.nn.Module, ctx: int = 200, n: int = 30, vocab: int = 49
     """Median ms of a one-token forward after a ``ctx``-token prefill (fresh DynamicCache)."""
     from transformers import DynamicCache
 
-    from ..kv import cache_kwargs
+    from ..runtime.eager import cache_kwargs
 
     times = []
     for _ in range(3):
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cost", action="store_true")
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    from ..models import load_model, vocab_fingerprint
+    from ..checkpoints.loader import load_model, vocab_fingerprint
 
     target = load_model("default", dtype="bf16")
     draft = load_model(args.draft, dtype="bf16", role="draft")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 HEAD_KEY = "adaspec_head"
 
@@ -75,7 +75,7 @@ class FeatureHead(nn.Module):
 
         Causal over the T rows (and over ``cache``, an HF cache, when given).
         """
-        from .kv import cache_kwargs
+        from ..runtime.eager import cache_kwargs
 
         h = self.fc(torch.cat([emb, feats_prev], dim=-1))
         out = self.body(inputs_embeds=h, position_ids=position_ids, **cache_kwargs(self.body, cache),
@@ -97,7 +97,7 @@ def save_head(head: FeatureHead, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-DEFAULT_HEAD_DIR = Path(__file__).parent / "assets" / "default-head"
+DEFAULT_HEAD_DIR = Path(__file__).parents[1] / "assets" / "default-head"
 
 
 def head_dir(spec: Any) -> Path | None:

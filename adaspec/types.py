@@ -57,9 +57,13 @@ class DraftStep:
     def __init__(self, index: int, token: int, logits: torch.Tensor, probs: torch.Tensor,
                  hidden: torch.Tensor | None = None, attn_concentration: float | None = None,
                  context_len: int = 0) -> None:
-        self.index, self.token, self.context_len = index, token, context_len
-        self.logits, self.probs = logits, probs  # [V], [V]
-        self.hidden, self.attn_concentration = hidden, attn_concentration
+        self.index: int = index  # 1-based position in the draft
+        self.token: int = token
+        self.context_len: int = context_len
+        self.logits: torch.Tensor = logits  # [V] float32
+        self.probs: torch.Tensor = probs  # [V] float32
+        self.hidden: torch.Tensor | None = hidden  # [d] or None
+        self.attn_concentration: float | None = attn_concentration  # scalar in [0, 1] or None
 
     @property
     def scored(self) -> torch.Tensor:
@@ -93,12 +97,12 @@ class DraftRequest:
         branch: extra candidates per kept position (a token tree), or None.
     """
 
-    budget: int
+    budget: int  # at most this many tokens
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    decide: DecideFn = _keep_drafting
-    generator: torch.Generator | None = None
+    decide: DecideFn = _keep_drafting  # (step) -> Action
+    generator: torch.Generator | None = None  # the draws' RNG (sampling)
     needs: DraftNeeds = field(default_factory=DraftNeeds)
-    branch: BranchFn | None = None
+    branch: BranchFn | None = None  # (step) -> extra candidates, or None: never branch
 
 
 @dataclass
@@ -117,11 +121,11 @@ class Draft:
             leaves: drafting continues along ``tokens`` only.
     """
 
-    tokens: list[int]
-    probs: torch.Tensor | None
-    steps: list[DraftStep]
-    forwards: int
-    branches: dict[int, list[int]] = field(default_factory=dict)
+    tokens: list[int]  # [K] token ids
+    probs: torch.Tensor | None  # [K, V] float32 q_i, or None (greedy)
+    steps: list[DraftStep]  # [K]
+    forwards: int  # draft forwards spent
+    branches: dict[int, list[int]] = field(default_factory=dict)  # position (1-based) -> [c] candidates
 
     @classmethod
     def empty(cls) -> Draft:

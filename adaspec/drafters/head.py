@@ -79,8 +79,7 @@ class _CompiledCore:
 
     def step(self, tokens: list[int], feats: torch.Tensor, pos0: int,
              ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        from ..runtime.compiled import _causal
-        from ..runtime.kernels import embed, forward_rows, linear
+        from ..runtime.kernels import embed, linear
 
         ids = np.asarray(tokens, np.int64)
         if hasattr(self.tl, "blob"):  # a native target
@@ -92,12 +91,8 @@ class _CompiledCore:
         linear(x, self.fc, h)
         start = pos0 - 1  # slot of position p is p - 1 (position 0 has no row)
         self.kt, self.vc = self.lean.fit_cache(self.kt, self.vc, start + len(tokens), start)
-        lw = self.lean
-        logits, hid, conc = forward_rows(h, np.arange(pos0, pos0 + len(tokens), dtype=np.int64), start,
-                                         _causal(len(tokens)), 1, 1, lw.ln1, lw.wqkv, lw.wo, lw.ln2, lw.wgu,
-                                         lw.wd, lw.normw, lw.lm, lw.cos, lw.sin, self.kt, self.vc, lw.heads,
-                                         lw.kvh, lw.inter, lw.eps)
-        return (torch.from_numpy(logits[0, : lw.n_logits]), torch.from_numpy(hid[0]), float(conc[-1]))
+        logits, hid, conc = self.lean.run_rows(h, pos0, start, self.kt, self.vc)
+        return torch.from_numpy(logits[0]), torch.from_numpy(hid[0]), float(conc[-1])
 
     def crop(self, rows: int) -> None:
         pass

@@ -234,6 +234,21 @@ class LeanWeights:
                                        self.cos, self.sin, kt, vc, self.heads, self.kvh, self.inter, self.eps)
         return logits[:, : self.n_logits], hidden, conc
 
+    def run_rows(self, h: np.ndarray, pos0: int, start: int, kt: np.ndarray, vc: np.ndarray,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`run` from input rows h [T, d] (fp32, overwritten; causal, positions pos0..)
+        instead of token ids (a feature head's rows), outputs for the last row: logits
+        [1, self.n_logits], hidden [1, d], concentration [1]."""
+        from .kernels import forward_rows
+
+        t = h.shape[0]
+        pos = np.arange(pos0, pos0 + t, dtype=np.int64)
+        logits, hidden, conc = forward_rows(h, pos, start, _causal(t), 1, 1,
+                                            self.ln1, self.wqkv, self.wo, self.ln2, self.wgu, self.wd,
+                                            self.normw, self.lm, self.cos, self.sin, kt, vc, self.heads,
+                                            self.kvh, self.inter, self.eps)
+        return logits[:, : self.n_logits], hidden, conc
+
 
 class CompiledRunner(RunnerBase):
     """Feeds token sequences to one model through the compiled runtime (static KV cache)."""

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kv import ForwardOut
 from .compiled import _causal, tree_mask
+from .eager import ForwardOut
 
 _SLOT = {"wqkv": 0, "wo": 1, "wgu": 2, "wd": 3}  # a native layer's matrices: rows 4 l + slot of mats
 
@@ -96,7 +96,7 @@ def prepare(call: Any) -> Part:
     ``CompiledRunner.forward`` / ``forward_tree`` do before their forward)."""
     r = call.runner
     if call.nodes is None:
-        start = r._sync_prefix(call.seq, call.n_out)
+        start = r._sync_prefix(call.seq, call.n_out, call.synced)
         fed = call.seq[start:]
         mask, pos = _causal(len(fed)), list(range(start, start + len(fed)))
     else:

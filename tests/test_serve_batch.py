@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,8 +42,10 @@ def pair(tokenizer):
 
 @pytest.fixture(scope="module")
 def server(pair):
-    running = Running(create_app(SpeculativeGenerator(*pair, "heuristic"), model_name=NAME, max_queue=16,
-                                 max_batch=8, api_key="s3cret", max_body=4096))
+    app = create_app(SpeculativeGenerator(*pair, "heuristic"), model_name=NAME, max_queue=16, max_batch=8,
+                     api_key="s3cret", max_body=4096)
+    running = Running(app)
+    running.app = app
     yield running
     running.stop()
 
@@ -107,9 +110,28 @@ def test_load_64_clients(server):
         body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
         return _post(server.url, body, timeout=120).status_code
 
+    # the engine holds its first step until the queue is full, so some clients must get a 429
+    # however fast the server drains (the tiny model generates in milliseconds)
+    batch = server.app.state.server.scheduler.batch
+    step, release = batch.step, threading.Event()
+
+    def held_step():
+        release.wait(60)
+        return step()
+
+    batch.step = held_step
     t0 = time.monotonic()
-    with ThreadPoolExecutor(64) as pool:
-        codes = list(pool.map(one, range(64)))
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            futures = [pool.submit(one, i) for i in range(64)]
+            while not any(f.done() and f.result() == 429 for f in futures):
+                assert time.monotonic() - t0 < 60, "the queue never filled"
+                time.sleep(0.05)
+            release.set()
+            codes = [f.result() for f in futures]
+    finally:
+        release.set()
+        batch.step = step
     assert time.monotonic() - t0 < 120
     assert set(codes) <= {200, 400, 429} and len(codes) == 64
     assert codes.count(400) == 4 and codes.count(200) >= 16 + 1 and codes.count(429) > 0

@@ -153,7 +153,7 @@ def attend_parts(qkv: np.ndarray, heads: int, kvh: int, hd: int, layer: int, lay
             lay.part_of, lay.local, lay.masks, lay.moff, scale, out, conc)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the server's event loop runs meanwhile
 def forward_parts_native(ids, pos, blob, mats, ln1, ln2, normw, cos, sin, heads, kvh, inter, eps, wide,
                          kaddr, vaddr, caps, hdp, starts, lens, part_of, local, masks, moff, out_rows):
     """One forward of every part's fed rows over native weights (``qkernels.forward_native``'s

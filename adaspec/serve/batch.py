@@ -190,6 +190,18 @@ class BatchEngine:
         if seq.error is None and len(self.spare) < self.max_batch:
             self.spare.append(seq.engine)
 
+    def warm_up(self) -> None:
+        """Load (or compile) the batched kernels now rather than in the first shared step: one
+        shared forward of two throwaway engines' target runners, and of their draft runners."""
+        if self.max_batch < 2:
+            return
+        engines = [self.make_engine(None) for _ in range(2)]
+        for get in (lambda e: e.target, lambda e: getattr(e.drafter, "runner", None),
+                    lambda e: getattr(getattr(e.drafter, "model", None), "runner", None)):
+            runners = [get(e) for e in engines]
+            if all(r is not None and batchable_runner(r) for r in runners):
+                run_calls([VerifyCall(runners[0], [0, 1], 1, False), VerifyCall(runners[1], [0], 1, False)])
+
     def _engine(self, policy: Any) -> Engine:
         """An engine for a joining sequence: a finished sequence's engine when it ran the same
         kind of policy (``None``: the factory's default), reusing its caches, drafter and

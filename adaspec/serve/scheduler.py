@@ -107,6 +107,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_context = generator.engine.max_context
         self.batch = BatchEngine(generator.new_engine, max_batch, DraftBudget() if batch_budget else None)
+        self.batch.warm_up()
         self._pending: deque[Job] = deque()
         self._jobs: dict[int, Job] = {}  # id(Sequence) -> job
         self._wake = threading.Condition()

@@ -243,6 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-python", default=None, help="a Python with vLLM (CPU), e.g. .venv-vllm/bin/python")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="an extra argument for both vLLM servers (repeat), e.g. --vllm-arg=--enforce-eager")
+    p.add_argument("--vllm-all-levels", action="store_true",
+                   help="measure vLLM at every concurrency (default: the highest only)")
     p.add_argument("--json", default=None, help="write every level (and request) here")
     args = p.parse_args(argv)
     try:
@@ -268,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             if not server.wait_ready():
                 print(f"serve_load: {name} did not start (log: {server.log.name})", file=sys.stderr)
                 continue
-            # the previous server runs one request at a time: its batch-1 row is the comparison
+            # the previous server runs one request at a time: its batch-1 row is the comparison;
+            # vLLM's rows compare at the highest concurrency (all levels with --vllm-all-levels)
             todo = [1] if name.endswith("(--compare-python)") else args.levels
+            if name.startswith("vllm") and not args.vllm_all_levels:
+                todo = [max(args.levels)]
             levels += measure(server, "bench", prompts, todo, args.max_new)
         finally:
             server.stop()

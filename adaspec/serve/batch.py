@@ -174,11 +174,13 @@ class BatchEngine:
         return seq
 
     def remove(self, seq: Sequence) -> None:
-        """Drop a sequence between steps (e.g. its client went away); frees its slot."""
-        if seq in self.active:
-            self.active.remove(seq)
-            seq.rounds.close()
-            seq.done = True
+        """Drop a sequence between steps (finished, or its client went away); frees its slot
+        and keeps its engine for a joining sequence (unless the sequence failed)."""
+        if seq not in self.active:
+            return
+        self.active.remove(seq)
+        seq.rounds.close()
+        seq.done = True
         drafter = seq.engine.drafter  # hand the text to a shared suffix cache (an n-gram source's flush)
         for part in (drafter, getattr(drafter, "ngram", None)):
             flush = getattr(part, "flush", None)

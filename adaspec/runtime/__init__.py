@@ -105,11 +105,15 @@ def make_runner(model: nn.Module, runtime: str = "eager", release: bool = False,
     return ModelRunner(model)
 
 
-def set_threads(n: int) -> None:
-    """Use ``n`` CPU threads for torch and for the compiled runtime's kernels (numba)."""
+def set_threads(n: int | None, torch_threads: int | None = None) -> None:
+    """Use ``n`` CPU threads for torch and for the compiled runtime's kernels (numba);
+    ``torch_threads`` overrides torch's count (e.g. 1 where the models run in the kernels
+    and torch does only small per-row work). ``n`` None: leave the kernels' count."""
     import torch
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(torch_threads or n)
+    if n is None:
+        return
     if importlib.util.find_spec("numba") is not None:
         from .kernels import numba
 

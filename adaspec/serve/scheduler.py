@@ -20,13 +20,12 @@ import time
 from collections import deque
 from typing import Any
 
-import torch
-
 from ..api import IncrementalText, SpeculativeGenerator
 from ..drafters.registry import check_policy
 from ..engine import StopRules
 from ..errors import AdaspecError, InvalidArgumentError
 from ..policies import Policy, make_policy
+from ..runtime import set_threads
 from ..runtime.batched import batchable_runner
 from ..sampling import SamplingConfig
 from .batch import BatchEngine, DraftBudget, Sequence
@@ -190,7 +189,7 @@ class Scheduler:
         if batchable_runner(self.generator.engine.target):
             # the models run in the compiled kernels' own threads; torch only does small
             # per-row work here (verify, sampling), where a second thread pool only contends
-            torch.set_num_threads(1)
+            set_threads(None, torch_threads=1)
         while True:
             with self._wake:
                 while not self._stop and not self._pending and not self.batch.active:

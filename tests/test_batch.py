@@ -238,3 +238,20 @@ def test_slots_reuse_engines_and_shared_prefix(pair64, runtime):
     assert len(built) == 2  # two slots, six requests
     assert not prefills
     assert starts.count(0) == 4  # a fresh engine only (its start of generation and first forward)
+
+
+def test_cost_fit_skips_steps_that_feed_prompts(pair64):
+    """The first verify of a joining sequence also feeds its prompt: that step's time is no
+    sample of the cost of verify rows; later steps are."""
+    gen = SpeculativeGenerator(*pair64, "heuristic")
+    engine = BatchEngine(lambda pol: gen.new_engine(make_policy("heuristic")), max_batch=4,
+                         budget=DraftBudget())
+    for i, p in enumerate(rand_prompts(3, seed=41)):
+        engine.add(i, p * 4, SamplingConfig(), StopRules(12))
+    engine.step()
+    assert engine.budget.cost.points == []
+    engine.step()
+    assert len(engine.budget.cost.points) == 1
+    engine.add(9, [1, 2, 3, 4], SamplingConfig(), StopRules(12))
+    engine.step()
+    assert len(engine.budget.cost.points) == 1

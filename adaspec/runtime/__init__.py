@@ -89,7 +89,7 @@ def make_runner(model: nn.Module, runtime: str = "eager", release: bool = False,
     for drafts, whose precision never changes the output.
     """
     if runtime in COMPILED:
-        from .compiled import CompiledRunner
+        from .compiled_runner import CompiledRunner
 
         return CompiledRunner(model, release, native=runtime == "compiled", encoding=encoding)
     if runtime != "eager":

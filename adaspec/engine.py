@@ -103,7 +103,7 @@ class StageTimer:
 
 class Engine:
     """Speculative decoding of one target with one drafter under one policy (one sequence;
-    :mod:`adaspec.batch` drives many engines' rounds with one target forward per step)."""
+    :mod:`adaspec.serve.batch` drives many engines' rounds with one target forward per step)."""
 
     def __init__(self, target: torch.nn.Module, vocab_size: int, max_context: int,
                  drafter: Drafter | None, policy: Policy, runtime: str = "eager",

@@ -1,7 +1,7 @@
 """Turning logits into the distributions that drafting and verification use.
 
 Temperature, top-k and top-p are applied identically to the target's p and the draft's
-q (DESIGN §1 step 4), so rejection sampling reproduces the target's *processed*
+q (docs/design.md §1 step 4), so rejection sampling reproduces the target's *processed*
 distribution exactly.
 """
 

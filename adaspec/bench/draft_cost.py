@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import add_model_args
 from ..errors import AdaspecError
+from ..frontend.options import add_model_args
 from ..runtime import set_threads
 
 

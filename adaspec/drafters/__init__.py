@@ -1,4 +1,4 @@
-"""Drafters propose tokens for the target to verify (DESIGN §3 ``propose(context, budget, stop_fn)``)."""
+"""Drafters propose tokens for the target to verify (docs/design.md §1; protocol: :class:`.base.Drafter`)."""
 
 from .base import Drafter, DraftNeeds
 from .model import ModelDrafter

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..head_model import FeatureHead
+from ..checkpoints.feature_head import FeatureHead
 from ..sampling import SamplingConfig, processed_probs, sample
 from ..types import Draft, DraftStep
 from .base import BranchFn, DecideFn, DraftNeeds
@@ -49,7 +49,7 @@ class _EagerCore:
         return (f @ self.w_sub.T).float(), f.float(), 0.0
 
     def crop(self, rows: int) -> None:
-        from ..kv import crop_cache
+        from ..runtime.eager import crop_cache
 
         crop_cache(self.cache, rows)
 
@@ -59,7 +59,7 @@ class _CompiledCore:
 
     def __init__(self, head: FeatureHead, target: nn.Module, w_sub: torch.Tensor,
                  native: bool = False) -> None:
-        from ..draft_model import SubsetLMHead
+        from ..checkpoints.subset_draft import SubsetLMHead
         from ..runtime.compiled import LeanWeights, ensure_compiled
         from ..runtime.kernels import pack_weight
         from ..runtime.native import NativeWeights

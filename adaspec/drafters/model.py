@@ -16,9 +16,9 @@ from functools import cached_property
 
 import torch
 
-from ..kv import ForwardOut
-from ..models import LoadedModel
+from ..checkpoints.loader import LoadedModel
 from ..runtime import make_runner
+from ..runtime.eager import ForwardOut
 from ..sampling import SamplingConfig, fit_vocab, processed_probs, sample
 from ..types import Action, Draft, DraftStep, VerifyCall
 from .base import BranchFn, DecideFn, DraftNeeds

@@ -1,4 +1,4 @@
-"""Online threshold for the ``context`` policy, from measured costs (DESIGN §1 "Online threshold").
+"""Online threshold for the ``context`` policy, from measured costs (docs/design.md §1 "Online threshold").
 
 Cost model, refreshed after every round with exponential moving averages (rate ``alpha``):
 - c_d: seconds per draft forward (draft_s / draft forwards; includes the predictor);

@@ -215,12 +215,12 @@ class Predictor:
     def check_pair(self, target=None, draft=None) -> None:
         """Raise PolicyArgumentError if this predictor was trained for another model pair.
 
-        ``target`` / ``draft`` are :class:`adaspec.models.LoadedModel` (either may be None).
+        ``target`` / ``draft`` are :class:`adaspec.checkpoints.loader.LoadedModel` (either may be None).
         """
         pair = self.pair
         where = f"predictor {self.path or ''} ({self.kind})"
         if target is not None and target.tokenizer is not None and pair.get("vocab_sha256"):
-            from ..models import vocab_fingerprint
+            from ..checkpoints.loader import vocab_fingerprint
 
             if vocab_fingerprint(target.tokenizer) != pair["vocab_sha256"]:
                 raise PolicyArgumentError(

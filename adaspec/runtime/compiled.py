@@ -1,6 +1,6 @@
 """The compiled CPU runtime: a lean Llama forward over packed weights and a static KV cache.
 
-:class:`CompiledRunner` has the same contract as the eager :class:`~adaspec.kv.ModelRunner`
+:class:`CompiledRunner` has the same contract as the eager :class:`~adaspec.runtime.eager.ModelRunner`
 (forward / forward_tree / keep_path / prefill / rollback over the ids its cache holds), so
 the engine and the drafters do not know which runtime they drive. Differences inside:
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError
-from ..kv import ForwardOut, RunnerBase
+from .eager import ForwardOut, RunnerBase
 
 MAX_CAPACITY = 16384  # KV slots when the config does not bound the context
 

@@ -1,4 +1,4 @@
-"""Continuous batching: a bounded FIFO queue in front of one :class:`~adaspec.batch.BatchEngine`.
+"""Continuous batching: a bounded FIFO queue in front of one :class:`~adaspec.serve.batch.BatchEngine`.
 
 Every request becomes a :class:`Job`, checked on arrival (policy override, prompt length:
 a 400 at once, not after the wait) and queued (429 beyond ``max_queue`` waiting). One
@@ -21,12 +21,12 @@ from collections import deque
 from typing import Any
 
 from ..api import IncrementalText, SpeculativeGenerator
-from ..batch import BatchEngine, DraftBudget, Sequence
 from ..drafters.registry import check_policy
 from ..engine import StopRules
 from ..errors import AdaspecError, InvalidArgumentError
 from ..policies import Policy, make_policy
 from ..sampling import SamplingConfig
+from .batch import BatchEngine, DraftBudget, Sequence
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, StopTrimmer, adaspec_stats, finish_reason, usage
 
@@ -165,7 +165,7 @@ class Scheduler:
             return copy.deepcopy(gen.policy), getattr(gen.policy, "name", "?")
         try:
             policy = make_policy(request.policy, request.policy_args)
-            check_policy(policy, gen._spec)
+            check_policy(policy, gen.draft_spec)
             policy.check_pair(gen.target, gen.draft)
         except AdaspecError as exc:
             raise ApiError(400, str(exc), param="adaspec") from None

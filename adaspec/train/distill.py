@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
+from ..frontend.options import add_model_args
 from ..runtime import set_threads
 
 
@@ -41,8 +41,8 @@ def distill(args: argparse.Namespace) -> int:
     """The ``distill-draft`` command."""
     from tqdm import tqdm
 
-    from ..draft_model import save_subset_draft
-    from ..models import load_model
+    from ..checkpoints.loader import load_model
+    from ..checkpoints.subset_draft import save_subset_draft
     from .head_data import load_shards
 
     torch.manual_seed(args.seed)

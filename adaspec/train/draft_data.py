@@ -15,7 +15,7 @@ Prompt sources (read in place, never copied into the repository):
 ``<data>`` is ``--data-dir``, else ``$ADASPEC_DATA``, else ``../shared/data`` next to the
 repository root. ``code_alpaca`` is non-commercial and is not in :data:`DEFAULT_SOURCES`.
 
-Splits: the one rule of :mod:`adaspec.data` (sha256 buckets 0-5 ``train``, 6-7 ``dev``,
+Splits: the one rule of :mod:`adaspec.bench.datasets` (sha256 buckets 0-5 ``train``, 6-7 ``dev``,
 8-9 ``test``; instruction rows bucketed exactly as the benchmark buckets them, stdlib
 functions on ``stdlib:<qualname>``). Training reads ``train`` only, the held-out evaluation
 ``dev``; ``test`` rows are never read, so no benchmark test prompt (or its answer) is trained on.
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..data import Prompt, bucket_of, data_root, in_split, load_dataset
+from ..bench.datasets import Prompt, bucket_of, data_root, in_split, load_dataset
 from ..errors import InvalidArgumentError
 
 ALL_SOURCES = ("gsm8k", "codegen", "roleplay", "self_instruct", "code_alpaca", "stdlib_code", "stdlib_chat")
@@ -66,7 +66,8 @@ _CALC = re.compile(r"<<[^>]*>>")
 
 
 def resolve_data_dir(arg: str | None) -> Path:
-    """``--data-dir`` > ``$ADASPEC_DATA`` > ``<repo>/../shared/data`` (:func:`adaspec.data.data_root`)."""
+    """``--data-dir`` > ``$ADASPEC_DATA`` > ``<repo>/../shared/data``
+    (:func:`adaspec.bench.datasets.data_root`)."""
     return data_root(arg)
 
 
@@ -172,7 +173,7 @@ def _raw_code_prompt(mod: str, def_line: str, doc: str) -> str:
 
 def load_prompts(sources: list[str], data_dir: Path, split: str = "train", max_prompt_chars: int = 2000,
                  ) -> list[Prompt]:
-    """Every prompt of ``sources`` in ``split`` (the one bucket rule of :mod:`adaspec.data`),
+    """Every prompt of ``sources`` in ``split`` (the one bucket rule of :mod:`adaspec.bench.datasets`),
     interleaved by :data:`SOURCE_WEIGHTS`. ``train`` feeds training, ``dev`` the held-out eval.
 
     Raises:

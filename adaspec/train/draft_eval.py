@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..cli_args import add_model_args
+from ..frontend.options import add_model_args
 from ..metrics import RunMetrics
 from ..runtime import set_threads
 from .draft_data import CODE_SOURCES, load_shards
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cost", action="store_true")
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    from ..models import load_model, vocab_fingerprint
+    from ..checkpoints.loader import load_model, vocab_fingerprint
 
     target = load_model("default", dtype="bf16")
     draft = load_model(args.draft, dtype="bf16", role="draft")

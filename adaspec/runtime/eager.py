@@ -4,7 +4,7 @@ Rollback is implicit and exact: before each forward the cache is cropped to the 
 common prefix of what it holds and the sequence asked for, then only the rest is fed.
 After a rejected draft this crops the rejected tokens away; after a fully accepted
 draft it feeds the last draft token together with the bonus token, so the drafter's
-cache is completed without a separate forward (DESIGN §1 step 5). A crop never
+cache is completed without a separate forward (docs/design.md §1 step 5). A crop never
 recomputes anything.
 """
 
@@ -50,9 +50,9 @@ class ForwardOut:
     attentions: [heads, n, S] last-layer attention weights or None.
     """
 
-    logits: torch.Tensor
-    hidden: torch.Tensor | None
-    attentions: torch.Tensor | None = None
+    logits: torch.Tensor  # [n, V] float32
+    hidden: torch.Tensor | None  # [n, d] or None
+    attentions: torch.Tensor | None = None  # [heads, n, S] or None
 
 
 class RunnerBase:
@@ -87,7 +87,7 @@ class RunnerBase:
         return n
 
     def rollback(self, committed: list[int]) -> None:
-        """Crop the cache to its longest common prefix with ``committed`` (DESIGN §1 step 5)."""
+        """Crop the cache to its longest common prefix with ``committed`` (docs/design.md §1 step 5)."""
         self._sync_prefix(committed, 0)
 
 
@@ -118,7 +118,7 @@ class ModelRunner(RunnerBase):
         """The cheap last-layer attention probe, or False when the model family lacks one
         (then the concentration comes from ``output_attentions``, which needs eager attention)."""
         if self._probe is None:
-            from .runtime.attention import AttentionProbe
+            from .attention import AttentionProbe
 
             try:
                 self._probe = AttentionProbe(self.model)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 HEAD_KEY = "adaspec_head"
 
@@ -95,7 +95,7 @@ def save_head(head: FeatureHead, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-DEFAULT_HEAD_DIR = Path(__file__).parent / "assets" / "default-head"
+DEFAULT_HEAD_DIR = Path(__file__).parents[1] / "assets" / "default-head"
 
 
 def head_dir(spec: Any) -> Path | None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -196,14 +197,27 @@ class SpeculativeGenerator:
             return ids
         if not prompt.strip():
             raise InvalidArgumentError("prompt is empty")
-        tok = self._need_tokenizer()
         if chat:
-            if not getattr(tok, "chat_template", None):
-                raise InvalidArgumentError(f"target {self.target.name!r} has no chat template")
-            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-            return list(tok(prompt, add_special_tokens=False)["input_ids"])
-        return list(tok(prompt)["input_ids"])
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        return list(self._need_tokenizer()(prompt)["input_ids"])
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Chat messages (``[{"role": ..., "content": ...}]``) -> ids through the target's
+        chat template, ending with the assistant's turn (the one chat encoding: the API's
+        ``chat=True`` and the server's /v1/chat/completions).
+
+        Raises:
+            InvalidArgumentError: no tokenizer / no chat template, or the template rejects
+                the messages (e.g. their sequence of roles).
+        """
+        tok = self._need_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise InvalidArgumentError(f"model {self.target.name!r} has no chat template; send plain text")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # e.g. a template that rejects this sequence of roles
+            raise InvalidArgumentError(f"the chat template rejected the messages: {exc}") from None
+        return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def _need_tokenizer(self) -> Any:
         if self.target.tokenizer is None:
@@ -262,12 +276,12 @@ class SpeculativeGenerator:
 
     def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> TextStream:
         """Like :meth:`generate`, but yields text chunks as rounds commit them."""
-        rounds, stats, stops = self._start(
-            prompt, kwargs.pop("max_new_tokens", 128), kwargs.pop("temperature", 0.0),
-            kwargs.pop("top_k", 0), kwargs.pop("top_p", 1.0), kwargs.pop("seed", None),
-            kwargs.pop("stop", None), kwargs.pop("chat", False))
-        if kwargs:
-            raise InvalidArgumentError(f"unknown arguments: {', '.join(kwargs)}")
+        options = inspect.signature(SpeculativeGenerator.generate).parameters  # the one set of defaults
+        unknown = [k for k in kwargs if k not in options or k in ("self", "prompt")]
+        if unknown:
+            raise InvalidArgumentError(f"unknown arguments: {', '.join(unknown)}")
+        args = {k: kwargs.get(k, p.default) for k, p in options.items() if k not in ("self", "prompt")}
+        rounds, stats, stops = self._start(prompt, **args)
         stream = TextStream(iter(()))
 
         def chunks() -> Iterator[str]:

@@ -114,12 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(sub)
     for module, func in _SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # feature not built into this checkout yet
-            if not exc.name or not module.startswith(exc.name):
-                raise
-            continue
+        mod = importlib.import_module(module)
         register: Callable[[argparse._SubParsersAction], None] = getattr(mod, func)
         register(sub)
     return parser

@@ -76,6 +76,14 @@ def processed_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return torch.softmax(x, dim=-1)
 
 
+def argmax(x: torch.Tensor) -> int:
+    """Index of the first maximum of a [V] tensor (torch's and numpy's rule); a float32 CPU
+    tensor goes through numpy, whose call costs ~1 us against torch's ~12 us (per draft token)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        return int(x.numpy().argmax())
+    return int(x.argmax())
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a [V] distribution."""
     return int(torch.multinomial(probs, 1, generator=generator))

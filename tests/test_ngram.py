@@ -24,7 +24,7 @@ from adaspec.policies.context import ContextPolicy
 from adaspec.policies.fixed import FixedPolicy
 from adaspec.predictors.source_choice import Plan, SourceChoice, prior_survival
 from adaspec.sampling import SamplingConfig, processed_probs
-from adaspec.types import GenerationStats
+from adaspec.types import DraftRequest, GenerationStats
 
 # ---------------------------------------------------------------------------- the matcher
 
@@ -397,7 +397,7 @@ def test_context_policy_cuts_the_copy_at_the_planned_length():
         match = Match(length, 1, 1.0, tuple(range(16)))
         assert policy.choose_source(match, 16) == "ngram"
         planned = policy._sources.plan(length, 1.0, 16, 16).length
-        draft = drafter.draft_from(match, [0] * 50, 16, policy.decide, SamplingConfig())
+        draft = drafter.draft_from(match, [0] * 50, DraftRequest(16, decide=policy.decide))
         assert len(draft.tokens) == planned and (planned < 16) == expect_cut, (length, planned)
 
 

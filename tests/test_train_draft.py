@@ -325,3 +325,19 @@ def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], 
     assert "corpus: 12 rows" in log and "3 of 6 per batch" in log  # half of each batch reference text
     draft = load_model(str(tmp_path / "draft"), role="draft")
     assert draft.model.config.adaspec_draft["corpus_training"]["steps"] in (15, 30, 45)
+
+
+def test_one_learning_rate_schedule_for_every_trainer() -> None:
+    """Draft, feature-head and distillation training share warmup_cosine (the copies
+    disagreed: distillation's warm-up started from lr = 0 at step 0, the head's decayed
+    during its warm-up): linear warm-up from base / warmup (never 0) to base, then cosine
+    down to floor * base at the last step."""
+    from adaspec.train import distill, draft, head
+    from adaspec.train.schedule import warmup_cosine
+
+    assert draft.warmup_cosine is head.warmup_cosine is distill.warmup_cosine is warmup_cosine
+    lrs = [warmup_cosine(s, 1000, 1e-3, 100) for s in range(1001)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[99] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:100], lrs[1:100]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))  # then decays
+    assert lrs[1000] == pytest.approx(1e-4) and min(lrs) == pytest.approx(1e-5)

@@ -38,8 +38,8 @@ class LoadedModel:
     """A causal LM ready for the engine.
 
     Attributes:
-        model: HF-style causal LM; ``model(input_ids [1, T], past_key_values=cache)``
-            returns ``.logits`` [1, T, vocab_size].
+        model: HF-style causal LM; ``model(input_ids [1, T], cache=cache)``
+            (:func:`~adaspec.runtime.eager.cache_kwargs`) returns ``.logits`` [1, T, vocab_size].
         tokenizer: its tokenizer, or None for a draft that shares the target's.
         name: human-readable id (the spec it was loaded from).
         vocab_size: size of the logits' last dimension.

@@ -174,15 +174,7 @@ class Scheduler:
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         gen = self.generator
         if req.messages is not None:
-            tok = gen.tokenizer
-            if not getattr(tok, "chat_template", None):
-                raise InvalidArgumentError(f"model {gen.target.name!r} has no chat template; "
-                                           "use /v1/completions")
-            try:
-                text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # e.g. a template that rejects this sequence of roles
-                raise InvalidArgumentError(f"the chat template rejected the messages: {exc}") from None
-            return list(tok(text, add_special_tokens=False)["input_ids"])
+            return gen.encode_messages(req.messages)
         if isinstance(req.prompt, list) and max(req.prompt) >= gen.target.vocab_size:
             raise InvalidArgumentError(f"token id {max(req.prompt)} is outside the vocabulary "
                                        f"(size {gen.target.vocab_size})")

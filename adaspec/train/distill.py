@@ -12,7 +12,6 @@ draft (warm start) and keeps its frozen input embedding.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import InvalidArgumentError
 from ..frontend.options import add_model_args
 from ..runtime import set_threads
+from .schedule import warmup_cosine
 
 
 def _kl_batch(model, w_sub: torch.Tensor, toks: torch.Tensor, feats: torch.Tensor,
@@ -80,8 +80,7 @@ def distill(args: argparse.Namespace) -> int:
     t0, seen = time.monotonic(), 0
     bar = tqdm(total=args.steps, unit="step", desc="distill-draft")
     for step in range(1, args.steps + 1):
-        lr = args.lr * min(1.0, step / args.warmup) * (
-            0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = warmup_cosine(step - 1, args.steps, args.lr, args.warmup)  # steps count from 1 here
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(toks), (args.batch_size,), generator=gen)

@@ -22,7 +22,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import signal
@@ -52,6 +51,7 @@ from .draft_data import (
     resolve_data_dir,
 )
 from .draft_model_init import CODE_STRINGS, agreement_stats, choose_subset, coverage, init_draft
+from .schedule import warmup_cosine
 
 
 class Logger:
@@ -184,13 +184,6 @@ def make_batch(seqs: list[Seq], remap: torch.Tensor, prompt_weight: float,
     weights[labels < 0] = 0.0
     labels[labels < 0] = -100
     return ids, labels, weights
-
-
-def _lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = (step - warmup) / max(total - warmup, 1)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
 def _heldout(target: Any, tok: Any, prompts: list[Prompt], cache: Path, n: int, args: Any, log: Logger,
@@ -388,7 +381,7 @@ class _DraftTrainer:
         """One optimiser step on a batch (training sequences plus reference text); the loss."""
         args = self.args
         for g in self.opt.param_groups:
-            g["lr"] = _lr_at(self.step, args.steps, args.lr)
+            g["lr"] = warmup_cosine(self.step, args.steps, args.lr)
         batch = (random.sample(self.seqs, min(args.batch_size - self.n_ref, len(self.seqs)))
                  + random.sample(self.refs, self.n_ref))
         ids, labels, weights = (t.to(args.device) for t in make_batch(batch, self.remap, args.prompt_weight))

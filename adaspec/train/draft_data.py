@@ -287,6 +287,8 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     from transformers import DynamicCache
 
+    from ..runtime.eager import cache_kwargs
+
     cache = DynamicCache()
     mask = attention_mask.long()
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, P] positions that skip the left padding
@@ -294,9 +296,9 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     def forward(ids: torch.Tensor, m: torch.Tensor, p: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if hidden is None:
-            return model(input_ids=ids, attention_mask=m, position_ids=p, past_key_values=cache,
+            return model(input_ids=ids, attention_mask=m, position_ids=p, **cache_kwargs(model, cache),
                          use_cache=True, logits_to_keep=1).logits[:, -1], None
-        h = model.model(input_ids=ids, attention_mask=m, position_ids=p, past_key_values=cache,
+        h = model.model(input_ids=ids, attention_mask=m, position_ids=p, **cache_kwargs(model.model, cache),
                         use_cache=True).last_hidden_state  # [B, T, d]
         return model.get_output_embeddings()(h[:, -1]), h
 

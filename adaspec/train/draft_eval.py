@@ -34,14 +34,16 @@ def step_ms(model: torch.nn.Module, ctx: int = 200, n: int = 30, vocab: int = 49
     """Median ms of a one-token forward after a ``ctx``-token prefill (fresh DynamicCache)."""
     from transformers import DynamicCache
 
+    from ..runtime.eager import cache_kwargs
+
     times = []
     for _ in range(3):
         cache = DynamicCache()
-        model(torch.randint(0, vocab, (1, ctx)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, vocab, (1, ctx)), **cache_kwargs(model, cache), use_cache=True)
         tok = torch.randint(0, vocab, (1, 1))
         t0 = time.perf_counter()
         for _ in range(n):
-            model(tok, past_key_values=cache, use_cache=True)
+            model(tok, **cache_kwargs(model, cache), use_cache=True)
         times.append((time.perf_counter() - t0) / n * 1000)
     return statistics.median(times)
 

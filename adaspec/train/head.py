@@ -15,7 +15,6 @@ Checkpoints (``WORK/ckpt.pt``: head, optimiser, step) every ``--save-every`` ste
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ..checkpoints.loader import LoadedModel
 from ..errors import InvalidArgumentError
 from ..frontend.options import add_model_args
 from ..runtime import set_threads
+from .schedule import warmup_cosine
 
 
 def subset_ids(tokens: torch.Tensor, size: int, always: list[int]) -> torch.Tensor:
@@ -177,8 +177,7 @@ def train(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     seen = state.get("tokens_seen", 0) if state else 0
     while step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
-            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
+        lr = warmup_cosine(step, args.steps, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(toks), (args.batch_size,), generator=gen)

@@ -232,13 +232,19 @@ def train(args: argparse.Namespace, dev: dict[str, list[Any]] | None = None) -> 
                 meta["corpus_training"] = {"steps": st["step"], "tokens_seen": st["tokens"], "dev": ev,
                                            "kl": args.kl, "corpus": str(args.corpus)}
                 save_subset_draft(copy.deepcopy(model).to(torch.bfloat16).eval(), out, meta)
-            st["train_seconds"] += time.monotonic() - t0
-            t0 = time.monotonic()
-            torch.save({**st, "model": model.state_dict(), "opt": opt.state_dict(), "rng": random.getstate()},
-                       str(ckpt) + ".tmp")
-            Path(str(ckpt) + ".tmp").replace(ckpt)
-            (work / "history.json").write_text(json.dumps(st["history"], indent=1))
+            t0 = _save(st, t0, ckpt, model, opt)
+    _save(st, t0, ckpt, model, opt)  # a time-boxed chunk keeps its steps since the last evaluation
     return st["history"][-1]
+
+
+def _save(st: dict[str, Any], t0: float, ckpt: Path, model: Any, opt: torch.optim.Optimizer) -> float:
+    """Checkpoint the run (state, weights, optimiser, rng) and its history; returns the new clock start."""
+    st["train_seconds"] += time.monotonic() - t0
+    torch.save({**st, "model": model.state_dict(), "opt": opt.state_dict(), "rng": random.getstate()},
+               str(ckpt) + ".tmp")
+    Path(str(ckpt) + ".tmp").replace(ckpt)
+    (ckpt.parent / "history.json").write_text(json.dumps(st["history"], indent=1))
+    return time.monotonic()
 
 
 def _log(work: Path, msg: Any) -> None:

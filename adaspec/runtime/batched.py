@@ -1,6 +1,6 @@
 """One compiled forward over the verify rows of many sequences (the batch engine's target step).
 
-Every sequence keeps its own :class:`~adaspec.runtime.compiled.CompiledRunner` (its own
+Every sequence keeps its own :class:`~adaspec.runtime.compiled_runner.CompiledRunner` (its own
 static KV cache); all runners share one model's packed weights. :func:`run_calls` takes
 the rounds' :class:`~adaspec.types.VerifyCall` s and, when they are compiled runners of
 one model, runs them as **one** forward: every linear (the weight-bound part on a CPU)
@@ -113,7 +113,8 @@ def prepare(call: Any) -> Part:
 def batchable_runner(runner: Any) -> bool:
     """True when ``runner``'s forwards can be shared with other sequences' (and are
     batch-invariant: a row's outputs never depend on the rows fed with it)."""
-    from .compiled import CompiledRunner, LeanWeights
+    from .compiled import LeanWeights
+    from .compiled_runner import CompiledRunner
 
     return type(runner) is CompiledRunner and (type(runner.lean) is LeanWeights or _native(runner.lean))
 

@@ -75,6 +75,11 @@ class DraftStep:
         """q(token)."""
         return float(self.probs[self.token])
 
+    @property
+    def top1(self) -> float:
+        """max_v q(v), the draft's confidence at this position."""
+        return float(self.probs.max())
+
 
 DecideFn = Callable[[DraftStep], Action]  # a policy's verdict on each drafted token
 BranchFn = Callable[[DraftStep], int]  # extra candidates at a kept position (0 = none)

@@ -109,20 +109,10 @@ class CompiledRunner(RunnerBase):
                 self.vc[:, :, committed_len + i] = self.vc[:, :, committed_len + j]
         self.tokens = self.tokens[:committed_len] + [nodes[j] for j in path]
 
-    def prefill(self, seq: list[int], hidden: bool = False) -> torch.Tensor | None:
-        """Put ``seq`` into the cache without computing any logits.
-
-        ``hidden``: also return the last hidden states [n, d] of the n fed (not already
-        cached) positions len(seq)-n .. len(seq)-1 (None when nothing was fed).
-        """
-        start = self._sync_prefix(seq, 0)
-        if start == len(seq):
-            return None
-        feed = seq[start:]
+    def _prefill(self, feed: list[int], start: int, hidden: bool) -> torch.Tensor | None:
         n_out = len(feed) if hidden else 0
-        out = self._run(feed, list(range(start, len(seq))), start, _causal(len(feed)), n_out, hidden, 0)
-        self.tokens.extend(feed)
-        return out.hidden
+        pos = list(range(start, start + len(feed)))
+        return self._run(feed, pos, start, _causal(len(feed)), n_out, hidden, 0).hidden
 
     def attention_concentration(self) -> float:
         """Last-layer attention concentration of the last forward's newest query."""

@@ -22,8 +22,10 @@ then accumulates exactly like the fp32 tile of :mod:`kernels`:
 
 so every output is the same sequential FMA chain over the same fp32 weights as the fp32
 path: logits are **bit-identical** to ``compiled-fp32`` for any number of rows, and a row
-never depends on the rows computed with it (batch invariance). Decoding is done once per
-k for all the rows of a tile (up to 4 rows with 256-bit vectors, 8 with 512-bit ones).
+never depends on the rows computed with it (batch invariance). Each weight is decoded once
+for all the rows of a pass: every row count 1-8 is one pass with a loop specialised to it
+(512-bit: 1-8 accumulators; 256-bit: 2 per row for 1-4 rows, then one half panel per pass
+for 5-8 rows, so the accumulators fit 16 registers), more rows are passes of 8 and the rest.
 
 Two variants: 512-bit (one ``<16 x float>`` per k; AVX-512F) and 256-bit (two
 ``<8 x float>``; AVX2 + FMA + F16C), chosen at run time (:func:`wide_default`:
@@ -75,33 +77,36 @@ def wide_default() -> bool:
 
 
 class _Gen:
-    """LLVM IR helpers for one tile: vector width ``width`` (8 or 16 floats)."""
+    """LLVM IR helpers for one tile: vectors of ``width`` floats (8 or 16) covering ``lanes``
+    lanes (16: a whole panel; 8: half a panel, from lane ``lane``, a run-time i64)."""
 
-    def __init__(self, builder: ir.IRBuilder, width: int) -> None:
+    def __init__(self, builder: ir.IRBuilder, width: int, lanes: int, lane) -> None:
         self.b = builder
         self.width = width
-        self.nv = PANEL // width
+        self.lanes = lanes
+        self.nv = lanes // width
         self.vt = ir.VectorType(_F32, width)
         self.fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(self.vt, [self.vt] * 3), f"llvm.fma.v{width}f32")
+        self.lane = {1: lane, 2: builder.shl(lane, ir.Constant(_I64, 1))}  # byte offset per element size
 
-    def load(self, base, offset: int, elt: ir.Type, align: int):
-        """<16 x elt> at byte ``offset`` of i8* ``base``."""
+    def load(self, base, offset: int, elt: ir.Type, size: int):
+        """<lanes x elt> at byte ``offset`` (+ the first lane's) of i8* ``base``."""
         b = self.b
-        ptr = b.gep(base, [ir.Constant(_I64, offset)])
-        return b.load(b.bitcast(ptr, ir.VectorType(elt, PANEL).as_pointer()), align=align)
+        ptr = b.gep(base, [b.add(ir.Constant(_I64, offset), self.lane[size])])
+        return b.load(b.bitcast(ptr, ir.VectorType(elt, self.lanes).as_pointer()), align=size)
 
-    def split(self, v16) -> list:
-        """<16 x T> -> nv vectors of ``width`` lanes (lanes 0.. first)."""
+    def split(self, v) -> list:
+        """<lanes x T> -> nv vectors of ``width`` lanes (lanes 0.. first)."""
         if self.nv == 1:
-            return [v16]
-        und = ir.Constant(v16.type, ir.Undefined)
-        return [self.b.shuffle_vector(v16, und, ir.Constant(ir.VectorType(_I32, self.width),
-                                                           list(range(h * self.width, (h + 1) * self.width))))
+            return [v]
+        und = ir.Constant(v.type, ir.Undefined)
+        return [self.b.shuffle_vector(v, und, ir.Constant(ir.VectorType(_I32, self.width),
+                                                          list(range(h * self.width, (h + 1) * self.width))))
                 for h in range(self.nv)]
 
     def halves_f32(self, base, offset: int) -> list:
-        """16 fp16 at ``offset`` widened (exactly) to fp32, split."""
+        """The tile's fp16 lanes at ``offset`` widened (exactly) to fp32, split."""
         v = self.load(base, offset, _HALF, 2)
         return [self.b.fpext(h, self.vt) for h in self.split(v)]
 
@@ -191,35 +196,44 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
     b.position_at_end(done)
     for j in range(npan):
         for m in range(mr):
-            orow = b.gep(op, [b.add(b.mul(ir.Constant(_I64, m), ldo), ir.Constant(_I64, 16 * j))])
+            orow = b.gep(op, [b.add(b.add(b.mul(ir.Constant(_I64, m), ldo), ir.Constant(_I64, 16 * j)),
+                                    g.lane[1])])
             for v in range(g.nv):
                 dst = b.bitcast(b.gep(orow, [ir.Constant(_I64, v * g.width)]), g.vt.as_pointer())
                 b.store(cur[j * per + m * g.nv + v], dst, align=4)
     b.branch(exit_block)
 
 
-def _make_qtile(mr: int, width: int, npan: int = 1):
-    """An intrinsic: out[0:mr, 0:16 npan] = x[0:mr, 0:32 nb] @ W for ``npan`` adjacent panels
-    of ``nb`` blocks of a decoded kind (switched on at run time). Arguments (kind, x, ldx,
-    panel, panel stride in bytes, nb, out, ldo): addresses, strides in floats."""
+def _make_qtile(width: int, max_rows: int, npan: int = 1, lanes: int = PANEL):
+    """An intrinsic, generic in the row count: out[0:mr, :] = x[0:mr, 0:32 nb] @ W for
+    ``npan`` adjacent panels of ``nb`` blocks of a decoded kind, 1 <= mr <= ``max_rows``
+    (kind and mr switched on at run time, one specialised loop each). Each pass covers
+    ``lanes`` lanes of a panel from lane ``lane`` (16: all; 8: a half, for the 256-bit
+    tiles of more than 4 rows, which would not fit in 16 registers otherwise). Arguments
+    (kind, mr, x, ldx, panel, panel stride in bytes, nb, out, ldo, lane): addresses,
+    strides in floats."""
 
     @intrinsic
-    def qtile(typingctx, kind, xa, ldx, wa, pstride, nb, oa, ldo):
-        sig = types.void(*([types.intp] * 8))
+    def qtile(typingctx, kind, mr, xa, ldx, wa, pstride, nb, oa, ldo, lane):
+        sig = types.void(*([types.intp] * 10))
 
         def codegen(context, builder, signature, args):
-            kind, xa, ldx, wa, pstride, nb, oa, ldo = args
-            g = _Gen(builder, width)
-            xp = builder.inttoptr(xa, _F32.as_pointer())
-            bp = builder.inttoptr(wa, _I8.as_pointer())
-            op = builder.inttoptr(oa, _F32.as_pointer())
+            kind, mr, xa, ldx, wa, pstride, nb, oa, ldo, lane = args
+            g = _Gen(builder, width, lanes, lane)
+            loop_args = (builder.inttoptr(xa, _F32.as_pointer()), ldx, builder.inttoptr(wa, _I8.as_pointer()),
+                         pstride, nb, builder.inttoptr(oa, _F32.as_pointer()), ldo)
             exit_block = builder.append_basic_block("qtile_exit")
-            sw = builder.switch(kind, exit_block)
-            for kd in _DECODED:
-                case = builder.append_basic_block(f"qtile_k{kd}")
-                sw.add_case(ir.Constant(_I64, kd), case)
+            by_rows = builder.switch(mr, exit_block)
+            for rows in range(1, max_rows + 1):
+                case = builder.append_basic_block(f"qtile_m{rows}")
+                by_rows.add_case(ir.Constant(_I64, rows), case)
                 builder.position_at_end(case)
-                _emit_loop(g, kd, mr, (xp, ldx, bp, pstride, nb, op, ldo), exit_block, npan)
+                by_kind = builder.switch(kind, exit_block)
+                for kd in _DECODED:
+                    kcase = builder.append_basic_block(f"qtile_m{rows}_k{kd}")
+                    by_kind.add_case(ir.Constant(_I64, kd), kcase)
+                    builder.position_at_end(kcase)
+                    _emit_loop(g, kd, rows, loop_args, exit_block, npan)
             builder.position_at_end(exit_block)
             return context.get_dummy_value()
 
@@ -228,62 +242,46 @@ def _make_qtile(mr: int, width: int, npan: int = 1):
     return qtile
 
 
-_n1, _n2, _n4 = (_make_qtile(m, 8) for m in (1, 2, 4))
-_w1, _w2, _w4, _w8 = (_make_qtile(m, 16) for m in (1, 2, 4, 8))
-_n1d, _n2d, _w1d, _w2d = (_make_qtile(m, w, 2) for w in (8, 16) for m in (1, 2))  # two panels at once
+MAX_ROWS = 8  # rows of one pass (more rows: passes of 8, then the rest)
+_wide = _make_qtile(16, MAX_ROWS)  # 512-bit: mr accumulators of one panel
+_narrow = _make_qtile(8, 4)  # 256-bit, 1-4 rows: 2 mr accumulators (two halves of a panel)
+_half = _make_qtile(8, MAX_ROWS, lanes=8)  # 256-bit, 5-8 rows: one half panel per pass
+_wide2 = _make_qtile(16, 2, npan=2)  # 1-2 rows over two panels at once (more independent chains)
+_narrow2 = _make_qtile(8, 2, npan=2)
 
 
 @njit(cache=True)
 def _qtile_rows(kind, wide, xa, ldx, rows, wa, kdim, oa, ldo):
     """out[0:rows, 0:16] = x[0:rows, 0:kdim] @ one panel of ``kind`` (addresses; strides in
-    floats). Rows go in tiles of 8 (512-bit) or 4 (256-bit), the rest in 4/2/1: every
-    output is the same FMA chain over k whatever ``rows`` is."""
+    floats). Up to 8 rows in one pass (each weight decoded once for all of them), more in
+    passes of 8 then the rest: every output is the same FMA chain over k whatever ``rows``."""
     if kind == 0:
         _tile_rows(xa, ldx, rows, wa, PANEL, kdim, oa, ldo)
         return
     nb = kdim // 32
     m0 = 0
     while m0 < rows:
-        left = rows - m0
+        mr = min(rows - m0, MAX_ROWS)
         xo = xa + m0 * ldx * 4
         oo = oa + m0 * ldo * 4
-        if wide and left >= 8:
-            _w8(kind, xo, ldx, wa, 0, nb, oo, ldo)
-            m0 += 8
-        elif left >= 4:
-            if wide:
-                _w4(kind, xo, ldx, wa, 0, nb, oo, ldo)
-            else:
-                _n4(kind, xo, ldx, wa, 0, nb, oo, ldo)
-            m0 += 4
-        elif left >= 2:
-            if wide:
-                _w2(kind, xo, ldx, wa, 0, nb, oo, ldo)
-            else:
-                _n2(kind, xo, ldx, wa, 0, nb, oo, ldo)
-            m0 += 2
+        if wide:
+            _wide(kind, mr, xo, ldx, wa, 0, nb, oo, ldo, 0)
+        elif mr <= 4:
+            _narrow(kind, mr, xo, ldx, wa, 0, nb, oo, ldo, 0)
         else:
-            if wide:
-                _w1(kind, xo, ldx, wa, 0, nb, oo, ldo)
-            else:
-                _n1(kind, xo, ldx, wa, 0, nb, oo, ldo)
-            m0 += 1
+            _half(kind, mr, xo, ldx, wa, 0, nb, oo, ldo, 0)
+            _half(kind, mr, xo, ldx, wa, 0, nb, oo, ldo, 8)
+        m0 += mr
 
 
 @njit(cache=True)
 def _qpair(kind, wide, xa, ldx, rows, wa, pstride, kdim, oa, ldo):
     """:func:`_qtile_rows` for 1-2 rows over two adjacent panels at once (twice the
     independent FMA chains: one row is otherwise bound by FMA latency, not bandwidth)."""
-    nb = kdim // 32
-    if rows == 2:
-        if wide:
-            _w2d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
-        else:
-            _n2d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
-    elif wide:
-        _w1d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+    if wide:
+        _wide2(kind, rows, xa, ldx, wa, pstride, kdim // 32, oa, ldo, 0)
     else:
-        _n1d(kind, xa, ldx, wa, pstride, nb, oa, ldo)
+        _narrow2(kind, rows, xa, ldx, wa, pstride, kdim // 32, oa, ldo, 0)
 
 
 @njit(parallel=True, cache=True)

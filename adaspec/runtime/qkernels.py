@@ -90,10 +90,12 @@ class _Gen:
             builder.module, ir.FunctionType(self.vt, [self.vt] * 3), f"llvm.fma.v{width}f32")
         self.lane = {1: lane, 2: builder.shl(lane, ir.Constant(_I64, 1))}  # byte offset per element size
 
-    def load(self, base, offset: int, elt: ir.Type, size: int):
-        """<lanes x elt> at byte ``offset`` (+ the first lane's) of i8* ``base``."""
+    def load(self, base, offset, elt: ir.Type, size: int):
+        """<lanes x elt> at byte ``offset`` (an int or an i64 value; plus the first lane's)
+        of i8* ``base``."""
         b = self.b
-        ptr = b.gep(base, [b.add(ir.Constant(_I64, offset), self.lane[size])])
+        off = ir.Constant(_I64, offset) if isinstance(offset, int) else offset
+        ptr = b.gep(base, [b.add(off, self.lane[size])])
         return b.load(b.bitcast(ptr, ir.VectorType(elt, self.lanes).as_pointer()), align=size)
 
     def split(self, v) -> list:
@@ -105,41 +107,57 @@ class _Gen:
                                                           list(range(h * self.width, (h + 1) * self.width))))
                 for h in range(self.nv)]
 
-    def halves_f32(self, base, offset: int) -> list:
+    def halves_f32(self, base, offset) -> list:
         """The tile's fp16 lanes at ``offset`` widened (exactly) to fp32, split."""
         v = self.load(base, offset, _HALF, 2)
         return [self.b.fpext(h, self.vt) for h in self.split(v)]
 
-    def decode(self, kind: int, base, k: int, scales: tuple, cache: dict) -> list:
-        """The fp32 weights of row k (0..31) of the panel block at ``base``: nv vectors."""
+    def at(self, pair, scale: int, const: int):
+        """i64 value ``pair * scale + const`` (a byte offset inside a panel block)."""
+        b = self.b
+        return b.add(b.mul(pair, ir.Constant(_I64, scale)), ir.Constant(_I64, const))
+
+    def decode(self, kind: int, base, pair, odd: int, scales: tuple, cache: dict) -> list:
+        """The fp32 weights of row k = 2 ``pair`` + ``odd`` (0..31) of the panel block at
+        ``base`` (``pair``: an i64 value): nv vectors."""
         b = self.b
         i32v = ir.VectorType(_I32, self.width)
         if kind in (F16, BF16):
             if kind == F16:
-                return self.halves_f32(base, 32 * k)
-            raw = self.load(base, 32 * k, _I16, 2)
+                return self.halves_f32(base, self.at(pair, 64, 32 * odd))
+            raw = self.load(base, self.at(pair, 64, 32 * odd), _I16, 2)
             return [b.bitcast(b.shl(b.zext(h, i32v), ir.Constant(i32v, [16] * self.width)), self.vt)
                     for h in self.split(raw)]
         d = scales[0]
         if kind == Q8_0:
-            raw = self.load(base, 32 + 16 * k, _I8, 1)
+            raw = self.load(base, self.at(pair, 32, 32 + 16 * odd), _I8, 1)
             return [b.fmul(dv, b.sitofp(b.sext(h, i32v), self.vt)) for dv, h in zip(d, self.split(raw))]
-        hdr = 32 if kind == Q4_0 else 64
-        if k % 2 == 0:
-            raw = self.load(base, hdr + 16 * (k // 2), _I8, 1)
+        if not odd:
+            raw = self.load(base, self.at(pair, 16, 32 if kind == Q4_0 else 64), _I8, 1)
             cache["pair"] = [b.zext(h, i32v) for h in self.split(raw)]
-        q = [b.and_(h, ir.Constant(i32v, [15] * self.width)) if k % 2 == 0
-             else b.lshr(h, ir.Constant(i32v, [4] * self.width)) for h in cache["pair"]]
+        q = [b.lshr(h, ir.Constant(i32v, [4] * self.width)) if odd
+             else b.and_(h, ir.Constant(i32v, [15] * self.width)) for h in cache["pair"]]
         if kind == Q4_0:
             return [b.fmul(dv, b.sitofp(b.sub(h, ir.Constant(i32v, [8] * self.width)), self.vt))
                     for dv, h in zip(d, q)]
         return [b.call(self.fma, [dv, b.uitofp(h, self.vt), mv]) for dv, mv, h in zip(d, scales[1], q)]
 
 
+def _phis(b: ir.IRBuilder, incoming: list, block) -> list:
+    """One phi per value of ``incoming``, fed from ``block``."""
+    out = []
+    for v in incoming:
+        phi = b.phi(v.type)
+        phi.add_incoming(v, block)
+        out.append(phi)
+    return out
+
+
 def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int = 1) -> None:
     """The block loop of one kind at the builder's position over ``npan`` adjacent panels
-    (independent FMA chains, so one row does not wait on FMA latency); stores, branches to
-    exit. ``args``: (x, ldx, panel, panel stride in bytes, nb, out, ldo) as LLVM values."""
+    (independent FMA chains, so one row does not wait on FMA latency), two k per step of
+    its inner loop; stores, branches to exit. ``args``: (x, ldx, panel, panel stride in
+    bytes, nb, out, ldo) as LLVM values."""
     xp, ldx, bp, pstride, nb, op, ldo = args
     b = g.b
     bb = int(BLOCK_BYTES[kind])
@@ -147,18 +165,12 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
     pf = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
                                         "llvm.prefetch.p0")
     pre = b.block
-    loop = b.append_basic_block(f"q{kind}_loop")
-    done = b.append_basic_block(f"q{kind}_done")
-    b.branch(loop)
-    b.position_at_end(loop)
+    head, kloop, nxt, done = (b.append_basic_block(f"q{kind}_{n}") for n in ("head", "k", "next", "done"))
+    b.branch(head)
+    b.position_at_end(head)
     blk = b.phi(_I64)
     blk.add_incoming(ir.Constant(_I64, 0), pre)
-    zero = ir.Constant(g.vt, [0.0] * g.width)
-    accs = []
-    for _ in range(npan * mr * g.nv):
-        acc = b.phi(g.vt)
-        acc.add_incoming(zero, pre)
-        accs.append(acc)
+    accs = _phis(b, [ir.Constant(g.vt, [0.0] * g.width)] * (npan * mr * g.nv), pre)
     bases = [b.gep(bp, [b.add(b.mul(blk, ir.Constant(_I64, bb)), b.mul(pstride, ir.Constant(_I64, j)))])
              for j in range(npan)]
     scales: list = []
@@ -172,14 +184,19 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
             scales.append((g.halves_f32(base, 0), g.halves_f32(base, 32)))
         else:
             scales.append(())
-    cur = list(accs)
     k0 = b.mul(blk, ir.Constant(_I64, BLOCK))
+    b.branch(kloop)
+    b.position_at_end(kloop)
+    pair = b.phi(_I64)
+    pair.add_incoming(ir.Constant(_I64, 0), head)
+    kaccs = _phis(b, accs, head)
+    cur = list(kaccs)
     caches: list[dict] = [{} for _ in range(npan)]
     splat = ir.Constant(ir.VectorType(_I32, g.width), [0] * g.width)
     per = mr * g.nv
-    for k in range(BLOCK):
-        ws = [g.decode(kind, bases[j], k, scales[j], caches[j]) for j in range(npan)]
-        kk = b.add(k0, ir.Constant(_I64, k))
+    for odd in (0, 1):
+        ws = [g.decode(kind, bases[j], pair, odd, scales[j], caches[j]) for j in range(npan)]
+        kk = b.add(k0, g.at(pair, 2, odd))
         for m in range(mr):
             xs = b.load(b.gep(xp, [b.add(b.mul(ir.Constant(_I64, m), ldx), kk)]), align=4)
             xb = b.insert_element(ir.Constant(g.vt, ir.Undefined), xs, ir.Constant(_I32, 0))
@@ -188,11 +205,17 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
                 for v in range(g.nv):
                     i = j * per + m * g.nv + v
                     cur[i] = b.call(g.fma, [xb, ws[j][v], cur[i]])
+    pair1 = b.add(pair, ir.Constant(_I64, 1))
+    pair.add_incoming(pair1, kloop)
+    for phi, val in zip(kaccs, cur):
+        phi.add_incoming(val, kloop)
+    b.cbranch(b.icmp_signed("<", pair1, ir.Constant(_I64, BLOCK // 2)), kloop, nxt)
+    b.position_at_end(nxt)
     blk1 = b.add(blk, ir.Constant(_I64, 1))
-    blk.add_incoming(blk1, b.block)
-    for acc, val in zip(accs, cur):
-        acc.add_incoming(val, b.block)
-    b.cbranch(b.icmp_signed("<", blk1, nb), loop, done)
+    blk.add_incoming(blk1, nxt)
+    for phi, val in zip(accs, cur):
+        phi.add_incoming(val, nxt)
+    b.cbranch(b.icmp_signed("<", blk1, nb), head, done)
     b.position_at_end(done)
     for j in range(npan):
         for m in range(mr):

@@ -320,7 +320,6 @@ def _silu_mul(gu, inter, out):
             out[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gu[i, inter + j]
 
 
-@njit(cache=True)
 def forward(ids, pos, start, mask, n_out, n_logits, emb, emb_packed, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
             cos, sin, kt, vc, heads, kvh, inter, eps):
     """One forward of a Llama-style decoder over T fed tokens with a static KV cache.
@@ -356,56 +355,15 @@ def embed(ids, emb, emb_packed, lm):
     return h
 
 
-@njit(cache=True)
 def forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
                  cos, sin, kt, vc, heads, kvh, inter, eps):
-    """:func:`forward` from input rows h [T, d] (fp32, overwritten) instead of token ids."""
-    rows, d = h.shape
-    hd = cos.shape[1]
-    layers = ln1.shape[0]
-    scale = np.float32(1.0 / math.sqrt(hd))
-    xn = np.empty((rows, d), np.float32)
-    qkv = np.empty((rows, wqkv.shape[1] * 16), np.float32)
-    att = np.empty((rows, heads * hd), np.float32)
-    proj = np.empty((rows, wo.shape[1] * 16), np.float32)
-    gu = np.empty((rows, wgu.shape[1] * 16), np.float32)
-    act = np.empty((rows, inter), np.float32)
-    down = np.empty((rows, wd.shape[1] * 16), np.float32)
-    conc = np.zeros((rows, heads), np.float32)
-    qw = heads * hd
-    kw = kvh * hd
-    for layer in range(layers):
-        _rmsnorm(h, ln1[layer], eps, xn)
-        linear(xn, wqkv[layer], qkv)
-        _rope(qkv, 0, heads, hd, cos, sin, pos)
-        _rope(qkv, qw, kvh, hd, cos, sin, pos)
-        for i in range(rows):
-            slot = start + i
-            for g in range(kvh):
-                for e in range(hd):
-                    kt[layer, g, e, slot] = qkv[i, qw + g * hd + e]
-                    vc[layer, g, slot, e] = qkv[i, qw + kw + g * hd + e]
-        _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, att, conc)
-        linear(att, wo[layer], proj)
-        for i in range(rows):
-            for j in range(d):
-                h[i, j] += proj[i, j]
-        _rmsnorm(h, ln2[layer], eps, xn)
-        linear(xn, wgu[layer], gu)
-        _silu_mul(gu, inter, act)
-        linear(act, wd[layer], down)
-        for i in range(rows):
-            for j in range(d):
-                h[i, j] += down[i, j]
-    tail = np.ascontiguousarray(h[rows - n_out:])
-    hidden = np.empty((n_out, d), np.float32)
-    _rmsnorm(tail, normw, eps, hidden)
-    logits = np.empty((n_logits, lm.shape[0] * 16), np.float32)
-    linear(np.ascontiguousarray(hidden[n_out - n_logits:]), lm, logits)
-    cout = np.empty(n_out, np.float32)
-    for i in range(n_out):
-        cout[i] = conc[rows - n_out + i].sum() / heads
-    return logits, hidden, cout
+    """:func:`forward` from input rows h [T, d] (fp32, overwritten) instead of token ids:
+    :func:`adaspec.runtime.qkernels.forward_layers` (the one forward of both weight
+    layouts) over these packed fp32 panels."""
+    from .qkernels import NO_NATIVE, forward_layers
+
+    return forward_layers(h, pos, start, mask, n_out, n_logits, ln1, ln2, normw, cos, sin, kt, vc, heads, kvh,
+                          inter, eps, (wqkv, wo, wgu, wd, lm), NO_NATIVE)
 
 
 def threading_layer() -> str:

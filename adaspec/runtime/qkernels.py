@@ -40,7 +40,7 @@ import math
 import os
 from pathlib import Path
 
-from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows  # sets numba up first
+from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows, linear  # sets numba up first
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -403,40 +403,83 @@ def qembed(ids, blob, mat):
     return h
 
 
-@njit(cache=True)
 def forward_native(ids, pos, start, mask, n_out, n_logits, blob, mats, ln1, ln2, normw, cos, sin, kt, vc,
                    heads, kvh, inter, eps, wide):
     """:func:`kernels.forward` over native matrices: ``mats`` [4 L + 2, 4] int64 rows
     (kind, offset, panels, K) of ``blob``: per layer wqkv, wo, wgu, wd (rows 4 l .. 4 l + 3),
     then the LM head (4 L) and the embedding (4 L + 1, the head's row when tied)."""
-    layers = ln1.shape[0]
-    h = qembed(ids, blob, mats[4 * layers + 1])
-    return forward_rows_native(h, pos, start, mask, n_out, n_logits, blob, mats, ln1, ln2, normw, cos, sin,
-                               kt, vc, heads, kvh, inter, eps, wide)
+    h = qembed(ids, blob, mats[4 * ln1.shape[0] + 1])
+    return forward_layers(h, pos, start, mask, n_out, n_logits, ln1, ln2, normw, cos, sin, kt, vc, heads, kvh,
+                          inter, eps, NO_FP32, (blob, mats, wide))
+
+
+NO_FP32 = tuple(np.zeros((0,) * n, np.float32) for n in (4, 4, 4, 4, 3))  # no packed fp32 weights
+NO_NATIVE = (np.zeros(0, np.uint8), np.zeros((0, 4), np.int64), False)  # no native matrices
 
 
 @njit(cache=True)
-def forward_rows_native(h, pos, start, mask, n_out, n_logits, blob, mats, ln1, ln2, normw, cos, sin, kt, vc,
-                        heads, kvh, inter, eps, wide):
-    """:func:`forward_native` from input rows h [T, d] (fp32, overwritten); the same
-    operations in the same order as :func:`kernels.forward_rows`."""
+def _matmul(x, i, out, fp32, nat):
+    """out = x @ matrix i = 4 layer + (0..3: wqkv, wo, wgu, wd), or 4 L: the LM head: the
+    native matrix when ``nat`` = (blob, mats, wide) has any, else the packed fp32 panels of
+    ``fp32`` = (wqkv, wo, wgu, wd, lm)."""
+    blob, mats, wide = nat
+    if mats.shape[0]:
+        qlinear(x, blob, mats[i], out, wide)
+        return
+    layer, j = i // 4, i % 4
+    if layer == fp32[0].shape[0]:
+        linear(x, fp32[4], out)
+    elif j == 0:
+        linear(x, fp32[0][layer], out)
+    elif j == 1:
+        linear(x, fp32[1][layer], out)
+    elif j == 2:
+        linear(x, fp32[2][layer], out)
+    else:
+        linear(x, fp32[3][layer], out)
+
+
+@njit(cache=True)
+def _width(i, fp32, mats):
+    """Output features (panels x 16) of matrix i (as :func:`_matmul`)."""
+    if mats.shape[0]:
+        return mats[i, 2] * 16
+    if i // 4 == fp32[0].shape[0]:
+        return fp32[4].shape[0] * 16
+    if i == 0:
+        return fp32[0].shape[1] * 16
+    if i == 1:
+        return fp32[1].shape[1] * 16
+    if i == 2:
+        return fp32[2].shape[1] * 16
+    return fp32[3].shape[1] * 16
+
+
+@njit(cache=True)
+def forward_layers(h, pos, start, mask, n_out, n_logits, ln1, ln2, normw, cos, sin, kt, vc, heads, kvh, inter,
+                   eps, fp32, nat):
+    """The forward of both runtimes from input rows h [T, d] (fp32, overwritten): every
+    layer, the final norm and the LM head; weight multiplies by :func:`_matmul` (native
+    matrices ``nat`` = (blob, mats, wide), or packed fp32 panels ``fp32`` = (wqkv, wo, wgu,
+    wd, lm) when ``nat`` has none). Other arguments and the result: :func:`kernels.forward`."""
     rows, d = h.shape
     hd = cos.shape[1]
     layers = ln1.shape[0]
+    mats = nat[1]
     scale = np.float32(1.0 / math.sqrt(hd))
     xn = np.empty((rows, d), np.float32)
-    qkv = np.empty((rows, mats[0, 2] * 16), np.float32)
+    qkv = np.empty((rows, _width(0, fp32, mats)), np.float32)
     att = np.empty((rows, heads * hd), np.float32)
-    proj = np.empty((rows, mats[1, 2] * 16), np.float32)
-    gu = np.empty((rows, mats[2, 2] * 16), np.float32)
+    proj = np.empty((rows, _width(1, fp32, mats)), np.float32)
+    gu = np.empty((rows, _width(2, fp32, mats)), np.float32)
     act = np.empty((rows, inter), np.float32)
-    down = np.empty((rows, mats[3, 2] * 16), np.float32)
+    down = np.empty((rows, _width(3, fp32, mats)), np.float32)
     conc = np.zeros((rows, heads), np.float32)
     qw = heads * hd
     kw = kvh * hd
     for layer in range(layers):
         _rmsnorm(h, ln1[layer], eps, xn)
-        qlinear(xn, blob, mats[4 * layer], qkv, wide)
+        _matmul(xn, 4 * layer, qkv, fp32, nat)
         _rope(qkv, 0, heads, hd, cos, sin, pos)
         _rope(qkv, qw, kvh, hd, cos, sin, pos)
         for i in range(rows):
@@ -446,23 +489,22 @@ def forward_rows_native(h, pos, start, mask, n_out, n_logits, blob, mats, ln1, l
                     kt[layer, g, e, slot] = qkv[i, qw + g * hd + e]
                     vc[layer, g, slot, e] = qkv[i, qw + kw + g * hd + e]
         _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, att, conc)
-        qlinear(att, blob, mats[4 * layer + 1], proj, wide)
+        _matmul(att, 4 * layer + 1, proj, fp32, nat)
         for i in range(rows):
             for j in range(d):
                 h[i, j] += proj[i, j]
         _rmsnorm(h, ln2[layer], eps, xn)
-        qlinear(xn, blob, mats[4 * layer + 2], gu, wide)
+        _matmul(xn, 4 * layer + 2, gu, fp32, nat)
         _silu_mul(gu, inter, act)
-        qlinear(act, blob, mats[4 * layer + 3], down, wide)
+        _matmul(act, 4 * layer + 3, down, fp32, nat)
         for i in range(rows):
             for j in range(d):
                 h[i, j] += down[i, j]
     tail = np.ascontiguousarray(h[rows - n_out:])
     hidden = np.empty((n_out, d), np.float32)
     _rmsnorm(tail, normw, eps, hidden)
-    lm = mats[4 * layers]
-    logits = np.empty((n_logits, lm[2] * 16), np.float32)
-    qlinear(np.ascontiguousarray(hidden[n_out - n_logits:]), blob, lm, logits, wide)
+    logits = np.empty((n_logits, _width(4 * layers, fp32, mats)), np.float32)
+    _matmul(np.ascontiguousarray(hidden[n_out - n_logits:]), 4 * layers, logits, fp32, nat)
     cout = np.empty(n_out, np.float32)
     for i in range(n_out):
         cout[i] = conc[rows - n_out + i].sum() / heads

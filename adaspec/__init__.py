@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "load_model":
-        from .models import load_model
+        from .checkpoints.loader import load_model
 
         return load_model
     raise AttributeError(name)

@@ -10,24 +10,23 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .drafters import ModelDrafter
-from .drafters.registry import DraftSpec, build_drafter, check_policy, parse_draft
+from .checkpoints.loader import LoadedModel, load_model
+from .drafters.registry import DraftSpec, check_policy, parse_draft
 from .drafters.suffix import SuffixCache, make_cache
 from .engine import Engine, StopRules
-from .errors import InvalidArgumentError, PolicyArgumentError, VocabMismatchError
-from .head_model import FeatureHead, head_dir, load_head
-from .models import LoadedModel, check_vocab_compat, load_model
+from .errors import InvalidArgumentError, PolicyArgumentError
 from .policies import Policy, make_policy
 from .policies.auto import AUTO, AUTO_DRAFT, auto_policy
-from .runtime import check_runtime, resolve_runtime, set_threads
+from .runtime import set_threads
+from .runtime.plan import RuntimePlan, plan_runtime
 from .sampling import SamplingConfig
 from .types import GenerationStats
 
@@ -79,19 +78,6 @@ class IncrementalText:
         return final[len(emitted):] if len(final) > len(emitted) else ""
 
 
-def load_head_draft(path: Path, target: LoadedModel) -> LoadedModel:
-    """The feature head in ``path`` for ``target``, wrapped as a draft :class:`LoadedModel`.
-
-    Raises:
-        ModelLoadError: a head trained for another target (hidden size or vocabulary).
-    """
-    from .models import vocab_fingerprint
-
-    sha = vocab_fingerprint(target.tokenizer) if target.tokenizer is not None else None
-    head = load_head(path, target_hidden=int(target.model.config.hidden_size), target_vocab_sha=sha)
-    return LoadedModel(head, None, f"head:{path}", target.vocab_size, target.max_context)
-
-
 class SpeculativeGenerator:
     """Lossless speculative generation with a target, an optional draft and a policy.
 
@@ -133,7 +119,7 @@ class SpeculativeGenerator:
     ) -> None:
         if threads:
             set_threads(threads)
-        check_runtime(runtime)  # before any model loads
+        self.plan: RuntimePlan = plan_runtime(runtime, dtype, device)  # before any model loads
         auto_draft = isinstance(draft, str) and draft == AUTO
         spec = parse_draft(AUTO_DRAFT if auto_draft else draft)
         auto = isinstance(policy, str) and policy == AUTO
@@ -144,78 +130,59 @@ class SpeculativeGenerator:
         if self.policy is not None:
             check_policy(self.policy, spec)  # e.g. specdecpp reads a hidden state an n-gram draft lacks
         self.target = target if isinstance(target, LoadedModel) else load_model(
-            target, dtype=dtype, device=device, role="target", runtime=runtime)
-        self.default_note: str | None = None  # one line when a default had to fall back
-        spec = self._load_draft(spec, auto_draft, dtype, device, runtime)
+            target, dtype=self.plan.dtype, device=device, role="target", runtime=runtime)
+        self.draft_spec: DraftSpec  # loaded; default_note: one line when a default had to fall back
+        self.draft_spec, self.default_note = spec.load(self.target, dtype=self.plan.dtype, device=device,
+                                                       runtime=runtime, fallback=auto_draft)
         if self.policy is None:
-            self.policy, self.default_note = auto_policy(self.target, self.draft, spec.sources)
-            check_policy(self.policy, spec)
+            self.policy, self.default_note = auto_policy(self.target, self.draft, self.draft_spec.sources)
+            check_policy(self.policy, self.draft_spec)
         if self.default_note:
             warnings.warn(self.default_note, stacklevel=2)
-        self.draft_name = "+".join(([self.draft.name] if self.draft else []) + list(spec.sources)) or "none"
         self.policy.check_pair(self.target, self.draft)  # a predictor trained for another pair
-        self.runtime, note = resolve_runtime(runtime, self.target.model)
-        self.runtime_note = f"runtime: target {note}"
-        self._spec, self._runtime_arg = spec, runtime
-        if self.head is not None:
-            self.runtime_note += f"; draft: feature head on the {self.runtime} runtime"
-        elif self.draft:
-            self.runtime_note += f"; draft {resolve_runtime(runtime, self.draft.model)[1]}"
-        if spec.sources:
-            self.runtime_note += f"; model-free draft: {'+'.join(spec.sources)}"
+        self.plan = self.plan.resolve(self.target.model, self.draft.model if self.draft else None,
+                                      head=self.head is not None, sources=self.draft_spec.sources)
         # cross-request drafts for the n-gram source, kept across generate calls (and shared by
         # every engine of this generator, e.g. the server's batched sequences)
-        self.suffix_cache = make_cache(suffix_cache) if "ngram" in spec.sources else None
+        self.suffix_cache = make_cache(suffix_cache) if "ngram" in self.draft_spec.sources else None
         self.engine = self.new_engine(self.policy)
 
     def new_engine(self, policy: Policy) -> Engine:
         """A fresh engine of this generator's target and draft under ``policy``: its own KV
         caches and drafter state, the models' weights shared (one per batched sequence)."""
-        drafter = None
-        if self.head is not None:
-            from .drafters.head import HeadDrafter
-
-            drafter = HeadDrafter(self.head, self.target.model, self.target.vocab_size, self.runtime,
-                                  self.target.max_context)
-        elif self.draft:
-            draft_runtime = resolve_runtime(self._runtime_arg, self.draft.model)[0]
-            drafter = ModelDrafter(self.draft, self.target.vocab_size, draft_runtime)  # releases if owned
-        drafter = build_drafter(self._spec, drafter, self.target.vocab_size, policy, self.suffix_cache)
+        drafter = self.draft_spec.drafter(self.target, self.plan, policy, self.suffix_cache)
         return Engine(self.target.model, self.target.vocab_size, self.target.max_context,
-                      drafter, policy, self.runtime, release=self.target.owned)
+                      drafter, policy, self.plan.target, release=self.target.owned)
+
+    @property
+    def draft(self) -> LoadedModel | None:
+        """The loaded draft model (a feature head comes wrapped), or None."""
+        return self.draft_spec.model
+
+    @property
+    def head(self) -> Any:
+        """The draft's :class:`~adaspec.checkpoints.feature_head.FeatureHead`, or None."""
+        return self.draft.model if self.draft_spec.kind == "head" else None
+
+    @property
+    def draft_name(self) -> str:
+        """``"<draft model>+ngram"``, ``"ngram"``, ``"none"``."""
+        return self.draft_spec.name
+
+    @property
+    def runtime(self) -> str:
+        """The target's resolved runtime (``eager``, ``compiled``, ``compiled-fp32``)."""
+        return self.plan.target
+
+    @property
+    def runtime_note(self) -> str:
+        """What runs where, and why, in one line."""
+        return self.plan.note
 
     @property
     def policy_name(self) -> str:
         """The name of the policy actually used (``context``, ``fixed``, ...)."""
         return getattr(self.policy, "name", type(self.policy).__name__)
-
-    def _load_draft(self, spec: DraftSpec, auto_draft: bool, dtype: Any, device: str,
-                    runtime: str) -> DraftSpec:
-        """Load the draft model of ``spec`` into ``self.draft`` / ``self.head``; returns the
-        spec actually used (the default draft when its vocabulary does not fit the target
-        drops to its model-free sources, with a note)."""
-        self.draft_sources = spec.sources  # model-free draft sources, e.g. ("ngram",)
-        head_path = head_dir(spec.model)
-        self.head = None
-        if spec.model is None:
-            self.draft = None
-        elif head_path is not None:  # a feature head: reads the target's hidden states
-            self.draft = load_head_draft(head_path, self.target)
-            self.head = self.draft.model
-        elif isinstance(spec.model, LoadedModel) and isinstance(spec.model.model, FeatureHead):
-            self.head, self.draft = spec.model.model, spec.model  # another generator's head
-        else:
-            self.draft = spec.model if isinstance(spec.model, LoadedModel) else load_model(
-                spec.model, dtype=dtype, device=device, role="draft", runtime=runtime)
-            try:
-                check_vocab_compat(self.target, self.draft)
-            except VocabMismatchError as exc:
-                if not auto_draft:
-                    raise
-                self.draft = None
-                self.default_note = f"default draft: ngram only ({exc})"
-                return DraftSpec(None, spec.sources)
-        return spec
 
     @property
     def tokenizer(self) -> Any:
@@ -230,14 +197,27 @@ class SpeculativeGenerator:
             return ids
         if not prompt.strip():
             raise InvalidArgumentError("prompt is empty")
-        tok = self._need_tokenizer()
         if chat:
-            if not getattr(tok, "chat_template", None):
-                raise InvalidArgumentError(f"target {self.target.name!r} has no chat template")
-            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-            return list(tok(prompt, add_special_tokens=False)["input_ids"])
-        return list(tok(prompt)["input_ids"])
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        return list(self._need_tokenizer()(prompt)["input_ids"])
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Chat messages (``[{"role": ..., "content": ...}]``) -> ids through the target's
+        chat template, ending with the assistant's turn (the one chat encoding: the API's
+        ``chat=True`` and the server's /v1/chat/completions).
+
+        Raises:
+            InvalidArgumentError: no tokenizer / no chat template, or the template rejects
+                the messages (e.g. their sequence of roles).
+        """
+        tok = self._need_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise InvalidArgumentError(f"model {self.target.name!r} has no chat template; send plain text")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # e.g. a template that rejects this sequence of roles
+            raise InvalidArgumentError(f"the chat template rejected the messages: {exc}") from None
+        return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def _need_tokenizer(self) -> Any:
         if self.target.tokenizer is None:
@@ -296,12 +276,12 @@ class SpeculativeGenerator:
 
     def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> TextStream:
         """Like :meth:`generate`, but yields text chunks as rounds commit them."""
-        rounds, stats, stops = self._start(
-            prompt, kwargs.pop("max_new_tokens", 128), kwargs.pop("temperature", 0.0),
-            kwargs.pop("top_k", 0), kwargs.pop("top_p", 1.0), kwargs.pop("seed", None),
-            kwargs.pop("stop", None), kwargs.pop("chat", False))
-        if kwargs:
-            raise InvalidArgumentError(f"unknown arguments: {', '.join(kwargs)}")
+        options = inspect.signature(SpeculativeGenerator.generate).parameters  # the one set of defaults
+        unknown = [k for k in kwargs if k not in options or k in ("self", "prompt")]
+        if unknown:
+            raise InvalidArgumentError(f"unknown arguments: {', '.join(unknown)}")
+        args = {k: kwargs.get(k, p.default) for k, p in options.items() if k not in ("self", "prompt")}
+        rounds, stats, stops = self._start(prompt, **args)
         stream = TextStream(iter(()))
 
         def chunks() -> Iterator[str]:

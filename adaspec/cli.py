@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .cli_args import add_model_args, add_suffix_cache_args, suffix_cache_arg
 from .errors import AdaspecError, InvalidArgumentError
+from .frontend.options import add_model_args, add_suffix_cache_args, suffix_cache_arg
 from .policies import parse_policy_args
 
 # Subcommands that live with their feature: (module, function that registers the parser)
@@ -114,12 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(sub)
     for module, func in _SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # feature not built into this checkout yet
-            if not exc.name or not module.startswith(exc.name):
-                raise
-            continue
+        mod = importlib.import_module(module)
         register: Callable[[argparse._SubParsersAction], None] = getattr(mod, func)
         register(sub)
     return parser
@@ -131,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .models import quiet_transformers
+    from .checkpoints.loader import quiet_transformers
 
     try:
         with quiet_transformers():  # a command's terminal shows adaspec's output, not transformers' chatter

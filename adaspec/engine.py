@@ -20,7 +20,16 @@ from .errors import InvalidArgumentError, PromptTooLongError
 from .policies.base import Policy
 from .runtime import make_runner
 from .sampling import SamplingConfig, processed_probs
-from .types import Draft, DraftStep, GenerationStats, RoundContext, RoundOutcome, Verdict, VerifyCall
+from .types import (
+    Draft,
+    DraftRequest,
+    DraftStep,
+    GenerationStats,
+    RoundContext,
+    RoundOutcome,
+    Verdict,
+    VerifyCall,
+)
 from .verify import verify_greedy, verify_sampling, verify_tree
 
 
@@ -103,7 +112,7 @@ class StageTimer:
 
 class Engine:
     """Speculative decoding of one target with one drafter under one policy (one sequence;
-    :mod:`adaspec.batch` drives many engines' rounds with one target forward per step)."""
+    :mod:`adaspec.serve.batch` drives many engines' rounds with one target forward per step)."""
 
     def __init__(self, target: torch.nn.Module, vocab_size: int, max_context: int,
                  drafter: Drafter | None, policy: Policy, runtime: str = "eager",
@@ -167,7 +176,9 @@ class Engine:
         self._prefill(prompt, feeds)
         stats.prefill_s = clock.now(sync=True) - clock.start
         ids, new = list(prompt), []
-        decide, branch = clock.hooked(policy.decide), clock.hooked(policy.extra_candidates)
+        decide = clock.hooked(policy.decide)
+        branches = type(policy).extra_candidates is not Policy.extra_candidates  # else never asked
+        branch = clock.hooked(policy.extra_candidates) if branches else None
         while True:
             # 1. budget: never draft past max_new_tokens (a round commits K + 1) or the context
             room = min(max_new - len(new) - 1, ctx_limit - len(ids))
@@ -178,11 +189,11 @@ class Engine:
                 budget = min(budget, self.cap)
             # 2. draft
             t1, hooks_before = clock.now(), clock.hooks
-            draft = Draft([], None, [], 0)
+            draft = Draft.empty()
             if budget > 0:  # a drafter with propose_steps hands its draft forwards out too
                 propose = getattr(drafter, "propose_steps", None)
-                args = (ids, budget, decide, sampling, gen, policy.needs, branch)
-                draft = (yield from propose(*args)) if propose else drafter.propose(*args)
+                request = DraftRequest(budget, sampling, decide, gen, policy.needs, branch)
+                draft = (yield from propose(ids, request)) if propose else drafter.propose(ids, request)
             t2 = clock.now(sync=True)
             # 3. verify: one target forward over [last committed, x1..xK] -> p1..p(K+1)
             verdict, logits, out, path = yield from self._verify(ids, draft, sampling, gen, want_hidden,

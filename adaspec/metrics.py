@@ -1,4 +1,4 @@
-"""Mergeable run statistics (DESIGN §2): counts that add up exactly, ratios read from them.
+"""Mergeable run statistics (docs/design.md §2): counts that add up exactly, ratios read from them.
 
 A :class:`RunMetrics` holds only counts and seconds, so the statistics of several runs
 (turns, repeats, prompts) are their sum, field by field, histograms position by
@@ -6,7 +6,7 @@ position: ``a + b`` is exactly the statistics of a's rounds followed by b's. Eve
 (τ, acceptance, per-position acceptance, tokens/s, ...) is then read from the pooled
 counts, never averaged over runs.
 
-Definitions (DESIGN §2):
+Definitions (docs/design.md §2):
 
 - τ = new tokens / target (verify) forwards: tokens committed per verify, the
   bonus / recovered token included; plain decoding = 1.
@@ -133,7 +133,7 @@ class RunMetrics:
             out = out.merge(r)
         return out
 
-    # --- ratios (DESIGN §2) ------------------------------------------------------------
+    # --- ratios (docs/design.md §2) ------------------------------------------------------------
 
     @property
     def tokens_per_s(self) -> float:
@@ -157,7 +157,7 @@ class RunMetrics:
         return [ratio(a, t) for a, t in zip(acc, self.pos_tested, strict=False)]
 
     def rates(self, empty: Empty = 0.0) -> dict[str, Any]:
-        """The DESIGN §2 ratios of these counts; ``empty`` where a denominator is 0."""
+        """The docs/design.md §2 ratios of these counts; ``empty`` where a denominator is 0."""
         new, rounds = self.new_tokens, self.rounds
         return {
             "tau": ratio(new, self.target_forwards, empty),

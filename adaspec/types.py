@@ -8,14 +8,14 @@ Shapes: V = vocabulary size (logits' last dim), d = hidden size, K = drafted tok
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
 
 from .metrics import RunMetrics
+from .sampling import SamplingConfig
 
 
 class Action(enum.Enum):
@@ -34,45 +34,75 @@ class DraftNeeds:
     attention: bool = False
 
 
-@dataclass
 class DraftStep:
     """One drafted position, as a policy sees it before deciding.
 
     Attributes:
         index: 1-based position of this token in the current draft.
         token: proposed token id (argmax of q under greedy, a sample of q otherwise).
-        logits: [V] raw draft logits at this position (float32).
-        probs: [V] draft distribution q after temperature / top-k / top-p (float32);
-            under greedy this is softmax(logits).
-        hidden: [d] draft last-layer hidden state that produced ``logits``, if requested.
+        hidden: [d] draft last-layer hidden state that produced the logits, if requested.
         attn_concentration: scalar in [0, 1], max attention weight of the draft's last
             layer averaged over heads, if requested.
         context_len: committed tokens before this draft (prompt + generated).
+
+    Read on demand (a drafter computes them lazily, so a policy pays only for what it reads):
+        logits: [V] raw draft logits at this position (float32; -inf where q = 0).
+        probs: [V] draft distribution q after temperature / top-k / top-p (float32);
+            under greedy this is softmax(logits).
+        scored: [Vs] the finite part of ``logits`` (a reduced-vocabulary draft's own
+            scores, every other token has q = 0), what entropy / top-k features read.
+        token_prob: q(token).
     """
 
-    index: int
-    token: int
-    logits: torch.Tensor
-    probs: torch.Tensor
-    hidden: torch.Tensor | None = None
-    attn_concentration: float | None = None
-    context_len: int = 0
+    def __init__(self, index: int, token: int, logits: torch.Tensor, probs: torch.Tensor,
+                 hidden: torch.Tensor | None = None, attn_concentration: float | None = None,
+                 context_len: int = 0) -> None:
+        self.index: int = index  # 1-based position in the draft
+        self.token: int = token
+        self.context_len: int = context_len
+        self.logits: torch.Tensor = logits  # [V] float32
+        self.probs: torch.Tensor = probs  # [V] float32
+        self.hidden: torch.Tensor | None = hidden  # [d] or None
+        self.attn_concentration: float | None = attn_concentration  # scalar in [0, 1] or None
 
-    @cached_property
+    @property
+    def scored(self) -> torch.Tensor:
+        """[Vs] logits of the tokens the draft scores (here all V)."""
+        return self.logits
+
+    @property
     def token_prob(self) -> float:
         """q(token)."""
         return float(self.probs[self.token])
 
-    @cached_property
-    def entropy(self) -> float:
-        """Shannon entropy of softmax(logits) in nats (zero-probability tokens contribute 0)."""
-        logp = torch.log_softmax(self.logits.float(), dim=-1)
-        p = logp.exp()
-        return float(-(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum())
 
-    def top_probs(self, k: int) -> torch.Tensor:
-        """[k] largest probabilities of softmax(logits), descending."""
-        return torch.softmax(self.logits.float(), dim=-1).topk(k).values
+DecideFn = Callable[[DraftStep], Action]  # a policy's verdict on each drafted token
+BranchFn = Callable[[DraftStep], int]  # extra candidates at a kept position (0 = none)
+
+
+def _keep_drafting(step: DraftStep) -> Action:
+    return Action.CONTINUE
+
+
+@dataclass
+class DraftRequest:
+    """What one round asks of a drafter (``Drafter.propose(context, request)``).
+
+    Attributes:
+        budget: at most this many tokens (>= 1).
+        sampling: how q derives from the draft's logits (greedy: argmax).
+        decide: asked after every drafted token (the policy's ``decide``).
+        generator: RNG of the draws under sampling (None under greedy).
+        needs: optional draft outputs the policy reads (hidden state, attention).
+        branch: extra candidates per kept position (a token tree), or None.
+    """
+
+    budget: int  # at most this many tokens
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    decide: DecideFn = _keep_drafting  # (step) -> Action
+    generator: torch.Generator | None = None  # the draws' RNG (sampling)
+    needs: DraftNeeds = field(default_factory=DraftNeeds)
+    branch: BranchFn | None = None  # (step) -> extra candidates, or None: never branch
 
 
 @dataclass
@@ -91,11 +121,16 @@ class Draft:
             leaves: drafting continues along ``tokens`` only.
     """
 
-    tokens: list[int]
-    probs: torch.Tensor | None
-    steps: list[DraftStep]
-    forwards: int
-    branches: dict[int, list[int]] = field(default_factory=dict)
+    tokens: list[int]  # [K] token ids
+    probs: torch.Tensor | None  # [K, V] float32 q_i, or None (greedy)
+    steps: list[DraftStep]  # [K]
+    forwards: int  # draft forwards spent
+    branches: dict[int, list[int]] = field(default_factory=dict)  # position (1-based) -> [c] candidates
+
+    @classmethod
+    def empty(cls) -> Draft:
+        """No tokens (a round that drafts nothing)."""
+        return cls([], None, [], 0)
 
     @property
     def tree_size(self) -> int:
@@ -115,9 +150,9 @@ class Verdict:
         kind: "bonus" (all accepted) or "recovered" (a rejection happened).
     """
 
-    accepted: int
-    token: int
-    kind: str
+    accepted: int  # m in [0, K]
+    token: int  # the committed extra token id
+    kind: str  # "bonus" | "recovered"
     branch_rank: int = 0  # 0: the chain token was accepted last; r >= 1: extra candidate r
 
 
@@ -125,15 +160,15 @@ class Verdict:
 class RoundContext:
     """What a policy knows before drafting a round."""
 
-    committed: Sequence[int]  # prompt + generated ids so far
+    committed: Sequence[int]  # [prompt_len + generated] ids so far
     prompt_len: int
-    round_index: int
+    round_index: int  # 0-based
     max_budget: int  # hard cap from max_new_tokens / context length
 
 
 @dataclass
 class RoundOutcome:
-    """What a policy learns after verification (DESIGN §1 step 6).
+    """What a policy learns after verification (docs/design.md §1 step 6).
 
     Attributes:
         draft: the draft that was verified.
@@ -145,10 +180,10 @@ class RoundOutcome:
 
     draft: Draft
     verdict: Verdict
-    target_logits: torch.Tensor
-    target_hidden: torch.Tensor | None
-    draft_s: float
-    verify_s: float
+    target_logits: torch.Tensor  # [K+1, V] float32
+    target_hidden: torch.Tensor | None  # [K+1, d] or None
+    draft_s: float  # seconds
+    verify_s: float  # seconds
     context: RoundContext | None = None
 
 
@@ -163,25 +198,28 @@ class VerifyCall:
     :meth:`run` executes it on ``runner``; the batch engine may execute many in one forward.
     """
 
-    runner: Any
-    seq: list[int]
-    n_out: int
-    hidden: bool
-    nodes: list[int] | None = None
-    parents: list[int] | None = None
+    runner: Any  # a RunnerBase (adaspec.runtime.eager)
+    seq: list[int]  # [S] committed ids + draft (chain) / ending with the root (tree)
+    n_out: int  # outputs for the last n_out positions of seq (chain)
+    hidden: bool  # also return [n, d] last-layer hidden states
+    nodes: list[int] | None = None  # [T] tree node ids (tree only)
+    parents: list[int] | None = None  # [T] parent of each node: -1 = the root, else a node index
     concentration: bool = False  # the runner's attention_concentration() reports this forward
+    synced: int = 0  # seq[:synced] is what the runner's cache held after its last forward (no compare)
 
     def run(self) -> Any:
         """The forward output (``ForwardOut``) from this call's own runner."""
         if self.nodes is None:
-            kw = {"concentration": True} if self.concentration else {}
+            kw: dict[str, Any] = {"concentration": True} if self.concentration else {}
+            if self.synced:
+                kw["synced"] = self.synced
             return self.runner.forward(self.seq, self.n_out, hidden=self.hidden, **kw)
         return self.runner.forward_tree(self.seq, self.nodes, self.parents, hidden=self.hidden)
 
 
 @dataclass
 class GenerationStats(RunMetrics):
-    """Per-call statistics with the DESIGN §2 definitions: the mergeable counts of
+    """Per-call statistics with the docs/design.md §2 definitions: the mergeable counts of
     :class:`~adaspec.metrics.RunMetrics` (τ, acceptance, per-position acceptance, the
     accepted-length histogram; ``a + b`` pools calls) plus what belongs to one call."""
 

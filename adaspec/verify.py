@@ -1,4 +1,4 @@
-"""Verification: pure functions, no state (DESIGN §1 step 4).
+"""Verification: pure functions, no state (docs/design.md §1 step 4).
 
 Greedy: accept x_i while x_i == argmax p_i; commit argmax at the first mismatch, or the
 bonus argmax p_{K+1} when all K match.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaspec.models import LoadedModel
+from adaspec.checkpoints.loader import LoadedModel
 
 # tiny models: threading only adds overhead on a shared 2-core box (and pytest -n 2 runs two
 # workers): one torch thread and one thread for the compiled runtime's kernels (numba reads

@@ -21,10 +21,10 @@ from conftest import layered_pair, rand_prompts
 from test_distribution import N, V, chi_square_p, exact_distribution, marginal
 
 from adaspec.api import SpeculativeGenerator
-from adaspec.batch import BatchEngine, CostFit, DraftBudget, Sequence
 from adaspec.engine import StopRules, VerifyCall
 from adaspec.policies import make_policy
 from adaspec.sampling import SamplingConfig
+from adaspec.serve.batch import BatchEngine, CostFit, DraftBudget, Sequence
 from adaspec.types import GenerationStats
 
 pytest.importorskip("numba")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaspec.bench.datasets import Prompt
 from adaspec.bench.report import read_results, report_only
 from adaspec.bench.runner import BenchConfig, ResumeMismatchError, run_benchmark
-from adaspec.data import Prompt
-from adaspec.models import LoadedModel, load_model
+from adaspec.checkpoints.loader import LoadedModel, load_model
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")

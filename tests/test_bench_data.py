@@ -10,9 +10,9 @@ import statistics
 import pytest
 
 from adaspec.bench.cli import add_bench_parser
+from adaspec.bench.datasets import DatasetError, data_root, humaneval_bucket, load_dataset, load_jsonl
 from adaspec.bench.methods import MethodError, parse_method, parse_methods
 from adaspec.bench.report import markdown_table, read_results, report_only, summarize
-from adaspec.data import DatasetError, data_root, humaneval_bucket, load_dataset, load_jsonl
 from adaspec.errors import InvalidArgumentError
 
 # The instruction sets are read in place from ../shared/data (or $ADASPEC_DATA) and are not
@@ -162,9 +162,9 @@ def test_calibration_pairs_make_the_calibration_plot(tmp_path):
 
 
 def test_run_one_moves_policy_calibration_pairs_into_the_row():
+    from adaspec.bench.datasets import Prompt
     from adaspec.bench.methods import TurnResult
     from adaspec.bench.runner import BenchConfig, run_one
-    from adaspec.data import Prompt
     from adaspec.types import GenerationStats
 
     class Runner:  # two turns, each reporting calibration pairs like specdecpp

@@ -16,9 +16,9 @@ from __future__ import annotations
 import pytest
 
 from adaspec.api import SpeculativeGenerator
-from adaspec.draft_model import SubsetLMHead
+from adaspec.checkpoints.loader import LoadedModel, load_model
+from adaspec.checkpoints.subset_draft import SubsetLMHead
 from adaspec.errors import ModelLoadError
-from adaspec.models import LoadedModel, load_model
 from adaspec.policies import make_policy
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Sampling is exact for every policy and variant: the distribution of sampled continuations
-equals the target's own (DESIGN §4), with a test that has the power to see a 5 % error.
+equals the target's own (docs/design.md §4), with a test that has the power to see a 5 % error.
 
 Design (fixed seeds and a virtual clock, so every run draws the very same samples):
 - a vocabulary-4 pair (:func:`conftest.layered_pair`, small weights so that distributions
@@ -39,7 +39,7 @@ from conftest import layered_pair, rand_prompts
 from scipy.stats import chi2, ncx2
 
 from adaspec.api import SpeculativeGenerator
-from adaspec.models import LoadedModel
+from adaspec.checkpoints.loader import LoadedModel
 from adaspec.policies import make_policy
 from adaspec.policies.base import Policy
 from adaspec.sampling import SamplingConfig, processed_probs
@@ -186,8 +186,8 @@ def subset_draft(pair4, tmp_path_factory) -> LoadedModel:
     loaded through the real draft-directory path."""
     import copy
 
-    from adaspec.draft_model import build_subset_draft, save_subset_draft
-    from adaspec.models import load_model
+    from adaspec.checkpoints.loader import load_model
+    from adaspec.checkpoints.subset_draft import build_subset_draft, save_subset_draft
 
     draft = pair4[1].model
     ids = torch.tensor([0, 1, 2])

@@ -8,7 +8,8 @@ from conftest import EOS_ID, loaded, make_model, prompt_ids
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.drafters import ModelDrafter
-from adaspec.kv import ModelRunner
+from adaspec.errors import InvalidArgumentError
+from adaspec.runtime.eager import ModelRunner
 
 
 def plain(target, prompt, **kw):
@@ -143,6 +144,10 @@ def test_stream_concatenates_to_text(tiny_pair):
     text = "".join(stream)
     assert stream.result is not None
     assert text == stream.result.text
+    # generate's defaults are stream's (declared once): same ids without arguments
+    assert "".join(gen.stream("hello")) == gen.generate("hello").text
+    with pytest.raises(InvalidArgumentError, match="unknown arguments: max_tokens"):
+        gen.stream("hello", max_tokens=3)
 
 
 def test_stats_definitions(tiny_pair):
@@ -175,8 +180,8 @@ def test_reduced_vocabulary_draft_greedy_identity(tiny_pair, tmp_path):
 
     from conftest import perturbed
 
-    from adaspec.draft_model import SubsetLMHead, build_subset_draft, save_subset_draft
-    from adaspec.models import load_model
+    from adaspec.checkpoints.loader import load_model
+    from adaspec.checkpoints.subset_draft import SubsetLMHead, build_subset_draft, save_subset_draft
 
     target, _ = tiny_pair
     draft = loaded(perturbed(target.model, 0.1, seed=3), target.tokenizer)  # agrees often
@@ -202,3 +207,27 @@ def test_reduced_vocabulary_draft_greedy_identity(tiny_pair, tmp_path):
         rejected += out.stats.drafted_tokens - out.stats.accepted_tokens
     assert accepted > 0 and rejected > 0
     assert banned & set(t for w in want for t in w)  # the draft could not have proposed these
+
+
+def test_cache_argument_follows_the_model_signature(tiny_pair):
+    """One switch names the KV cache argument: ``cache`` where the forward declares it
+    (no FutureWarning on transformers >= 5.2x), else ``past_key_values``."""
+    import inspect
+    import warnings
+
+    from torch import nn
+
+    from adaspec.runtime.eager import cache_kwargs
+
+    target, _ = tiny_pair
+    want = "cache" if "cache" in inspect.signature(target.model.forward).parameters else "past_key_values"
+    assert list(cache_kwargs(target.model, None)) == [want]
+
+    class Old(nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return past_key_values
+
+    assert cache_kwargs(Old(), 7) == {"past_key_values": 7}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        SpeculativeGenerator(target, None, "fixed").generate(prompt_ids(0), max_new_tokens=3)

@@ -7,6 +7,7 @@ from conftest import loaded, make_model, make_tokenizer
 
 from adaspec import cli
 from adaspec.api import SpeculativeGenerator
+from adaspec.checkpoints.loader import load_model
 from adaspec.errors import (
     InvalidArgumentError,
     ModelLoadError,
@@ -14,7 +15,6 @@ from adaspec.errors import (
     PromptTooLongError,
     VocabMismatchError,
 )
-from adaspec.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_corrupt_weights(model_dir, tmp_path, capsys, damage):
 
 def test_corrupt_subset_draft(model_dir, tmp_path, capsys):
     """A reduced-vocabulary draft directory whose weights were cut short."""
-    from adaspec.draft_model import build_subset_draft, save_subset_draft
+    from adaspec.checkpoints.subset_draft import build_subset_draft, save_subset_draft
 
     cfg = make_model("llama", max_pos=64).config
     save_subset_draft(build_subset_draft(cfg, torch.arange(100)), tmp_path / "d",

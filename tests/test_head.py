@@ -8,8 +8,8 @@ import torch
 from conftest import loaded, make_model, prompt_ids
 
 from adaspec.api import SpeculativeGenerator
+from adaspec.checkpoints.feature_head import FeatureHead, body_config, load_head, save_head
 from adaspec.errors import ModelLoadError
-from adaspec.head_model import FeatureHead, body_config, load_head, save_head
 
 
 def make_head(target: torch.nn.Module, path, token_ids: list[int] | None = None, seed: int = 0,
@@ -149,9 +149,9 @@ def test_bench_runs_every_method_on_a_head_given_as_the_runs_draft(tmp_path):
     (with and without the n-gram source), token-identical to ``ar``."""
     from test_bench import make_tiny_pair
 
+    from adaspec.bench.datasets import Prompt
     from adaspec.bench.runner import BenchConfig, run_benchmark
-    from adaspec.data import Prompt
-    from adaspec.models import load_model
+    from adaspec.checkpoints.loader import load_model
 
     target = load_model(str(make_tiny_pair(tmp_path / "tiny")[0]), dtype="fp32")  # with a tokenizer
     make_head(target.model, tmp_path / "head", token_ids=list(range(0, target.vocab_size, 2)))
@@ -173,8 +173,8 @@ def test_feature_shards_resume_and_hold_the_targets_features(tmp_path):
     target's last hidden states over exactly the text."""
     from test_bench import make_tiny_pair
 
-    from adaspec.data import Prompt
-    from adaspec.models import load_model
+    from adaspec.bench.datasets import Prompt
+    from adaspec.checkpoints.loader import load_model
     from adaspec.train import head_data as hd
     from adaspec.train.draft_data import greedy_batch
 

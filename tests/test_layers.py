@@ -1,63 +1,153 @@
-"""The package's import rules (DESIGN §3), read from the source with ``ast`` so they stay true.
+"""The package's layout and import rules (docs/design.md, "Layout"), read from the source
+with ``ast`` so they stay true.
 
-- Runtime code (what runs while decoding) never imports offline or tool code.
+- The root holds the public front (api, cli, errors, types) and the core loop (engine,
+  verify, sampling, metrics); everything else lives in a package, and every root entry is
+  on one side, decode-time code or a tool built on top of it (:data:`RUNTIME_ROOTS` /
+  :data:`TOOL_ROOTS`): a new module takes the side of the package it is in, and a new root
+  entry fails these tests until it is placed.
+- Runtime code (what runs while decoding) never imports tool code.
 - The engine knows policies and drafters only through their protocols.
 - Policies, drafters and predictors talk through :mod:`adaspec.types`, not through each other.
-- No import loop between the runtime's parts.
-- One place each: the model options (cli_args), the thread count (runtime.set_threads).
+- No import loop anywhere: imports inside functions count, and so does every package
+  ``__init__`` an import runs (imports under ``if TYPE_CHECKING:`` never run and do not).
+- No function over 80 lines.
+- One place each: the model options (frontend.options), the thread count (runtime.set_threads).
 - No process-wide side effects on import (environment, threads, transformers' logging).
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Decode-time code. Everything else (adaspec.train, adaspec.bench, adaspec.data, the CLIs,
-# the server, integrations) is a tool built on top of it.
-RUNTIME = ("adaspec.api", "adaspec.engine", "adaspec.verify", "adaspec.kv", "adaspec.types",
-           "adaspec.sampling", "adaspec.errors", "adaspec.metrics", "adaspec.models", "adaspec.draft_model",
-           "adaspec.head_model", "adaspec.runtime", "adaspec.drafters", "adaspec.policies",
-           "adaspec.predictors")
-OFFLINE = ("adaspec.train", "adaspec.bench", "adaspec.data", "adaspec.cli", "adaspec.cli_args",
-           "adaspec.serve", "adaspec.integrations")
-# Parts of the runtime as nodes of the loop check (a module or a package, by prefix).
-PARTS = {"adaspec.kv": "runtime", "adaspec.runtime": "runtime", "adaspec.draft_model": "models",
-         "adaspec.head_model": "models", "adaspec.models": "models"}
+ROOT_MODULES = ("api", "cli", "errors", "types", "engine", "verify", "sampling", "metrics")
+RUNTIME_ROOTS = ("api", "engine", "verify", "types", "sampling", "errors", "metrics", "checkpoints",
+                 "runtime", "drafters", "policies", "predictors")
+TOOL_ROOTS = ("cli", "frontend", "bench", "train", "serve", "integrations")
+MAX_FUNCTION_LINES = 80
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+class Scan:
+    """The modules of the package under ``root`` (``root/NAME/**.py``), their syntax trees,
+    the adaspec modules each one's imports name, and the import graph: module -> every
+    module or package ``__init__`` its imports execute."""
 
+    def __init__(self, root: Path, name: str = "adaspec") -> None:
+        self.root, self.name = root, name
+        self.files = {self._module(p): p for p in sorted((root / name).rglob("*.py"))}
+        self.trees = {m: ast.parse(p.read_text(encoding="utf-8")) for m, p in self.files.items()}
+        self.imports = {m: self._imported(m) for m in self.files}
+        self.graph = {m: {r for n in names for r in self._runs(m, n)} for m, names in self.imports.items()}
 
-def _imports() -> dict[str, set[str]]:
-    """module -> adaspec modules it imports (top-level and inside functions alike)."""
-    out: dict[str, set[str]] = {}
-    for path in sorted((ROOT / "adaspec").rglob("*.py")):
-        mod = _module_name(path)
-        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    def _module(self, path: Path) -> str:
+        parts = list(path.relative_to(self.root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    def _imported(self, mod: str) -> set[str]:
+        pkg = mod if self.files[mod].name == "__init__.py" else mod.rpartition(".")[0]
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _import_nodes(self.trees[mod]):
             if isinstance(node, ast.Import):
                 found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
-                    name = ".".join(base + ([node.module] if node.module else []))
-                    # "from . import x" / "from .pkg import mod": the names may be modules
-                    found.update(f"{name}.{a.name}" for a in node.names)
-                else:
-                    name = node.module or ""
-                found.add(name)
-        out[mod] = {n for n in found if n == "adaspec" or n.startswith("adaspec.")}
-    return out
+                continue
+            base = node.module or ""
+            if node.level:
+                up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in self.files)
+        out = set()
+        for name in found:
+            while name and name not in self.files:  # "pkg.mod.attr" -> the module pkg.mod
+                name = name.rpartition(".")[0]
+            if name:
+                out.add(name)
+        return out
+
+    @staticmethod
+    def _runs(mod: str, name: str) -> set[str]:
+        """What importing ``name`` from ``mod`` executes: ``name`` and each package ``__init__``
+        on its path that is not already running (``mod``'s own packages are)."""
+        parts, own = name.split("."), mod.split(".")
+        chain = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        return chain - {".".join(own[:i]) for i in range(1, len(own) + 1)}
+
+    def cycles(self) -> list[list[str]]:
+        """Every import loop: the strongly connected components of more than one module."""
+        return _components(self.graph)
+
+    def long_functions(self, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+        return sorted(f"{m}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+                      for m, tree in self.trees.items() for node in ast.walk(tree)
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.end_lineno - node.lineno + 1 > limit)
+
+    def root_entries(self) -> set[str]:
+        return {m.split(".")[1] for m in self.files if "." in m}
+
+    def loose_modules(self) -> set[str]:
+        return {m.split(".")[1] for m, p in self.files.items()
+                if m.count(".") == 1 and p.name != "__init__.py"}
 
 
-IMPORTS = _imports()
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _import_nodes(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement under ``node`` at any depth (inside functions too), except the
+    body of ``if TYPE_CHECKING:``, which never runs."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        elif _is_type_checking(child):
+            for stmt in child.orelse:
+                yield from _import_nodes(ast.Module(body=[stmt], type_ignores=[]))
+        else:
+            yield from _import_nodes(child)
+
+
+def _components(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp: list[str] = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+SCAN = Scan(ROOT)
+IMPORTS = SCAN.imports
+RUNTIME = tuple(f"adaspec.{r}" for r in RUNTIME_ROOTS)
+OFFLINE = tuple(f"adaspec.{r}" for r in TOOL_ROOTS)
 
 
 def _under(mod: str, prefixes: tuple[str, ...]) -> bool:
@@ -69,15 +159,54 @@ def _edges(src: tuple[str, ...], dst: tuple[str, ...]) -> list[str]:
                   for n in names if _under(n, dst) and not _under(n, src))
 
 
-def _part(mod: str) -> str:
-    for prefix, part in PARTS.items():
-        if _under(mod, (prefix,)):
-            return part
-    return mod.split(".")[1] if "." in mod else mod
-
-
 def test_the_scan_sees_the_package() -> None:
     assert "adaspec.engine" in IMPORTS and "adaspec.policies.base" in IMPORTS["adaspec.engine"]
+    # an import inside a function, and the package __init__ an import of a submodule runs
+    assert "adaspec.runtime.compiled" in IMPORTS["adaspec.runtime"]
+    assert {"adaspec.checkpoints", "adaspec.checkpoints.loader"} <= SCAN.graph["adaspec.drafters.registry"]
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_the_loop_check_sees_lazy_imports_and_package_inits(tmp_path: Path) -> None:
+    """The loop ``kv.py`` hid on the main of session 6: ``runtime/__init__`` imports ``kv`` at
+    the top; ``kv`` imports ``runtime.attention`` inside a function, which runs
+    ``runtime/__init__``. A type-only import is no loop; a module importing its own package's
+    sibling does not rerun the ``__init__`` it is part of."""
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/kv.py": "def probe():\n    from .runtime.attention import Probe\n",
+        "pkg/runtime/__init__.py": "from ..kv import probe\n",
+        "pkg/runtime/attention.py": "from . import kernels\nclass Probe: ...\n",
+        "pkg/runtime/kernels.py": "from .attention import Probe\n",
+        "pkg/typed.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .hinted import X\n",
+        "pkg/hinted.py": "from .typed import TYPE_CHECKING\n",
+    })
+    scan = Scan(tmp_path, "pkg")
+    assert scan.graph["pkg.kv"] == {"pkg.runtime", "pkg.runtime.attention"}
+    assert scan.cycles() == [["pkg.kv", "pkg.runtime"], ["pkg.runtime.attention", "pkg.runtime.kernels"]]
+
+
+def test_no_import_loop_anywhere() -> None:
+    assert SCAN.cycles() == []
+
+
+def test_no_function_over_80_lines() -> None:
+    assert SCAN.long_functions() == []
+
+
+def test_root_holds_only_the_front_and_the_core_loop() -> None:
+    assert sorted(SCAN.loose_modules()) == sorted(ROOT_MODULES)
+
+
+def test_every_root_entry_is_runtime_or_tool() -> None:
+    """A new root module or package must be placed on one side (and only one)."""
+    assert not set(RUNTIME_ROOTS) & set(TOOL_ROOTS)
+    assert sorted(SCAN.root_entries()) == sorted(RUNTIME_ROOTS + TOOL_ROOTS)
 
 
 def test_runtime_never_imports_offline_code() -> None:
@@ -90,7 +219,7 @@ def test_runtime_never_imports_offline_code() -> None:
     (("adaspec.predictors",), ("adaspec.policies", "adaspec.drafters", "adaspec.api", "adaspec.engine")),
     (("adaspec.verify", "adaspec.types", "adaspec.sampling"),
      ("adaspec.policies", "adaspec.drafters", "adaspec.predictors", "adaspec.engine", "adaspec.api",
-      "adaspec.runtime", "adaspec.kv")),
+      "adaspec.runtime")),
 ])
 def test_parts_talk_through_types(src: tuple[str, ...], dst: tuple[str, ...]) -> None:
     assert _edges(src, dst) == []
@@ -105,48 +234,31 @@ def test_engine_knows_only_protocols() -> None:
 
 
 def test_no_import_loop_between_runtime_parts() -> None:
-    graph: dict[str, set[str]] = {}
-    for mod, names in IMPORTS.items():
-        if _under(mod, RUNTIME):
-            graph.setdefault(_part(mod), set()).update(
-                _part(n) for n in names if _under(n, RUNTIME) and _part(n) != _part(mod))
-    loops, state = [], {}
-
-    def visit(node: str, stack: list[str]) -> None:
-        state[node] = "open"
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "open":
-                loops.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack
-                             else f"{node} -> {nxt}")
-            elif nxt not in state:
-                visit(nxt, [*stack, node])
-        state[node] = "done"
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
-    assert loops == []
+    """Coarser than the module loops: the runtime's root entries (a package counts as one)
+    form no loop either, so each part can be read knowing only those below it."""
+    part = {m: m.split(".")[1] for m in SCAN.files if _under(m, RUNTIME)}
+    graph = {p: set() for p in part.values()}
+    for m, names in SCAN.graph.items():
+        if m in part:
+            graph[part[m]].update(part[n] for n in names if n in part and part[n] != part[m])
+    assert _components(graph) == []
 
 
 def _calls(attr: str) -> list[tuple[str, ast.Call]]:
     """(module, call) for every call of ``something.attr(...)`` in the package."""
-    out = []
-    for path in sorted((ROOT / "adaspec").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr:
-                out.append((_module_name(path), node))
-    return out
+    return [(mod, node) for mod, tree in SCAN.trees.items() for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr]
 
 
 def test_model_options_are_declared_once():
     """--target / --draft / --dtype / --device / --threads / --runtime come from
-    cli_args.add_model_args in every command (a command may pick a subset or a default)."""
-    from adaspec.cli_args import MODEL_OPTIONS
+    frontend.options.add_model_args in every command (a command may pick a subset or a default)."""
+    from adaspec.frontend.options import MODEL_OPTIONS
 
     names = {f"--{o}" for o in MODEL_OPTIONS}
     own = sorted((mod, call.args[0].value) for mod, call in _calls("add_argument")
                  if call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value in names
-                 and mod != "adaspec.cli_args")
+                 and mod != "adaspec.frontend.options")
     # bench.verify_cost's --runtime is a comma list of runtimes to compare, and draft_cost's
     # --draft a repeatable list: other options under the same names
     assert own == [("adaspec.bench.draft_cost", "--draft"), ("adaspec.bench.verify_cost", "--runtime")]

@@ -138,9 +138,9 @@ def test_bench_goes_on_when_the_peer_crashes(fake_engine, tmp_path):
     from test_bench import _tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from adaspec.bench.datasets import Prompt
     from adaspec.bench.report import read_results
     from adaspec.bench.runner import BenchConfig, run_benchmark
-    from adaspec.data import Prompt
 
     tok = _tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -13,18 +13,18 @@ from scipy.stats import chi2
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.bench.methods import MethodError, parse_methods
+from adaspec.checkpoints.loader import LoadedModel
 from adaspec.drafters.mixed import SOURCES, MixedDrafter
 from adaspec.drafters.model import ModelDrafter
 from adaspec.drafters.ngram import Match, NgramDrafter, NgramIndex
 from adaspec.drafters.registry import DraftSpec, parse_draft
 from adaspec.engine import Engine, StopRules
 from adaspec.errors import InvalidArgumentError, PolicyArgumentError
-from adaspec.models import LoadedModel
 from adaspec.policies.context import ContextPolicy
 from adaspec.policies.fixed import FixedPolicy
 from adaspec.predictors.source_choice import Plan, SourceChoice, prior_survival
 from adaspec.sampling import SamplingConfig, processed_probs
-from adaspec.types import GenerationStats
+from adaspec.types import DraftRequest, GenerationStats
 
 # ---------------------------------------------------------------------------- the matcher
 
@@ -234,6 +234,22 @@ def test_api_ngram_and_mixed_drafts_are_greedy_identical():
     assert sources["ngram"] > 5 and sources["model"] > 5, sources
 
 
+def test_draft_spec_knows_its_kind_and_renders_itself_back(tmp_path):
+    """``kind`` and ``arg`` are the one place that reads a draft argument: every spec parses back
+    to itself, a ``head:`` spec (even one whose directory holds no head yet) is a head, and a
+    loaded model renders as a list beside its sources."""
+    target, draft = tiny_pair8()
+    for text in ("default", "default+ngram", "ngram", "head:default", "head:x+ngram", "/some/dir"):
+        spec = parse_draft(text)
+        assert parse_draft(spec.arg) == spec, text
+    assert [parse_draft(t).kind for t in ("none", "ngram", "model+ngram", "head:x", "head")] == \
+        [None, None, "model", "head", "head"]
+    loaded = parse_draft([draft, "ngram"])
+    assert loaded.kind == "model" and loaded.arg == [draft, "ngram"] and parse_draft(loaded.arg) == loaded
+    assert loaded.name == f"{draft.name}+ngram" and parse_draft(None).name == "none"
+    assert parse_draft(None).arg is None and parse_draft("ngram").with_model("m").arg == "m+ngram"
+
+
 def test_draft_arguments_and_refusals():
     target, draft = tiny_pair8()
     assert parse_draft("model+ngram") == DraftSpec("default", ("ngram",))
@@ -260,8 +276,10 @@ def test_bench_methods_draft_argument():
     specs = parse_methods("fixed:k=8:draft=ngram,heuristic:draft=model+ngram,fixed:4")
     assert [s.draft for s in specs] == ["ngram", "model+ngram", None]
     assert [s.needs_draft for s in specs] == [False, True, True]
-    assert specs[0].args == {"k": "8"} and specs[0].draft_arg(None) == ["ngram"]
-    assert specs[1].draft_arg("M") == ["M", "ngram"] and specs[2].draft_arg("M") == "M"
+    assert specs[0].args == {"k": "8"}
+    assert parse_draft(specs[0].draft_arg(None)) == DraftSpec(None, ("ngram",))
+    assert parse_draft(specs[1].draft_arg("M")) == DraftSpec("M", ("ngram",))
+    assert specs[2].draft_arg("M") == "M"
     for bad in ("specdecpp:draft=ngram", "ldlp:draft=ngram", "fixed:draft=other+ngram", "fixed:draft=none"):
         with pytest.raises(MethodError):
             parse_methods(bad)
@@ -379,7 +397,7 @@ def test_context_policy_cuts_the_copy_at_the_planned_length():
         match = Match(length, 1, 1.0, tuple(range(16)))
         assert policy.choose_source(match, 16) == "ngram"
         planned = policy._sources.plan(length, 1.0, 16, 16).length
-        draft = drafter.draft_from(match, [0] * 50, 16, policy.decide, SamplingConfig())
+        draft = drafter.draft_from(match, [0] * 50, DraftRequest(16, decide=policy.decide))
         assert len(draft.tokens) == planned and (planned < 16) == expect_cut, (length, planned)
 
 

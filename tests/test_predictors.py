@@ -85,7 +85,7 @@ def test_predictor_for_another_pair_is_refused(traces, tmp_path):
 def _wide_pair():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from adaspec.models import LoadedModel
+    from adaspec.checkpoints.loader import LoadedModel
 
     cfg = dict(vocab_size=64, hidden_size=48, intermediate_size=64, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, eos_token_id=None)
@@ -142,8 +142,8 @@ def test_calibration_metrics():
 
 
 def test_attention_probe_matches_eager(pair):
-    from adaspec.kv import ModelRunner
     from adaspec.runtime.attention import AttentionProbe
+    from adaspec.runtime.eager import ModelRunner
 
     target, _ = tiny_pair()
     model = target.model
@@ -262,3 +262,34 @@ def test_entropy_and_top_fast_path_equals_direct(k):
         nz = p[p > 0]
         assert ent == pytest.approx(float(-(nz * nz.log()).sum()), rel=1e-5)
         assert torch.allclose(top.double(), p.topk(k).values, rtol=1e-5, atol=1e-7)
+
+
+def test_one_warm_started_average_and_one_slope_rule():
+    """WarmEma is the mean of the first 1/alpha values, then an EMA; every cost model uses
+    it, so a quantity seen for the first time late (a draft cost after rounds that drafted
+    nothing) starts at its first value instead of half-way from zero (the old OnlineTau)."""
+    from adaspec.predictors.costs import DecayedLine, WarmEma
+
+    e = WarmEma()
+    for x in (1.0, 2.0, 3.0, 4.0):
+        e.add(x, 0.25)
+    assert e.value == pytest.approx(2.5)
+    e.add(10.0, 0.25)
+    assert e.value == pytest.approx(0.75 * 2.5 + 0.25 * 10.0)
+    tau = OnlineTau()
+    tau.update(0.0, 0, 0.02, 1, 1)  # a round that drafted nothing
+    tau.update(0.004, 2, 0.02, 3, 2)
+    assert tau.c_d == pytest.approx(0.002)
+    line = DecayedLine()
+    for _ in range(5):
+        line.add(4.0, 0.01, 0.9)
+    assert line.slope() is None  # n never varied: not identified
+    for n in (1.0, 8.0, 1.0, 8.0):
+        line.add(n, 0.01 + 0.001 * n, 0.9)
+    b = line.slope()
+    assert b is not None and b > 0
+    while line.moments()[2] >= 0.25:
+        line.add(4.0, 0.3, 0.9)  # n stops varying ...
+    b = line.slope()
+    line.add(4.0, 0.9, 0.9)
+    assert b is not None and line.slope() == b  # ... the last identified slope is kept

@@ -14,9 +14,9 @@ from conftest import loaded, make_model, perturbed, prompt_ids
 from adaspec import cli
 from adaspec.api import SpeculativeGenerator
 from adaspec.errors import InvalidArgumentError
-from adaspec.kv import ModelRunner
 from adaspec.runtime import make_runner, resolve_runtime
 from adaspec.runtime.compiled import CompiledRunner
+from adaspec.runtime.eager import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_reduced_vocabulary_draft_on_compiled_runtime():
     """A SubsetLMHead draft: q = 0 outside its subset on both runtimes, same distribution."""
     from transformers import LlamaConfig
 
-    from adaspec.draft_model import build_subset_draft
+    from adaspec.checkpoints.subset_draft import build_subset_draft
 
     cfg = LlamaConfig(vocab_size=262, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
@@ -187,7 +187,7 @@ def test_kernel_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path, llama):
 def test_owned_model_keeps_one_copy_and_rebuilds_eager_weights(tmp_path, tokenizer):
     """A model adaspec loaded itself gives its HF weights up to the packed copy (memory);
     the first eager forward rebuilds them exactly, so eager results do not change."""
-    from adaspec.models import load_model
+    from adaspec.checkpoints.loader import load_model
 
     model_dir = tmp_path / "tiny"
     make_model("llama", seed=5).save_pretrained(model_dir)

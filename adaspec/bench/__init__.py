@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from ..data import DATASETS, SPLITS, DatasetError, Prompt, load_dataset
+from .datasets import DATASETS, SPLITS, DatasetError, Prompt, load_dataset
 from .methods import MethodError, MethodSpec, parse_methods
 from .runner import BenchConfig, ResumeMismatchError, run_benchmark
 

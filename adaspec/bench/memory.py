@@ -48,7 +48,7 @@ def peak_rss_mb() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from ..api import SpeculativeGenerator
-    from ..cli_args import add_model_args
+    from ..frontend.options import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.memory", description=__doc__.split("\n\n")[0])
     add_model_args(p, ("target", "draft", "dtype", "threads", "runtime"))

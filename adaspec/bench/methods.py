@@ -52,8 +52,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checkpoints.loader import LoadedModel
 from ..errors import InvalidArgumentError
-from ..models import LoadedModel
 from ..types import GenerationStats
 from . import llamacpp
 from .turn import MethodFailedError, TurnResult
@@ -95,21 +95,18 @@ class MethodSpec:
         if self.draft is not None:
             from ..drafters.registry import parse_draft
 
-            model = parse_draft(self.draft).model
-            return model is not None and not str(model).startswith("head:")
+            return parse_draft(self.draft).kind == "model"
         return self.kind not in ("ar", "llamacpp")
 
     def draft_arg(self, model: LoadedModel | None) -> Any:
         """The ``draft`` argument of :class:`adaspec.api.SpeculativeGenerator` for this method,
-        given the run's loaded draft model."""
+        given the run's loaded draft model (a ``draft=`` model part means that model)."""
         if self.draft is None:
             return model
         from ..drafters.registry import parse_draft
 
         spec = parse_draft(self.draft)
-        if isinstance(spec.model, str) and spec.model.startswith("head:"):
-            return [spec.model, *spec.sources]  # a feature head, loaded by the generator
-        return ([model] if spec.model is not None else []) + list(spec.sources)
+        return spec.with_model(model).arg if spec.kind == "model" else spec.arg
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -173,8 +170,7 @@ def parse_method(text: str) -> MethodSpec:
         policy = make_policy(name, args)  # validates the name and every argument now, not mid-run
         if draft is not None:
             spec = parse_draft(draft)
-            is_head = isinstance(spec.model, str) and spec.model.startswith("head:")
-            if spec.empty or (spec.model not in (None, "default") and not is_head):
+            if spec.empty or (spec.kind == "model" and spec.model != "default"):
                 raise MethodError(f"draft={draft!r}: use ngram, model, model+ngram (model = --draft), "
                                   "head or head+ngram (the shipped feature head)")
             check_policy(policy, spec)

@@ -1,6 +1,6 @@
 """results.jsonl -> summary.json, report.md (and plots via :mod:`adaspec.bench.plots`).
 
-Metric definitions (DESIGN §2), per method, overall and per category; the pooled ones are
+Metric definitions (docs/design.md §2), per method, overall and per category; the pooled ones are
 read from the summed counts of :class:`adaspec.metrics.RunMetrics`:
 
 - tokens_per_s: mean over prompts of the prompt's tokens/s (median over repeats);
@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..data import DatasetError, read_jsonl_objects
 from ..metrics import RunMetrics
+from .datasets import DatasetError, read_jsonl_objects
 
 _REQUIRED = ("prompt_id", "category", "method", "repeat", "new_tokens", "wall_s")
 
@@ -176,7 +176,7 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
 
 
 def policy_efficiency(pp: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
-    """method -> policy efficiency (DESIGN §2): mean over prompts of tokens/s of the method
+    """method -> policy efficiency (docs/design.md §2): mean over prompts of tokens/s of the method
     divided by tokens/s of the ``oracle`` policy with the same draft source and runtime
     (only for policy methods, when such an oracle ran on the same prompts)."""
     return {m: statistics.fmean(r.values()) for m, r in efficiency_ratios(pp).items()}
@@ -333,7 +333,7 @@ def render_report(summary: dict[str, Any], plots: list[str]) -> str:
                 f"{x['ar_len']} | {_f(x.get('top2_gap'), '.3f')} | {_f(x.get('logit_gap'), '.3f')} |"
                 for x in mism[:50]]
         out += ["", "In bf16 a verify over k+1 tokens can round differently from a one-token step, "
-                "so a near-tie argmax can flip (DESIGN §4). The gaps come from one extra target "
+                "so a near-tie argmax can flip (docs/design.md §4). The gaps come from one extra target "
                 "forward over the shared prefix (same dtype): a gap near the bf16 resolution "
                 "(a few hundredths of a logit) is such a tie; compare with `--dtype fp32`.", ""]
         if any(x["method"].startswith("llamacpp") for x in mism):

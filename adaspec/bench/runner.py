@@ -1,6 +1,6 @@
 """Run every method on the same prompts, interleaved, appending one JSON line per result.
 
-Protocol (DESIGN §5): models are loaded once and shared by all methods; ``warmup``
+Protocol (docs/design.md §5): models are loaded once and shared by all methods; ``warmup``
 untimed generations per method first; then for each prompt every method runs
 ``repeats`` times, the method order rotated by one per prompt so that machine drift
 hits all methods alike. Each method keeps one generator for the whole run; its n-gram
@@ -37,13 +37,12 @@ from typing import Any
 
 import torch
 
-from ..api import load_head_draft
-from ..data import Prompt, load_dataset
+from ..checkpoints.loader import LoadedModel, load_model
+from ..drafters.registry import parse_draft
 from ..drafters.suffix import DEFAULT_TOKENS
 from ..errors import InvalidArgumentError, ensure_writable_dir
-from ..head_model import head_dir
 from ..metrics import RunMetrics
-from ..models import LoadedModel, load_model
+from .datasets import Prompt, load_dataset
 from .methods import EngineRunner, MethodFailedError, MethodSpec, build_runner, parse_methods
 from .report import (
     MARGINS_FILE,
@@ -213,6 +212,41 @@ def run_benchmark(
         the summary dict (also written to ``summary.json``).
     """
     specs = parse_methods(cfg.methods)
+    prompts = _checked_prompts(cfg, prompts)
+    if cfg.threads:
+        from ..runtime import set_threads
+
+        set_threads(cfg.threads)
+    out = Path(cfg.out)
+    rows, todo = _resume(cfg, out, prompts, specs)
+    # models given in code: no spec to reload; the probe measures host memory (CPU runs)
+    measure_memory = cfg.memory and target is None and cfg.device == "cpu"
+    target, draft = _load_models(cfg, specs, target, draft)
+    run = _Run(cfg, specs, prompts, target, draft)
+    run.warm_up(todo, rows)
+    finished = False
+    try:
+        new_rows = run.rows(todo, rows, out / "results.jsonl", stop_after, on_row)
+        finished = True
+        if measure_memory and new_rows:
+            rts = set(run.meta["runtimes"].values()) & {"eager", "compiled", "compiled-fp32"}
+            run.meta["memory"] = peak_memory(cfg, sorted(rts), draft is not None,
+                                             str(target.dtype).removeprefix("torch."))
+    finally:
+        if rows:
+            if finished and not cfg.temperature:  # extra target forwards: not on Ctrl-C
+                explain_mismatches(out, rows, {p.id: p for p in prompts}, target, run.chat_for)
+            write_outputs(out, rows, run.meta)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _checked_prompts(cfg: BenchConfig, prompts: list[Prompt] | None) -> list[Prompt]:
+    """The run's prompts (``prompts`` or the dataset split, cut to ``--limit``), once the
+    settings are checked.
+
+    Raises:
+        InvalidArgumentError: bad counts, ``--in-order`` with repeats, no prompts.
+    """
     if cfg.in_order and cfg.repeats > 1:
         raise InvalidArgumentError("--in-order runs each prompt once per method (--repeats 1): a "
                                    "repeat would find its own earlier answer in the suffix cache")
@@ -225,12 +259,17 @@ def run_benchmark(
         prompts = prompts[: cfg.limit]
     if not prompts:
         raise InvalidArgumentError(f"no prompts in {cfg.dataset!r} split {cfg.split!r}")
-    if cfg.threads:
-        from ..runtime import set_threads
+    return prompts
 
-        set_threads(cfg.threads)
 
-    out = Path(cfg.out)
+def _resume(cfg: BenchConfig, out: Path, prompts: list[Prompt], specs: list[MethodSpec],
+            ) -> tuple[list[dict[str, Any]], list[tuple[Prompt, MethodSpec, int]]]:
+    """(rows already in ``out/results.jsonl``, the (prompt, method, repeat) runs still to do,
+    methods rotated per prompt).
+
+    Raises:
+        ResumeMismatchError: the file holds rows of a run with other settings.
+    """
     ensure_writable_dir(out, "--out")
     results = out / "results.jsonl"
     _prepare_file(results)
@@ -247,95 +286,106 @@ def run_benchmark(
             for rep in range(cfg.repeats)
             for s in specs[i % len(specs):] + specs[: i % len(specs)]
             if (p.id, s.key, rep) not in done]
+    return rows, todo
 
+
+def _load_models(cfg: BenchConfig, specs: list[MethodSpec], target: LoadedModel | None,
+                 draft: LoadedModel | None) -> tuple[LoadedModel, LoadedModel | None]:
+    """The target and the run's draft model (loaded once for every method that needs it)."""
     # one dtype for every method: fp32 on a CPU unless every method runs eager
     rt = "eager" if cfg.runtime == "eager" and all(s.runtime in (None, "eager") for s in specs) else "auto"
-    # models given in code: no spec to reload; the probe measures host memory (CPU runs)
-    measure_memory = cfg.memory and target is None and cfg.device == "cpu"
     if target is None:
         target = load_model(cfg.target, dtype=cfg.dtype, device=cfg.device, role="target", runtime=rt)
     if draft is None and any(s.needs_draft for s in specs):
-        head_path = head_dir(cfg.draft)  # --draft head:DIR: a feature head, loaded once for every method
-        draft = load_head_draft(head_path, target) if head_path is not None else load_model(
-            cfg.draft, dtype=cfg.dtype, device=cfg.device, role="draft", runtime=rt)
-    eos = eos_ids(target)
-    runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads,
-                                   cfg.suffix_cache_tokens) for s in specs}
-    meta = run_metadata(cfg, target, draft)
-    meta["runtimes"] = {k: getattr(r, "runtime", "hf") for k, r in runners.items()}
-    meta["policies"] = {k: f"{r.gen.policy_name} over {r.gen.draft_name}"
-                        for k, r in runners.items() if hasattr(getattr(r, "gen", None), "draft_name")}
-    meta["methods"] = [s.key for s in specs]
-    meta["n_prompts"] = len(prompts)
+        spec = parse_draft(cfg.draft)
+        if spec.sources or spec.model is None:
+            raise InvalidArgumentError(f"--draft {cfg.draft!r}: name one draft model (or head:DIR); pick "
+                                       "sources per method with draft=, e.g. context:draft=model+ngram")
+        draft = spec.load(target, dtype=cfg.dtype, device=cfg.device, runtime=rt)[0].model
+    return target, draft
 
-    def chat_for(p: Prompt) -> bool:  # --chat / --no-chat win; by default raw rows stay raw
-        return (not p.raw) if cfg.chat is None else cfg.chat
 
-    failed: dict[str, str] = meta.setdefault("failed", {})  # method -> one-line reason (peer crashes)
+class _Run:
+    """One benchmark run's methods (a runner each, sharing the loaded models), its metadata
+    and the methods that failed (a peer engine's crash ends that method, not the run)."""
 
-    def attempt(spec: MethodSpec, prompt: Prompt, run_cfg: BenchConfig) -> dict[str, Any] | None:
+    def __init__(self, cfg: BenchConfig, specs: list[MethodSpec], prompts: list[Prompt],
+                 target: LoadedModel, draft: LoadedModel | None) -> None:
+        self.cfg, self.specs, self.prompts, self.target = cfg, specs, prompts, target
+        eos = eos_ids(target)
+        self.runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads,
+                                            cfg.suffix_cache_tokens) for s in specs}
+        meta = run_metadata(cfg, target, draft)
+        meta["runtimes"] = {k: getattr(r, "runtime", "hf") for k, r in self.runners.items()}
+        meta["policies"] = {k: f"{r.gen.policy_name} over {r.gen.draft_name}" for k, r in self.runners.items()
+                            if hasattr(getattr(r, "gen", None), "draft_name")}
+        meta["methods"] = [s.key for s in specs]
+        meta["n_prompts"] = len(prompts)
+        self.meta = meta
+        self.failed: dict[str, str] = meta.setdefault("failed", {})  # method -> one-line reason
+
+    def chat_for(self, p: Prompt) -> bool:  # --chat / --no-chat win; by default raw rows stay raw
+        return (not p.raw) if self.cfg.chat is None else self.cfg.chat
+
+    def attempt(self, spec: MethodSpec, prompt: Prompt, run_cfg: BenchConfig) -> dict[str, Any] | None:
         """run_one, or None once the method has failed (recorded in meta, said on stderr)."""
-        if spec.key in failed:
+        if spec.key in self.failed:
             return None
         try:
-            return run_one(runners[spec.key], prompt, target.tokenizer, run_cfg, chat_for(prompt))
+            return run_one(self.runners[spec.key], prompt, self.target.tokenizer, run_cfg,
+                           self.chat_for(prompt))
         except MethodFailedError as exc:
-            failed[spec.key] = str(exc)
+            self.failed[spec.key] = str(exc)
             print(f"\nbench: method {spec.key} failed, the others go on: {exc}", file=sys.stderr)
             return None
 
-    if todo and cfg.warmup:
-        warm = Prompt(prompts[0].id, prompts[0].category, prompts[0].turns[:1], prompts[0].raw)
-        wcfg = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(cfg.max_new_tokens, 32)})
-        for _ in range(cfg.warmup):
-            for s in specs:
-                attempt(s, warm, wcfg)
-    _clear_caches(runners)  # the warm-up's answer must not be drafted from
-    if cfg.in_order:  # a resumed run: the caches hold what the finished rows put there
-        rewarm_caches(runners, rows, {p.id: p for p in prompts}, target.tokenizer, chat_for)
+    def warm_up(self, todo: list, rows: list[dict[str, Any]]) -> None:
+        """Warm every method up on a short first turn, then empty the suffix caches (an
+        ``--in-order`` resume refills them with the finished rows)."""
+        cfg, prompts = self.cfg, self.prompts
+        if todo and cfg.warmup:
+            warm = Prompt(prompts[0].id, prompts[0].category, prompts[0].turns[:1], prompts[0].raw)
+            wcfg = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(cfg.max_new_tokens, 32)})
+            for _ in range(cfg.warmup):
+                for s in self.specs:
+                    self.attempt(s, warm, wcfg)
+        _clear_caches(self.runners)  # the warm-up's answer must not be drafted from
+        if cfg.in_order:  # a resumed run: the caches hold what the finished rows put there
+            rewarm_caches(self.runners, rows, {p.id: p for p in prompts}, self.target.tokenizer,
+                          self.chat_for)
 
-    bar = _progress(len(todo), cfg.progress)
-    new_rows = 0
-    finished = False
-    try:
-        with results.open("a", encoding="utf-8") as fh:
-            for prompt, spec, rep in todo:
-                row = {"prompt_id": prompt.id, "category": prompt.category, "method": spec.key,
-                       "repeat": rep, "turns": len(prompt.turns)}
-                if not cfg.in_order:  # every prompt starts cold: rows independent of the order
-                    _clear_caches({spec.key: runners[spec.key]})
-                result = attempt(spec, prompt, cfg)
-                if result is None:
+    def rows(self, todo: list, rows: list[dict[str, Any]], results: Path, stop_after: int | None,
+             on_row: Callable[[dict[str, Any]], None] | None) -> int:
+        """Run ``todo`` in order, appending each row to ``results`` (and ``rows``) as it
+        finishes; returns the number of new rows."""
+        key, bar, new_rows = self.cfg.resume_key(), _progress(len(todo), self.cfg.progress), 0
+        try:
+            with results.open("a", encoding="utf-8") as fh:
+                for prompt, spec, rep in todo:
+                    row = {"prompt_id": prompt.id, "category": prompt.category, "method": spec.key,
+                           "repeat": rep, "turns": len(prompt.turns)}
+                    if not self.cfg.in_order:  # every prompt starts cold: rows independent of the order
+                        _clear_caches({spec.key: self.runners[spec.key]})
+                    result = self.attempt(spec, prompt, self.cfg)
                     if bar is not None:
                         bar.update(1)
-                    continue
-                row.update(result)
-                row["cfg"] = key
-                row["ts"] = time.time()
-                fh.write(json.dumps(row, default=_jsonable) + "\n")
-                fh.flush()
-                rows.append(row)
-                new_rows += 1
-                if on_row:
-                    on_row(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(_postfix(rows, specs))
-                if stop_after is not None and new_rows >= stop_after:
-                    break
-        finished = True
-        if measure_memory and new_rows:
-            rts = set(meta["runtimes"].values()) & {"eager", "compiled", "compiled-fp32"}
-            meta["memory"] = peak_memory(cfg, sorted(rts), draft is not None,
-                                         str(target.dtype).removeprefix("torch."))
-    finally:
-        if bar is not None:
-            bar.close()
-        if rows:
-            if finished and not cfg.temperature:  # extra target forwards: not on Ctrl-C
-                explain_mismatches(out, rows, {p.id: p for p in prompts}, target, chat_for)
-            write_outputs(out, rows, meta)
-    return json.loads((out / "summary.json").read_text())
+                    if result is None:
+                        continue
+                    row.update(result, cfg=key, ts=time.time())
+                    fh.write(json.dumps(row, default=_jsonable) + "\n")
+                    fh.flush()
+                    rows.append(row)
+                    new_rows += 1
+                    if on_row:
+                        on_row(row)
+                    if bar is not None:
+                        bar.set_postfix_str(_postfix(rows, self.specs))
+                    if stop_after is not None and new_rows >= stop_after:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        return new_rows
 
 
 def _clear_caches(runners: dict[str, Any]) -> None:
@@ -384,7 +434,7 @@ def explain_mismatches(out: Path, rows: list[dict[str, Any]], prompts: dict[str,
     For each mismatch, one target forward over the shared prefix gives the gap between
     the target's two best logits at the first differing position and the logit gap
     between ar's token and the method's token. A small gap is a near-tie that bf16
-    rounding can flip (DESIGN §4); a large one would point at a bug. At most ``cap`` new
+    rounding can flip (docs/design.md §4); a large one would point at a bug. At most ``cap`` new
     mismatches per call (each costs a full forward without cache); a rerun adds more.
     """
     path = out / MARGINS_FILE

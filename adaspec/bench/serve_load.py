@@ -189,7 +189,7 @@ def server_commands(args: argparse.Namespace, port_of: dict) -> list[tuple[str, 
     if args.compare_python:
         out.append(("adaspec (--compare-python)", [args.compare_python, *serve], "/health"))
     if args.vllm_python and _vllm_ok(args.vllm_python):
-        from ..models import default_target_dir
+        from ..checkpoints.loader import default_target_dir
 
         model = str(default_target_dir()) if args.target == "default" else args.target
         vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -218,7 +218,7 @@ def report(levels: list[Level]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from ..cli_args import add_model_args
+    from ..frontend.options import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.serve_load", description=__doc__.split("\n")[0])
     add_model_args(p, ("target", "draft", "threads", "runtime"))

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from ..cli_args import add_model_args
 from ..drafters.suffix import SuffixCache
+from ..frontend.options import add_model_args
 
 
 def fill(cache: SuffixCache, tokens: int, text_tokens: int, vocab: int, seed: int = 0) -> np.ndarray:

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..data import load_dataset
-from ..kv import ForwardOut
+from ..runtime.eager import ForwardOut
+from .datasets import load_dataset
 from .report import read_results
 from .runner import encode_turn
 

@@ -75,8 +75,8 @@ def machine() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli_args import add_model_args
-    from ..models import load_model
+    from ..checkpoints.loader import load_model
+    from ..frontend.options import add_model_args
     from ..runtime import RUNTIMES, resolve_runtime
 
     p = argparse.ArgumentParser(prog="python -m adaspec.bench.verify_cost",

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..head_model import FeatureHead
-from ..sampling import SamplingConfig, processed_probs, sample
-from ..types import Draft, DraftStep
-from .base import BranchFn, DecideFn, DraftNeeds
-from .model import ModelStep, keep_step
+from ..checkpoints.feature_head import FeatureHead
+from ..sampling import argmax, fit_vocab, processed_probs, sample
+from ..types import Draft, DraftRequest
+from .base import DraftBuilder
+from .model import ModelStep
 
 
 class _EagerCore:
@@ -45,11 +45,11 @@ class _EagerCore:
         (subset logits [Vs] and estimated feature [d] of the last row, concentration)."""
         e = self.emb[torch.tensor(tokens)].to(self.w_sub.dtype)[None]
         pos = torch.arange(pos0, pos0 + len(tokens))[None]
-        f = self.head(e, feats.to(self.w_sub.dtype)[None], pos, past_key_values=self.cache)[0, -1]
+        f = self.head(e, feats.to(self.w_sub.dtype)[None], pos, cache=self.cache)[0, -1]
         return (f @ self.w_sub.T).float(), f.float(), 0.0
 
     def crop(self, rows: int) -> None:
-        from ..kv import crop_cache
+        from ..runtime.eager import crop_cache
 
         crop_cache(self.cache, rows)
 
@@ -59,7 +59,7 @@ class _CompiledCore:
 
     def __init__(self, head: FeatureHead, target: nn.Module, w_sub: torch.Tensor,
                  native: bool = False) -> None:
-        from ..draft_model import SubsetLMHead
+        from ..checkpoints.subset_draft import SubsetLMHead
         from ..runtime.compiled import LeanWeights, ensure_compiled
         from ..runtime.kernels import pack_weight
         from ..runtime.native import NativeWeights
@@ -79,8 +79,7 @@ class _CompiledCore:
 
     def step(self, tokens: list[int], feats: torch.Tensor, pos0: int,
              ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        from ..runtime.compiled import _causal
-        from ..runtime.kernels import embed, forward_rows, linear
+        from ..runtime.kernels import embed, linear
 
         ids = np.asarray(tokens, np.int64)
         if hasattr(self.tl, "blob"):  # a native target
@@ -92,12 +91,8 @@ class _CompiledCore:
         linear(x, self.fc, h)
         start = pos0 - 1  # slot of position p is p - 1 (position 0 has no row)
         self.kt, self.vc = self.lean.fit_cache(self.kt, self.vc, start + len(tokens), start)
-        lw = self.lean
-        logits, hid, conc = forward_rows(h, np.arange(pos0, pos0 + len(tokens), dtype=np.int64), start,
-                                         _causal(len(tokens)), 1, 1, lw.ln1, lw.wqkv, lw.wo, lw.ln2, lw.wgu,
-                                         lw.wd, lw.normw, lw.lm, lw.cos, lw.sin, self.kt, self.vc, lw.heads,
-                                         lw.kvh, lw.inter, lw.eps)
-        return (torch.from_numpy(logits[0, : lw.n_logits]), torch.from_numpy(hid[0]), float(conc[-1]))
+        logits, hid, conc = self.lean.run_rows(h, pos0, start, self.kt, self.vc)
+        return torch.from_numpy(logits[0]), torch.from_numpy(hid[0]), float(conc[-1])
 
     def crop(self, rows: int) -> None:
         pass
@@ -184,26 +179,18 @@ class HeadDrafter:
         self.cached = min(self.cached, max(len(committed) - 1, 0))
         self.core.crop(self.cached)
 
-    def _full(self, sub: torch.Tensor) -> torch.Tensor:
-        """[Vs] subset logits -> [V] (-inf outside the subset: q = 0 there)."""
-        full = sub.new_full((self.vocab_size,), float("-inf"))
-        return full.index_copy_(0, self.token_ids, sub)
-
-    def propose(self, context: list[int], budget: int, decide: DecideFn, sampling: SamplingConfig,
-                generator: torch.Generator | None, needs: DraftNeeds, branch: BranchFn | None = None,
-                ) -> Draft:
+    def propose(self, context: list[int], request: DraftRequest) -> Draft:
         n = len(context)
         if n < 2 or self.known < n - 1:  # the features of the committed text are not all known
-            return Draft([], None, [], 0)
-        tokens: list[int] = []
-        steps: list[DraftStep] = []
-        branches: dict[int, list[int]] = {}
+            return Draft.empty()
+        sampling, needs = request.sampling, request.needs
+        build = DraftBuilder(request)
         # catch up: rows cached+1 .. n-1 from (x_p, f_{p-1}), then draft on estimates
         pend_tok = context[self.cached + 1: n]
         pend_feat = self.feats[self.cached: n - 1]
         pos0 = self.cached + 1
         forwards = 0
-        for i in range(1, budget + 1):
+        for i in range(1, request.budget + 1):
             if pend_tok:
                 sub, fhat, conc = self.core.step(pend_tok, pend_feat, pos0)
                 forwards += 1
@@ -214,16 +201,15 @@ class HeadDrafter:
                 self._first = (sub, fhat, conc)
             probs, j = None, None
             if sampling.greedy:  # argmax over the subset; full logits / q only if a policy reads them
-                j = int(sub.argmax())
+                j = argmax(sub)
                 token = int(self.token_ids[j])
             else:
-                probs = processed_probs(self._full(sub), sampling)
-                token = sample(probs, generator)
+                probs = processed_probs(fit_vocab(sub, self.vocab_size, self.token_ids), sampling)
+                token = sample(probs, request.generator)
             step = ModelStep(i, token, sub, self.token_ids, self.vocab_size, sampling,
                              fhat if needs.hidden else None, conc if needs.attention else None, n, probs, j)
-            if not keep_step(step, decide, branch, tokens, steps, branches):
+            if not build.keep(step):
                 break
             pend_tok, pend_feat, pos0 = [token], fhat[None], n - 1 + i
         self.core.crop(self.cached)
-        probs_kq = torch.stack([s.probs for s in steps]) if not sampling.greedy and steps else None
-        return Draft(tokens, probs_kq, steps, forwards, {i: c for i, c in branches.items() if c})
+        return build.finish(forwards)

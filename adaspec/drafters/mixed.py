@@ -17,13 +17,11 @@ from typing import Any
 
 import torch
 
-from ..sampling import SamplingConfig
-from ..types import Draft
-from .base import BranchFn, DecideFn, DraftNeeds
+from ..types import Draft, DraftRequest
 from .model import ModelDrafter, run_steps
 from .ngram import Match, NgramDrafter
 
-SOURCES = ("ngram", "model", "none")
+SOURCES = ("ngram", "model", "none")  # what a source choice may return (the one list)
 Chooser = Callable[[Match, int], str]
 
 
@@ -72,37 +70,26 @@ class MixedDrafter:
             return source
         return "ngram" if match.length >= self.min_match else "model"
 
-    def propose(
-        self,
-        context: list[int],
-        budget: int,
-        decide: DecideFn,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        needs: DraftNeeds,
-        branch: BranchFn | None = None,
-    ) -> Draft:
-        return run_steps(self.propose_steps(context, budget, decide, sampling, generator, needs, branch))
+    def propose(self, context: list[int], request: DraftRequest) -> Draft:
+        return run_steps(self.propose_steps(context, request))
 
-    def propose_steps(self, context: list[int], budget: int, decide: DecideFn, sampling: SamplingConfig,
-                      generator: torch.Generator | None, needs: DraftNeeds, branch: BranchFn | None = None,
-                      ) -> Generator[Any, Any, Draft]:
+    def propose_steps(self, context: list[int], request: DraftRequest) -> Generator[Any, Any, Draft]:
         """:meth:`propose` with the model's draft forwards handed out (a batch engine runs
         many sequences' draft forwards together; see ``ModelDrafter.propose_steps``)."""
-        match = self.ngram.match(context, budget)
-        source = self.choose(match, budget)
+        match = self.ngram.match(context, request.budget)
+        source = self.choose(match, request.budget)
         if source == "ngram" and not match.tokens:
             source = "model"  # nothing to copy: never worse than the model
         self.rounds[source] += 1
         self.last_source = source
         if source == "ngram":
-            return self.ngram.draft_from(match, context, budget, decide, sampling)
+            return self.ngram.draft_from(match, context, request)
         if source == "model":
             steps = getattr(self.model, "propose_steps", None)  # a head drafter has none
             if steps is None:
-                return self.model.propose(context, budget, decide, sampling, generator, needs, branch)
-            return (yield from steps(context, budget, decide, sampling, generator, needs, branch))
-        return Draft([], None, [], 0)
+                return self.model.propose(context, request)
+            return (yield from steps(context, request))
+        return Draft.empty()
 
     def report(self) -> dict:
         return {"source_rounds": dict(self.rounds), **self.ngram.report()}

@@ -16,20 +16,20 @@ from functools import cached_property
 
 import torch
 
-from ..kv import ForwardOut
-from ..models import LoadedModel
+from ..checkpoints.loader import LoadedModel
 from ..runtime import make_runner
-from ..sampling import SamplingConfig, fit_vocab, processed_probs, sample
-from ..types import Action, Draft, DraftStep, VerifyCall
-from .base import BranchFn, DecideFn, DraftNeeds
+from ..runtime.eager import ForwardOut
+from ..sampling import SamplingConfig, argmax, fit_vocab, processed_probs, sample
+from ..types import Draft, DraftRequest, DraftStep, VerifyCall
+from .base import DraftBuilder
 
 DRAFT_ENCODING = "q8_0"  # the draft's weights on the native compiled runtime
 ENCODING_ENV = "ADASPEC_DRAFT_ENCODING"  # overrides it: q8_0, bf16, f16, f32, or "stored" (as loaded)
 
 
 class ModelStep(DraftStep):
-    """A :class:`DraftStep` of a draft LM whose ``logits`` ([V]) and ``probs`` ([V]) are
-    built only when read.
+    """A :class:`DraftStep` of a draft LM: ``logits`` ([V]) and ``probs`` ([V]) are built
+    only when read.
 
     Args:
         sub: [Vs] draft logits over ``ids`` (a reduced-vocabulary head), or [V] when ``ids``
@@ -38,9 +38,10 @@ class ModelStep(DraftStep):
         vocab_size: V, the target's vocabulary.
         sampling: how q derives from the logits (temperature, top-k, top-p).
         probs: q when the drafter already computed it (sampling), else None.
+        pos: index of ``token`` in ``sub`` when known (greedy), else None.
 
-    Under greedy, ``token_prob``, ``entropy`` and ``top_probs`` read ``sub`` directly: the
-    tokens outside the subset have q = 0 and add nothing.
+    Under greedy, ``token_prob`` and the features (over ``scored``) read ``sub`` directly:
+    the tokens outside the subset have q = 0 and add nothing.
     """
 
     def __init__(self, index: int, token: int, sub: torch.Tensor, ids: torch.Tensor | None,
@@ -48,11 +49,15 @@ class ModelStep(DraftStep):
                  attn_concentration: float | None = None, context_len: int = 0,
                  probs: torch.Tensor | None = None, pos: int | None = None) -> None:
         self.index, self.token, self.context_len = index, token, context_len
-        self.hidden, self.attn_concentration = hidden, attn_concentration
+        self.hidden, self.attn_concentration = hidden, attn_concentration  # [d] or None
         self.sub, self.ids, self.vocab_size, self.sampling = sub, ids, vocab_size, sampling
-        self.pos = pos  # index of ``token`` in ``sub`` when known (greedy)
+        self.pos = pos
         if probs is not None:
             self.probs = probs
+
+    @property
+    def scored(self) -> torch.Tensor:
+        return self.sub
 
     @cached_property
     def logits(self) -> torch.Tensor:  # type: ignore[override]
@@ -63,21 +68,11 @@ class ModelStep(DraftStep):
         return processed_probs(self.logits, self.sampling)
 
     @cached_property
-    def token_prob(self) -> float:
+    def token_prob(self) -> float:  # type: ignore[override]
         if not self.sampling.greedy or self.pos is None or "probs" in self.__dict__:
             return float(self.probs[self.token])
         x = self.sub.float()
         return float(torch.exp(x[self.pos] - torch.logsumexp(x, dim=-1)))
-
-    @cached_property
-    def entropy(self) -> float:
-        logp = torch.log_softmax(self.sub.float(), dim=-1)
-        return float(-torch.nansum(logp.exp() * logp))
-
-    def top_probs(self, k: int) -> torch.Tensor:
-        p = torch.softmax(self.sub.float(), dim=-1)
-        top = p.topk(min(k, p.shape[-1])).values
-        return top if top.shape[-1] == k else torch.cat([top, top.new_zeros(k - top.shape[-1])])
 
     def __repr__(self) -> str:
         return f"ModelStep(index={self.index}, token={self.token}, context_len={self.context_len})"
@@ -135,60 +130,44 @@ class ModelDrafter:
     def rollback(self, committed: list[int]) -> None:
         self.runner.rollback(committed)
 
-    def propose(
-        self,
-        context: list[int],
-        budget: int,
-        decide: DecideFn,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        needs: DraftNeeds,
-        branch: BranchFn | None = None,
-    ) -> Draft:
-        return run_steps(self.propose_steps(context, budget, decide, sampling, generator, needs, branch))
+    def propose(self, context: list[int], request: DraftRequest) -> Draft:
+        return run_steps(self.propose_steps(context, request))
 
-    def propose_steps(
-        self,
-        context: list[int],
-        budget: int,
-        decide: DecideFn,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        needs: DraftNeeds,
-        branch: BranchFn | None = None,
-    ) -> Generator[VerifyCall, ForwardOut, Draft]:
+    def propose_steps(self, context: list[int], request: DraftRequest,
+                      ) -> Generator[VerifyCall, ForwardOut, Draft]:
         """:meth:`propose` with each draft forward handed out (a :class:`VerifyCall` on the
         draft's runner, its output sent back), so a batch engine can run the draft forwards of
-        many sequences together; returns the :class:`Draft`."""
-        tokens: list[int] = []
-        steps: list[DraftStep] = []
-        branches: dict[int, list[int]] = {}
+        many sequences together; returns the :class:`Draft`.
+
+        Per token: one forward of one new row (``VerifyCall.synced`` tells the runner that
+        everything before it is what its cache holds: no prefix comparison), one argmax
+        (greedy) or one draw, one policy call. Nothing over the full vocabulary under greedy."""
+        out_ids, greedy, sampling, needs = self.ids, request.sampling.greedy, request.sampling, request.needs
+        build = DraftBuilder(request)
         start_forwards = self.runner.forwards
         seq = list(context)  # context + drafted tokens, grown in place
-        ids, greedy = self.ids, sampling.greedy
-        for i in range(1, budget + 1):
-            out = yield VerifyCall(self.runner, seq, 1, needs.hidden, concentration=needs.attention)
-            sub = out.logits[0]  # [Vs] over ids, or [V_draft]
-            if ids is None and sub.shape[-1] != self.vocab_size:
+        n, synced = len(context), 0
+        for i in range(1, request.budget + 1):
+            out = yield VerifyCall(self.runner, seq, 1, needs.hidden, concentration=needs.attention,
+                                   synced=synced)
+            synced = len(seq)
+            sub = out.logits[0]  # [Vs] over out_ids, or [V_draft]
+            if out_ids is None and sub.shape[-1] != self.vocab_size:
                 sub = fit_vocab(sub, self.vocab_size)
             probs, j = None, None
             if greedy:
-                j = int(sub.argmax())
-                token = j if ids is None else int(ids[j])
+                j = argmax(sub)
+                token = j if out_ids is None else int(out_ids[j])
             else:
-                probs = processed_probs(fit_vocab(sub, self.vocab_size, ids), sampling)  # [V]
-                token = sample(probs, generator)
+                probs = processed_probs(fit_vocab(sub, self.vocab_size, out_ids), sampling)  # [V]
+                token = sample(probs, request.generator)
             conc = self.runner.attention_concentration() if needs.attention else None
-            step = ModelStep(i, token, sub, ids, self.vocab_size, sampling,
-                             None if out.hidden is None else out.hidden[0], conc, len(context), probs, j)
-            if not keep_step(step, decide, branch, tokens, steps, branches):
+            hidden = None if out.hidden is None else out.hidden[0]
+            if not build.keep(ModelStep(i, token, sub, out_ids, self.vocab_size, sampling, hidden, conc, n,
+                                        probs, j)):
                 break
             seq.append(token)
-        probs_kq = None
-        if not greedy and steps:
-            probs_kq = torch.stack([s.probs for s in steps])  # [K, V]
-        return Draft(tokens, probs_kq, steps, self.runner.forwards - start_forwards,
-                     {i: c for i, c in branches.items() if c})
+        return build.finish(self.runner.forwards - start_forwards)
 
 
 def run_steps(steps: Generator[VerifyCall, ForwardOut, Draft]) -> Draft:
@@ -199,24 +178,3 @@ def run_steps(steps: Generator[VerifyCall, ForwardOut, Draft]) -> Draft:
             call = steps.send(call.run())
     except StopIteration as stop:
         return stop.value
-
-
-def keep_step(step: DraftStep, decide: DecideFn, branch: BranchFn | None, tokens: list[int],
-              steps: list[DraftStep], branches: dict[int, list[int]]) -> bool:
-    """Ask the policy about a drafted token and record what it keeps (token, step, extra
-    candidates from the same q). Returns True when drafting should go on."""
-    action = decide(step)
-    if action is Action.DROP:
-        return False
-    tokens.append(step.token)
-    steps.append(step)
-    n_extra = branch(step) if branch is not None else 0
-    if n_extra > 0:
-        branches[step.index] = top_candidates(step.probs, step.token, n_extra)
-    return action is not Action.STOP
-
-
-def top_candidates(probs: torch.Tensor, chosen: int, n: int) -> list[int]:
-    """The ``n`` most likely tokens of a [V] distribution other than ``chosen`` (q > 0 only)."""
-    vals, idx = probs.topk(min(n + 1, probs.shape[-1]))
-    return [int(t) for v, t in zip(vals.tolist(), idx.tolist()) if v > 0 and t != chosen][:n]

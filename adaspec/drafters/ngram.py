@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..sampling import SamplingConfig
-from ..types import Action, Draft, DraftStep
-from .base import BranchFn, DecideFn, DraftNeeds
+from ..types import Draft, DraftRequest, DraftStep
+from .base import DraftBuilder
 
 if TYPE_CHECKING:
     from .suffix import SuffixCache
@@ -136,6 +135,14 @@ class NgramStep(DraftStep):
         self.match_len, self.agreement = match_len, agreement
         self.prob, self.origin = prob, origin  # frequency-based P(token follows), match origin
 
+    @property
+    def scored(self) -> torch.Tensor:
+        return torch.zeros(1)  # one finite logit (the token's): entropy 0, top-1 probability 1
+
+    @property
+    def token_prob(self) -> float:
+        return 1.0
+
     @cached_property
     def logits(self) -> torch.Tensor:  # type: ignore[override]
         out = torch.full((self.vocab_size,), -math.inf)
@@ -227,44 +234,23 @@ class NgramDrafter:
         self.lookup_s += time.perf_counter() - t
         return m
 
-    def propose(
-        self,
-        context: list[int],
-        budget: int,
-        decide: DecideFn,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        needs: DraftNeeds,
-        branch: BranchFn | None = None,
-        match: Match | None = None,
-    ) -> Draft:
-        """Draft the match's continuation (nothing below ``min_match``); ``decide`` is asked
-        after every token. ``branch`` is ignored: a one-hot q has no other candidates."""
-        m = match if match is not None else self.match(context, budget)
+    def propose(self, context: list[int], request: DraftRequest, match: Match | None = None) -> Draft:
+        """Draft the match's continuation (nothing below ``min_match``); ``request.decide``
+        is asked after every token. A one-hot q has no other candidates to branch to."""
+        m = match if match is not None else self.match(context, request.budget)
         if m.length < self.min_match:
-            return Draft([], None, [], 0)
-        return self.draft_from(m, context, budget, decide, sampling)
+            return Draft.empty()
+        return self.draft_from(m, context, request)
 
-    def draft_from(self, m: Match, context: list[int], budget: int, decide: DecideFn,
-                   sampling: SamplingConfig) -> Draft:
-        """The draft of match ``m``'s continuation, cut by ``decide`` (q one-hot)."""
-        tokens: list[int] = []
-        steps: list[DraftStep] = []
-        for i, tok in enumerate(m.tokens[:budget], start=1):
+    def draft_from(self, m: Match, context: list[int], request: DraftRequest) -> Draft:
+        """The draft of match ``m``'s continuation, cut by ``request.decide`` (q one-hot)."""
+        build = DraftBuilder(request)
+        n = len(context)
+        for i, tok in enumerate(m.tokens[:request.budget], start=1):
             prob = m.probs[i - 1] if i <= len(m.probs) else 1.0
-            step = NgramStep(i, tok, self.vocab_size, len(context), m.length, m.agreement, prob, m.origin)
-            action = decide(step)
-            if action is Action.DROP:
+            if not build.keep(NgramStep(i, tok, self.vocab_size, n, m.length, m.agreement, prob, m.origin)):
                 break
-            tokens.append(tok)
-            steps.append(step)
-            if action is Action.STOP:
-                break
-        probs = None
-        if not sampling.greedy and tokens:
-            probs = torch.zeros(len(tokens), self.vocab_size)  # [K, V] one-hot q
-            probs[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
-        return Draft(tokens, probs, steps, 0)
+        return build.finish(0)
 
     def report(self) -> dict:
         out = {"ngram_lookup_s": self.lookup_s}

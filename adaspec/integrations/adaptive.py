@@ -43,7 +43,7 @@ import numpy as np
 
 from ..drafters.ngram import NgramIndex
 from ..drafters.suffix import SuffixCache
-from ..predictors.costs import DecayedLine
+from ..predictors.costs import DecayedLine, WarmEma
 from ..predictors.source_choice import length_bucket
 
 N_BUCKETS = length_bucket(1 << 30) + 1
@@ -63,36 +63,38 @@ class StepCost:
     tau_min: float = 0.05
     tau_max: float = 0.95
     max_ratio: float = 8.0
-    b: float = 0.0
-    steps: int = 0
     _line: DecayedLine = field(default_factory=DecayedLine)  # (tokens verified N, step seconds)
-    _t: float = 0.0
-    _c: float = 0.0
+    _t: WarmEma = field(default_factory=WarmEma)  # seconds per step
+    _c: WarmEma = field(default_factory=WarmEma)  # tokens committed per step
+
+    @property
+    def steps(self) -> int:
+        """Steps used so far."""
+        return self._t.n
+
+    @property
+    def b(self) -> float:
+        """Seconds per extra verified token (0 until N has varied)."""
+        return self._line.slope() or 0.0
 
     def update(self, seconds: float, verified: int, committed: int) -> None:
         """One step: its seconds, tokens verified (N) and tokens committed (C)."""
-        if seconds <= 0 or (self.steps >= 4 and seconds > self.max_ratio * self._t):
+        if seconds <= 0 or (self.steps >= 4 and seconds > self.max_ratio * self._t.value):
             return
-        self.steps += 1
-        a = max(self.alpha, 1.0 / self.steps)
-        self._t += a * (seconds - self._t)
-        self._c += a * (committed - self._c)
+        self._t.add(seconds, self.alpha)
+        self._c.add(committed, self.alpha)
         self._line.add(verified, seconds, 1.0 - self.alpha)
-        s = self._line.sums
-        var = s[0] * s[2] - s[1] * s[1]
-        if var > 1e-6 * max(1.0, s[0] * s[2]):  # N has varied: b is identified
-            self.b = max(0.0, (s[0] * s[4] - s[1] * s[3]) / var)
 
     @property
     def tau(self) -> float:
         """Threshold on a draft token's cumulative acceptance probability."""
-        if self._t <= 0 or self.b <= 0:
+        if self._t.value <= 0 or self.b <= 0:
             return self.tau_min
-        return min(self.tau_max, max(self.tau_min, self.b * self._c / self._t))
+        return min(self.tau_max, max(self.tau_min, self.b * self._c.value / self._t.value))
 
     def report(self) -> dict:
-        return {"tau": self.tau, "verify_slope_s": self.b, "step_s": self._t,
-                "committed_per_step": self._c, "cost_steps": self.steps}
+        return {"tau": self.tau, "verify_slope_s": self.b, "step_s": self._t.value,
+                "committed_per_step": self._c.value, "cost_steps": self.steps}
 
 
 @dataclass

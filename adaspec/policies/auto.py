@@ -28,7 +28,7 @@ NGRAM_ONLY_K = 8
 
 def shipped_predictor_fits(target: Any, draft: Any) -> str | None:
     """None when the shipped ``context`` predictor was trained for this (target, draft)
-    pair of :class:`~adaspec.models.LoadedModel` s, else why not (one clause)."""
+    pair of :class:`~adaspec.checkpoints.loader.LoadedModel` s, else why not (one clause)."""
     from ..predictors.models import load_predictor
 
     try:

@@ -45,7 +45,7 @@ class Policy:
     def check_pair(self, target: object, draft: object) -> None:
         """Raise :class:`PolicyArgumentError` if a learned part was trained for another pair.
 
-        ``target`` / ``draft`` are :class:`adaspec.models.LoadedModel` (either may be None).
+        ``target`` / ``draft`` are :class:`adaspec.checkpoints.loader.LoadedModel` (either may be None).
         Policies backed by a predictor keep it in ``self._pred``; others have nothing to check.
         """
         pred = getattr(self, "_pred", None)

@@ -42,14 +42,13 @@ without difficulty prediction: ``max_branch`` of them at every kept position.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import PolicyArgumentError
-from ..predictors.costs import OnlineTau
+from ..predictors.costs import OnlineTau, WarmEma
 from ..predictors.features import RecentAcceptance, entropy_and_top, scalar_features
 from ..predictors.models import Predictor, load_predictor
 from ..predictors.online import OnlineAcceptance, top1
@@ -94,7 +93,7 @@ class ContextPolicy(Policy):
     k_max: int = 16
     mode: str = "model"
     seed: int = 0
-    branch: bool = False  # replaced by the hook in __post_init__ (see there)
+    branch: bool = False  # on: extra candidates at difficult positions (extra_candidates)
     max_branch: int = 3
     branch_rule: str = "cost"
     node_floor: float = 0.05
@@ -113,7 +112,7 @@ class ContextPolicy(Policy):
     # (source, match length, agreement, n-gram draft length) of the round being drafted
     _online: OnlineAcceptance | None = field(default=None, init=False, repr=False)
     _conf: list = field(default_factory=list, init=False, repr=False)  # top-1 q of this round's tokens
-    _first: list = field(default_factory=lambda: [0.0, 0.0], init=False, repr=False)  # EMA P(x_1 ok), n
+    _first: WarmEma = field(default_factory=WarmEma, init=False, repr=False)  # P(x_1 accepted)
     _skipped: int = field(default=0, init=False, repr=False)  # rounds in a row that drafted nothing
     _skips: int = field(default=0, init=False, repr=False)
     _mixed: bool = field(default=False, init=False, repr=False)  # a source chooser asked this call
@@ -153,7 +152,7 @@ class ContextPolicy(Policy):
         self._round = ("model", 0, 0.0, 0)
         if self._online is not None:
             self._online.reset()
-        self._conf, self._first = [], [0.0, 0.0]
+        self._conf, self._first = [], WarmEma()
         self._skipped = self._skips = 0
         self._mixed = False
 
@@ -185,11 +184,11 @@ class ContextPolicy(Policy):
         """No draft this round: the first token's measured acceptance times T is below its
         cost c_d + b (module doc); never with a source chooser, at most ``probe_every`` in a row."""
         c = self._costs
-        if not self.adapt or self._mixed or self.probe_every == 0 or self._first[1] < 4 or c.T <= 0:
+        if not self.adapt or self._mixed or self.probe_every == 0 or self._first.n < 4 or c.T <= 0:
             return False
         if self._skipped >= self.probe_every:
             return False
-        return self._first[0] * c.T < c.c_d + c.slope
+        return self._first.value * c.T < c.c_d + c.slope
 
     @torch.inference_mode()
     def predict(self, step: DraftStep) -> float:
@@ -197,14 +196,7 @@ class ContextPolicy(Policy):
         if self._pred is None:
             raw = top1(step.probs)
         else:
-            pred = self._pred
-            if step.hidden is None:
-                raise PolicyArgumentError("context: the drafter gave no hidden state")
-            if step.index == 1:
-                pred.check_dim("draft", step.hidden.shape[-1])
-            s = scalar_features(step, self._recent.value)
-            a, b = pred.calib
-            raw = 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden, s) + b)))
+            raw = self._pred.step_prob(step, "context", scalar_features(step, self._recent.value))
         if self._online is None:
             return raw
         self._conf.append(raw)
@@ -237,7 +229,7 @@ class ContextPolicy(Policy):
         if c.T <= 0:
             return 0
         prev, p = self._last
-        top = entropy_and_top(step.logits, self.max_branch + 1)[1].tolist()  # q_top, q_2, ...
+        top = entropy_and_top(step.scored, self.max_branch + 1)[1].tolist()  # q_top, q_2, ...
         rest = max(1e-6, 1.0 - top[0])
         node_cost = max(c.slope, self.node_floor * c.T)
         n = 0
@@ -257,8 +249,7 @@ class ContextPolicy(Policy):
             return  # the predictor's features and the tau cost model describe model drafts
         self._recent.update(k, m)
         if k:
-            n = self._first[1] + 1
-            self._first = [self._first[0] + (float(m > 0) - self._first[0]) / min(n, 10.0), n]
+            self._first.add(float(m > 0), 0.1)
         if self._online is not None:
             self._online.update(self._conf[:k], m)  # a dropped token was never tested
         self._costs.update(outcome.draft_s, outcome.draft.forwards, outcome.verify_s,

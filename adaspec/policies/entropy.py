@@ -41,6 +41,6 @@ class EntropyPolicy(Policy):
         return self.k_max
 
     def decide(self, step: DraftStep) -> Action:
-        if step.index > self.min_k and entropy_and_top(step.logits, 1)[0] > self.h:
+        if step.index > self.min_k and entropy_and_top(step.scored, 1)[0] > self.h:
             return Action.DROP
         return Action.CONTINUE

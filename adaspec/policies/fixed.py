@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from ..errors import PolicyArgumentError
 from ..types import RoundContext
+from . import register
 from .base import Policy
 
 
+@register
 @dataclass
 class FixedPolicy(Policy):
     """Draft exactly ``k`` tokens per round (fewer only near max_new_tokens / context end).

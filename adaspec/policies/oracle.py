@@ -64,7 +64,7 @@ class OraclePolicy(Policy):
 
     def check_pair(self, target: object, draft: object) -> None:
         """Keep the draft model (a LoadedModel or None) for the mixed-source reference."""
-        from ..head_model import FeatureHead
+        from ..checkpoints.feature_head import FeatureHead
 
         self._draft = None if draft is None or isinstance(draft.model, FeatureHead) else draft
 

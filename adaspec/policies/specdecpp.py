@@ -14,7 +14,6 @@ the best fixed K = 2; h = 0.3, the paper's, 1.424x).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -63,13 +62,7 @@ class SpecDecPPPolicy(Policy):
 
     @torch.inference_mode()
     def decide(self, step: DraftStep) -> Action:
-        pred = self._pred
-        if step.hidden is None:
-            raise PolicyArgumentError("specdecpp: the drafter gave no hidden state")
-        if step.index == 1:
-            pred.check_dim("draft", step.hidden.shape[-1])
-        a, b = pred.calib
-        p = 1.0 / (1.0 + math.exp(-(a * pred.head.logit_one(step.hidden) + b)))
+        p = self._pred.step_prob(step, "specdecpp")
         self._prod *= p
         self._round_p.append(p)
         if step.index >= self.k_min and 1.0 - self._prod > self.h:

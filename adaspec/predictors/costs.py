@@ -1,4 +1,4 @@
-"""Online threshold for the ``context`` policy, from measured costs (DESIGN §1 "Online threshold").
+"""Online threshold for the ``context`` policy, from measured costs (docs/design.md §1 "Online threshold").
 
 Cost model, refreshed after every round with exponential moving averages (rate ``alpha``):
 - c_d: seconds per draft forward (draft_s / draft forwards; includes the predictor);
@@ -18,25 +18,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MIN_VAR = 0.25  # weighted variance of n (tokens) from which a line's slope counts as identified
+
+
+@dataclass
+class WarmEma:
+    """A moving average with a warm start: the plain mean of the first 1 / alpha values,
+    then an exponential moving average at rate ``alpha`` (every cost model here uses it)."""
+
+    value: float = 0.0
+    n: int = 0  # values seen
+
+    def add(self, x: float, alpha: float) -> float:
+        self.n += 1
+        self.value += max(alpha, 1.0 / self.n) * (x - self.value)
+        return self.value
+
 
 @dataclass
 class DecayedLine:
     """Exponentially decayed sufficient statistics of points (n, v) for a least-squares
     line v = a + b n: ``sums`` = [w, w n, w n^2, w v, w n v] (each point weighs 1, and
-    every older point is multiplied by ``decay`` per new one)."""
+    every older point is multiplied by ``decay`` per new one).
+
+    The slope b is identified only while n has varied lately (weighted variance >=
+    :data:`MIN_VAR`); when n stops varying (a policy settled on one length) the last
+    identified b is kept: :meth:`slope`."""
 
     sums: list = field(default_factory=lambda: [0.0] * 5)
+    last_slope: float | None = None  # b when last identified (None: never)
 
     def add(self, n: float, v: float, decay: float) -> None:
         self.sums = [decay * x for x in self.sums]
         for i, x in enumerate((1.0, n, n * n, v, n * v)):
             self.sums[i] += x
+        _, _, var, cov = self.moments()
+        if var >= MIN_VAR:
+            self.last_slope = max(0.0, cov / var)
 
     def moments(self) -> tuple[float, float, float, float]:
         """(mean n, mean v, var n, cov(n, v)) of the weighted points (w > 0)."""
         w, sn, snn, sv, snv = self.sums
         mean_n, mean_v = sn / w, sv / w
         return mean_n, mean_v, snn / w - mean_n ** 2, snv / w - mean_n * mean_v
+
+    def slope(self) -> float | None:
+        """b >= 0, marginal v per unit of n, as last identified (None: not yet)."""
+        return self.last_slope
 
 
 @dataclass
@@ -47,63 +75,53 @@ class OnlineTau:
     tau_min: float = 0.05
     tau_max: float = 0.95
     alpha: float = 0.1
-    c_d: float = 0.0
-    T: float = 0.0
     trace: list = field(default_factory=list)
     _line: DecayedLine = field(default_factory=DecayedLine)  # (tokens verified, verify seconds)
-    _round_s: float = 0.0
-    _committed: float = 0.0
-    _rounds: int = 0
-    _last_slope: float = 0.0
+    _c_d: WarmEma = field(default_factory=WarmEma)  # seconds per draft forward
+    _round_s: WarmEma = field(default_factory=WarmEma)
+    _committed: WarmEma = field(default_factory=WarmEma)
 
     def reset(self) -> None:
-        self.c_d = self.T = self._round_s = self._committed = 0.0
+        self._c_d, self._round_s, self._committed = WarmEma(), WarmEma(), WarmEma()
         self._line = DecayedLine()
-        self._rounds = 0
-        self._last_slope = 0.0
         self.trace = []
 
-    def _ema(self, old: float, new: float) -> float:
-        # first observation initialises; then EMA with a faster start (1/n for n < 1/alpha)
-        if self._rounds <= 1:
-            return new
-        a = max(self.alpha, 1.0 / self._rounds)
-        return (1 - a) * old + a * new
+    @property
+    def c_d(self) -> float:
+        """Seconds per draft forward."""
+        return self._c_d.value
+
+    @property
+    def T(self) -> float:  # noqa: N802 (the module doc's name)
+        """Seconds per committed token."""
+        return self._round_s.value / max(self._committed.value, 1e-9) if self._round_s.n else 0.0
 
     def update(self, draft_s: float, draft_forwards: int, verify_s: float, n_verified: int,
                committed: int) -> None:
         """One round: its draft time / forwards, verify time over n_verified tokens, tokens committed."""
-        self._rounds += 1
         if draft_forwards > 0:
-            self.c_d = self._ema(self.c_d, draft_s / draft_forwards)
-        self._round_s = self._ema(self._round_s, draft_s + verify_s)
-        self._committed = self._ema(self._committed, float(committed))
-        self.T = self._round_s / max(self._committed, 1e-9)
+            self._c_d.add(draft_s / draft_forwards, self.alpha)
+        self._round_s.add(draft_s + verify_s, self.alpha)
+        self._committed.add(float(committed), self.alpha)
         self._line.add(float(n_verified), verify_s, 1.0 - self.alpha)
-        self._last_slope = self.slope
         self.trace.append(round(self.tau, 4))
 
     @property
     def slope(self) -> float:
-        """b: marginal verify seconds per extra verified token (>= 0)."""
-        if self._line.sums[0] <= 0:
-            return 0.0
-        _, _, var, cov = self._line.moments()
-        if var < 0.25:  # n has hardly varied lately: keep the last identified slope
-            return self._last_slope
-        return max(0.0, cov / var)
+        """b: marginal verify seconds per extra verified token (>= 0; 0 until identified)."""
+        return self._line.slope() or 0.0
 
     def _clamp(self, x: float) -> float:
         return min(self.tau_max, max(self.tau_min, x))
 
     @property
     def tau(self) -> float:
-        if self._rounds == 0 or self.T <= 0:
+        if self._round_s.n == 0 or self.T <= 0:
             return self.tau0
         return self._clamp((self.c_d + self.slope) / self.T)
 
     @property
     def tau_keep(self) -> float:
-        if self._rounds == 0 or self.T <= 0:
+        if self._round_s.n == 0 or self.T <= 0:
             return self.tau_min
         return min(self.tau, self._clamp(self.slope / self.T))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,12 +216,12 @@ class Predictor:
     def check_pair(self, target=None, draft=None) -> None:
         """Raise PolicyArgumentError if this predictor was trained for another model pair.
 
-        ``target`` / ``draft`` are :class:`adaspec.models.LoadedModel` (either may be None).
+        ``target`` / ``draft`` are :class:`adaspec.checkpoints.loader.LoadedModel` (either may be None).
         """
         pair = self.pair
         where = f"predictor {self.path or ''} ({self.kind})"
         if target is not None and target.tokenizer is not None and pair.get("vocab_sha256"):
-            from ..models import vocab_fingerprint
+            from ..checkpoints.loader import vocab_fingerprint
 
             if vocab_fingerprint(target.tokenizer) != pair["vocab_sha256"]:
                 raise PolicyArgumentError(
@@ -234,6 +235,22 @@ class Predictor:
                 raise PolicyArgumentError(
                     f"{where} was trained for {role} {pair.get(role)!r} (hidden size {pair[key]}), "
                     f"but the {role} {model.name!r} has hidden size {d}; train a predictor for this pair")
+
+    def step_prob(self, step, policy: str, *scalars: torch.Tensor) -> float:
+        """Calibrated P(x_i accepted | x_<i accepted) of one drafted position (a
+        :class:`~adaspec.types.DraftStep`) from its draft hidden state [d] (and the scalar
+        features, for heads that read them): the one check-and-predict of every policy
+        that reads a predictor (``policy`` names it in the error).
+
+        Raises:
+            PolicyArgumentError: the drafter gave no hidden state, or one of another width.
+        """
+        if step.hidden is None:
+            raise PolicyArgumentError(f"{policy}: the drafter gave no hidden state")
+        if step.index == 1:
+            self.check_dim("draft", step.hidden.shape[-1])
+        a, b = self.calib
+        return 1.0 / (1.0 + math.exp(-(a * self.head.logit_one(step.hidden, *scalars) + b)))
 
     def check_dim(self, role: str, d: int) -> None:
         """Runtime guard: the hidden state handed to the head has the trained width."""

@@ -32,10 +32,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .costs import DecayedLine
+from .costs import DecayedLine, WarmEma
 
 _EDGES = (1, 2, 4, 8, 16, 32)  # bucket b holds lengths <= _EDGES[b]; the last one the rest
-SOURCES = ("ngram", "model", "none")
 
 
 def length_bucket(length: int) -> int:
@@ -52,17 +51,6 @@ def prior_survival(length: int, agreement: float, k: int) -> list[float]:
     if length < 1:
         return [0.0] * k
     return [agreement * (length - 1) / (length - 1 + j) for j in range(1, k + 1)]
-
-
-@dataclass
-class _Ema:
-    value: float = 0.0
-    n: int = 0
-
-    def add(self, x: float, alpha: float) -> None:
-        self.n += 1
-        a = max(alpha, 1.0 / self.n)  # the mean until 1/alpha samples, then an EMA
-        self.value += a * (x - self.value)
 
 
 @dataclass
@@ -116,14 +104,13 @@ class SourceChoice:
     prior_slope: float = 0.1
     explore_every: int = 1
     clip: float = 1.5
-    _d: _Ema = field(default_factory=_Ema)  # draft seconds of a model round
+    _d: WarmEma = field(default_factory=WarmEma)  # draft seconds of a model round
     _pos: dict = field(default_factory=dict)  # (length bucket, agreement == 1) -> _Positions
-    _m_gain: _Ema = field(default_factory=_Ema)
-    _m_s: _Ema = field(default_factory=_Ema)
-    _gain: _Ema = field(default_factory=_Ema)
-    _s: _Ema = field(default_factory=_Ema)
+    _m_gain: WarmEma = field(default_factory=WarmEma)
+    _m_s: WarmEma = field(default_factory=WarmEma)
+    _gain: WarmEma = field(default_factory=WarmEma)
+    _s: WarmEma = field(default_factory=WarmEma)
     _fit: DecayedLine = field(default_factory=DecayedLine)  # (tokens verified, verify seconds)
-    _slope: float | None = None
     ngram_rounds: int = field(default=0, init=False)  # n-gram rounds seen since the reset
     _since_model: int = 0
 
@@ -158,10 +145,11 @@ class SourceChoice:
         if self._fit.sums[0] <= 0:
             return 0.0
         mean_n, mean_v, _, _ = self._fit.moments()
-        if self._slope is None:
+        slope = self._fit.slope()
+        if slope is None:
             base = mean_v / (1.0 + self.prior_slope * (mean_n - 1.0))  # v(1) under the prior
             return base * (1.0 + self.prior_slope * (n - 1))
-        return max(0.0, mean_v + self._slope * (n - mean_n))
+        return max(0.0, mean_v + slope * (n - mean_n))
 
     @property
     def throughput(self) -> float | None:
@@ -197,26 +185,19 @@ class SourceChoice:
             return Plan("model")  # re-measure the model now and then: its yield drifts
         return best
 
-    def choose(self, length: int, agreement: float = 1.0, budget: int = 16) -> str:
-        """The source alone (see :meth:`plan`)."""
-        return self.plan(length, agreement, budget).source
-
     def update(self, source: str, length: int, agreement: float, draft_s: float, verify_s: float,
                verified: int, drafted: int, accepted: int, committed: int) -> None:
         """One verified round: its source and match, seconds drafting / verifying,
         ``verified`` tokens in the verify forward (root included), ``drafted`` chain tokens,
         ``accepted`` of them, ``committed`` tokens."""
         a = self.alpha
-        if self._fit.sums[0] > 0 and self._slope is not None:
+        if self._fit.sums[0] > 0 and self._fit.slope() is not None:
             verify_s = min(verify_s, self.clip * self.verify_s(verified))
         if source == "model" and self._d.n:
             draft_s = min(draft_s, self.clip * self._d.value)
         self._gain.add(committed, a)
         self._s.add(draft_s + verify_s, a)
-        self._fit.add(verified, verify_s, 1.0 - a)
-        _, _, var, cov = self._fit.moments()
-        if var >= 0.25:  # n has varied lately: (re-)identify the slope, else keep the last one
-            self._slope = max(0.0, cov / var)
+        self._fit.add(verified, verify_s, 1.0 - a)  # (re-)identifies the slope while n varies
         if source == "ngram":
             self.ngram_rounds += 1
             key = self.match_class(length, agreement)
@@ -233,4 +214,4 @@ class SourceChoice:
                     for (b, agree), p in sorted(self._pos.items())}
         return {"ngram_accept_by_class": by_class, "model_gain": self._m_gain.value,
                 "model_round_s": self._m_s.value, "tokens_per_s_est": self.throughput or 0.0,
-                "verify_slope_s": self._slope if self._slope is not None else 0.0}
+                "verify_slope_s": self._fit.slope() or 0.0}

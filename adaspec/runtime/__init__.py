@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from ..kv import ModelRunner, RunnerBase
+from .eager import ModelRunner, RunnerBase
 
 RUNTIMES = ("auto", "eager", "compiled", "compiled-fp32")
 COMPILED = ("compiled", "compiled-fp32")  # resolved runtimes that use the compiled kernels

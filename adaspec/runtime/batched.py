@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kv import ForwardOut
 from .compiled import tree_mask
+from .eager import ForwardOut
 
 _SLOT = {"wqkv": 0, "wo": 1, "wgu": 2, "wd": 3}  # a native layer's matrices: rows 4 l + slot of mats
 

@@ -1,6 +1,6 @@
 """The compiled CPU runtime: a lean Llama forward over packed weights and a static KV cache.
 
-:class:`CompiledRunner` has the same contract as the eager :class:`~adaspec.kv.ModelRunner`
+:class:`CompiledRunner` has the same contract as the eager :class:`~adaspec.runtime.eager.ModelRunner`
 (forward / forward_tree / keep_path / prefill / rollback over the ids its cache holds), so
 the engine and the drafters do not know which runtime they drive. Differences inside:
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError
-from ..kv import ForwardOut, RunnerBase
+from .eager import ForwardOut, RunnerBase, tree_rows
 
 MAX_CAPACITY = 16384  # KV slots when the config does not bound the context
 
@@ -234,6 +234,21 @@ class LeanWeights:
                                        self.cos, self.sin, kt, vc, self.heads, self.kvh, self.inter, self.eps)
         return logits[:, : self.n_logits], hidden, conc
 
+    def run_rows(self, h: np.ndarray, pos0: int, start: int, kt: np.ndarray, vc: np.ndarray,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`run` from input rows h [T, d] (fp32, overwritten; causal, positions pos0..)
+        instead of token ids (a feature head's rows), outputs for the last row: logits
+        [1, self.n_logits], hidden [1, d], concentration [1]."""
+        from .kernels import forward_rows
+
+        t = h.shape[0]
+        pos = np.arange(pos0, pos0 + t, dtype=np.int64)
+        logits, hidden, conc = forward_rows(h, pos, start, _causal(t), 1, 1,
+                                            self.ln1, self.wqkv, self.wo, self.ln2, self.wgu, self.wd,
+                                            self.normw, self.lm, self.cos, self.sin, kt, vc, self.heads,
+                                            self.kvh, self.inter, self.eps)
+        return logits[:, : self.n_logits], hidden, conc
+
 
 class CompiledRunner(RunnerBase):
     """Feeds token sequences to one model through the compiled runtime (static KV cache)."""
@@ -285,7 +300,7 @@ class CompiledRunner(RunnerBase):
         return ForwardOut(out, torch.from_numpy(hid) if hidden else None)
 
     def forward(self, seq: list[int], n_out: int, *, hidden: bool = False,
-                attentions: bool = False, concentration: bool = False) -> ForwardOut:
+                attentions: bool = False, concentration: bool = False, synced: int = 0) -> ForwardOut:
         """Bring the cache to ``seq``; outputs for its last ``n_out`` positions (see ModelRunner).
 
         The attention concentration is always computed (:meth:`attention_concentration`);
@@ -293,7 +308,7 @@ class CompiledRunner(RunnerBase):
         """
         if attentions:
             raise NotImplementedError("the compiled runtime does not return attention weights")
-        start = self._sync_prefix(seq, n_out)
+        start = self._sync_prefix(seq, n_out, synced)
         feed = seq[start:]
         n = len(feed)
         out = self._run(feed, list(range(start, start + n)), start, _causal(n), n_out, hidden)
@@ -305,9 +320,7 @@ class CompiledRunner(RunnerBase):
         """Committed tail plus a token tree in one forward (tree mask); see ModelRunner."""
         start = self._sync_prefix(committed, 1)
         linear = committed[start:]
-        n_lin = len(linear)
-        mask, depth = tree_mask(n_lin, parents)
-        pos = list(range(start, start + n_lin)) + [start + n_lin - 1 + d for d in depth]
+        mask, pos = tree_rows(start, len(linear), parents)
         out = self._run(linear + nodes, pos, start, mask, len(nodes) + 1, hidden)
         self.tokens.extend(linear + nodes)
         return out
@@ -409,21 +422,10 @@ def read_geometry(weights, cfg) -> None:
 
 
 def tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
-    """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth."""
-    size = n_lin + len(parents)
-    mask = np.zeros((size, size), np.uint8)
-    mask[:n_lin, :n_lin] = _causal(n_lin)
-    mask[n_lin:, :n_lin] = 1
-    depth: list[int] = []
-    for j, par in enumerate(parents):
-        row = n_lin + j
-        if par >= 0:
-            mask[row] = mask[n_lin + par]
-            depth.append(depth[par] + 1)
-        else:
-            depth.append(1)
-        mask[row, row] = 1
-    return mask, depth
+    """[n_lin + T]^2 visibility of a causal tail plus a tree, and each node's depth
+    (:func:`~adaspec.runtime.eager.tree_rows`)."""
+    mask, pos = tree_rows(0, n_lin, parents)
+    return mask, [p - n_lin + 1 for p in pos[n_lin:]]
 
 
 def _causal(n: int) -> np.ndarray:

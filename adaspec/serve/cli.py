@@ -15,7 +15,7 @@ from ..errors import AdaspecError
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from ..cli_args import add_model_args, add_suffix_cache_args
+    from ..frontend.options import add_model_args, add_suffix_cache_args
 
     p = subparsers.add_parser(
         "serve", help="serve the target through an OpenAI-compatible HTTP API",

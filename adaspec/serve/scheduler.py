@@ -1,4 +1,4 @@
-"""Continuous batching: a bounded FIFO queue in front of one :class:`~adaspec.batch.BatchEngine`.
+"""Continuous batching: a bounded FIFO queue in front of one :class:`~adaspec.serve.batch.BatchEngine`.
 
 Every request becomes a :class:`Job`, checked on arrival (policy override, prompt length:
 a 400 at once, not after the wait) and queued (429 beyond ``max_queue`` waiting). One
@@ -21,12 +21,12 @@ from collections import deque
 from typing import Any
 
 from ..api import IncrementalText, SpeculativeGenerator
-from ..batch import BatchEngine, DraftBudget, Sequence
 from ..drafters.registry import check_policy
 from ..engine import StopRules
 from ..errors import AdaspecError, InvalidArgumentError
 from ..policies import Policy, make_policy
 from ..sampling import SamplingConfig
+from .batch import BatchEngine, DraftBudget, Sequence
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, StopTrimmer, adaspec_stats, finish_reason, usage
 
@@ -165,7 +165,7 @@ class Scheduler:
             return copy.deepcopy(gen.policy), getattr(gen.policy, "name", "?")
         try:
             policy = make_policy(request.policy, request.policy_args)
-            check_policy(policy, gen._spec)
+            check_policy(policy, gen.draft_spec)
             policy.check_pair(gen.target, gen.draft)
         except AdaspecError as exc:
             raise ApiError(400, str(exc), param="adaspec") from None
@@ -174,15 +174,7 @@ class Scheduler:
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         gen = self.generator
         if req.messages is not None:
-            tok = gen.tokenizer
-            if not getattr(tok, "chat_template", None):
-                raise InvalidArgumentError(f"model {gen.target.name!r} has no chat template; "
-                                           "use /v1/completions")
-            try:
-                text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # e.g. a template that rejects this sequence of roles
-                raise InvalidArgumentError(f"the chat template rejected the messages: {exc}") from None
-            return list(tok(text, add_special_tokens=False)["input_ids"])
+            return gen.encode_messages(req.messages)
         if isinstance(req.prompt, list) and max(req.prompt) >= gen.target.vocab_size:
             raise InvalidArgumentError(f"token id {max(req.prompt)} is outside the vocabulary "
                                        f"(size {gen.target.vocab_size})")

@@ -6,7 +6,7 @@ Training data need not be exact (only verification must be): the target runs in 
 with native bf16 matrix instructions (AMX / AVX-512 BF16; :func:`.corpus_speed.pick_dtype`),
 in large batches (:func:`.draft_data.greedy_batch`: rows that reach EOS leave the batch).
 
-Prompts (:func:`corpus_prompts`), train buckets of the one split rule of :mod:`adaspec.data`
+Prompts (:func:`corpus_prompts`), train buckets of the one split rule of :mod:`adaspec.bench.datasets`
 only, so no dev / test / evaluation prompt is ever continued:
 
 1. every train prompt of :data:`.draft_data.DEFAULT_SOURCES` (chat sets through the chat
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import Prompt, load_dataset
+from ..bench.datasets import Prompt, load_dataset
 from .draft_data import (
     _BENCH_SET,
     DEFAULT_SOURCES,
@@ -255,8 +255,8 @@ def build(model: Any, tokenizer: Any, prompts: list[Prompt], out: Path, *, minut
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: build or extend a corpus (see the module docstring)."""
-    from ..cli_args import add_model_args
-    from ..models import load_model
+    from ..checkpoints.loader import load_model
+    from ..frontend.options import add_model_args
     from ..runtime import set_threads
     from .corpus_speed import pick_dtype
     from .draft_data import resolve_data_dir

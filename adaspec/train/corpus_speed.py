@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..models import cpu_has_fast_bf16
+from ..checkpoints.loader import cpu_has_fast_bf16
 
 #: the clock the cells are timed with: wall time, or this process's CPU time (threads summed),
 #: which a machine shared with other jobs distorts far less (``--clock cpu``)
@@ -78,8 +78,8 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the Markdown table (rows: batch; columns: generation and features, fp32 / bf16)."""
-    from ..cli_args import add_model_args
-    from ..models import load_model
+    from ..checkpoints.loader import load_model
+    from ..frontend.options import add_model_args
     from ..runtime import set_threads
 
     p = argparse.ArgumentParser(prog="python -m adaspec.train.corpus_speed",

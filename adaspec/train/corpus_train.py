@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
+from ..frontend.options import add_model_args
 from .corpus import CorpusRow, build, load_corpus, reference_rows
 
 DEV_SETS = {"humaneval": "humaneval", "chat": "gpteacher_roleplay"}
@@ -42,7 +42,7 @@ DEV_SETS = {"humaneval": "humaneval", "chat": "gpteacher_roleplay"}
 
 def dev_prompts(n: int = 32) -> dict[str, list[Any]]:
     """The first ``n`` dev-split prompts of each set in :data:`DEV_SETS`."""
-    from ..data import load_dataset
+    from ..bench.datasets import load_dataset
 
     return {name: load_dataset(dataset, "dev")[:n] for name, dataset in DEV_SETS.items()}
 
@@ -150,7 +150,7 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
     """(target fp32, teacher (bf16 where native, else the fp32 target) or None, draft fp32, bf16?)."""
-    from ..models import check_vocab_compat, load_model
+    from ..checkpoints.loader import check_vocab_compat, load_model
     from .corpus_speed import pick_dtype
 
     if args.dtype not in ("auto", "fp32", "bf16"):
@@ -173,7 +173,7 @@ def train(args: argparse.Namespace, dev: dict[str, list[Any]] | None = None) -> 
     ``dev``: named dev prompt lists (default :func:`dev_prompts`)."""
     import copy
 
-    from ..draft_model import save_subset_draft
+    from ..checkpoints.subset_draft import save_subset_draft
     from ..runtime import set_threads
 
     set_threads(args.threads)

@@ -12,16 +12,16 @@ draft (warm start) and keeps its frozen input embedding.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
+from ..frontend.options import add_model_args
 from ..runtime import set_threads
+from .schedule import warmup_cosine
 
 
 def _kl_batch(model, w_sub: torch.Tensor, toks: torch.Tensor, feats: torch.Tensor,
@@ -41,8 +41,8 @@ def distill(args: argparse.Namespace) -> int:
     """The ``distill-draft`` command."""
     from tqdm import tqdm
 
-    from ..draft_model import save_subset_draft
-    from ..models import load_model
+    from ..checkpoints.loader import load_model
+    from ..checkpoints.subset_draft import save_subset_draft
     from .head_data import load_shards
 
     torch.manual_seed(args.seed)
@@ -80,8 +80,7 @@ def distill(args: argparse.Namespace) -> int:
     t0, seen = time.monotonic(), 0
     bar = tqdm(total=args.steps, unit="step", desc="distill-draft")
     for step in range(1, args.steps + 1):
-        lr = args.lr * min(1.0, step / args.warmup) * (
-            0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = warmup_cosine(step - 1, args.steps, args.lr, args.warmup)  # steps count from 1 here
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(toks), (args.batch_size,), generator=gen)

@@ -22,22 +22,22 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..cli_args import add_model_args
-from ..data import Prompt
-from ..draft_model import save_subset_draft
+from ..bench.datasets import Prompt
+from ..checkpoints.subset_draft import save_subset_draft
 from ..errors import InvalidArgumentError, ModelLoadError
+from ..frontend.options import add_model_args
 from ..runtime import set_threads
 from .draft_data import (
     CODE_SOURCES,
@@ -51,6 +51,7 @@ from .draft_data import (
     resolve_data_dir,
 )
 from .draft_model_init import CODE_STRINGS, agreement_stats, choose_subset, coverage, init_draft
+from .schedule import warmup_cosine
 
 
 class Logger:
@@ -185,13 +186,6 @@ def make_batch(seqs: list[Seq], remap: torch.Tensor, prompt_weight: float,
     return ids, labels, weights
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = (step - warmup) / max(total - warmup, 1)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
 def _heldout(target: Any, tok: Any, prompts: list[Prompt], cache: Path, n: int, args: Any, log: Logger,
              ) -> dict[str, list[tuple[list[int], list[int]]]]:
     """Target continuations of ``n`` held-out (``dev`` split) code and ``n`` chat prompts."""
@@ -206,19 +200,9 @@ def _heldout(target: Any, tok: Any, prompts: list[Prompt], cache: Path, n: int, 
 
 def run_train_draft(args: argparse.Namespace) -> int:
     """Entry point of ``adaspec train-draft``; returns the exit code."""
-    from tqdm import tqdm
+    from ..checkpoints.loader import load_model, vocab_fingerprint
 
-    from ..models import load_model, vocab_fingerprint
-
-    for name in ("steps", "batch_size", "seq_len", "hidden", "layers", "draft_vocab", "threads"):
-        if getattr(args, name) <= 0:
-            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be positive")
-    if args.lr <= 0:
-        raise InvalidArgumentError("--lr must be positive")
-    if args.device not in ("cpu", "cuda"):
-        raise InvalidArgumentError(f"--device {args.device!r}: train-draft runs on cpu or cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError("--device cuda: no CUDA device is available")
+    _check_args(args)
     sources = parse_sources(args.data)
     out = Path(args.out).expanduser()
     _check_writable(out, "--out directory")
@@ -239,158 +223,241 @@ def run_train_draft(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"target {args.target!r} has no tokenizer; the draft needs one to train on")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    data_dir = resolve_data_dir(args.data_dir)
-    train_prompts = load_prompts(sources, data_dir, "train")
-    if args.max_prompts:
-        train_prompts = train_prompts[: args.max_prompts]
-    cache = Path(args.data_cache).expanduser() if args.data_cache else work / "data"
-    if args.gen_minutes > 0:
-        log(f"generating target continuations for up to {args.gen_minutes} min "
-            f"({len(train_prompts)} prompts)")
-        generate_shards(target.model, tok, train_prompts, cache, batch_size=args.gen_batch,
-                        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                        deadline=time.time() + 60 * args.gen_minutes,
-                        log=log)
-    allowed = {p.id for p in train_prompts}
-    examples = [e for e in load_shards(cache) if e.key in allowed]
-    if not examples:
-        raise InvalidArgumentError(f"no training data: no generated continuations in {cache} "
-                                   "(raise --gen-minutes or check --data)")
-    dev_prompts = load_prompts(sources, data_dir, "dev") if args.eval_prompts > 0 else []
-    heldout = _heldout(target.model, tok, dev_prompts, work / "heldout", args.eval_prompts, args, log)
-
-    # ---- output subset: responses weigh 1, prompt text 0.2 -------------------------------
+    data = _TrainingData.prepare(args, target.model, tok, sources, work, log)
+    state = _read_checkpoint(args, work / "ckpt.pt", log)
     vocab = target.model.get_input_embeddings().weight.shape[0]
-    code_ids = [i for s in CODE_STRINGS for i in tok.encode(s, add_special_tokens=False)]
-    special = [t for t in (tok.eos_token_id, tok.bos_token_id) if t is not None]
-    prompt_ids = [tok.encode(prompt_text(p, tok), add_special_tokens=False) for p in train_prompts[:20000]]
-    ckpt_path = work / "ckpt.pt"
-    state = None
-    if args.resume and ckpt_path.is_file():
-        try:
-            state = torch.load(ckpt_path, weights_only=False)
-        except Exception as exc:  # truncated / corrupt pickle: several exception types
-            raise InvalidArgumentError(f"checkpoint {ckpt_path} is corrupt ({type(exc).__name__}); delete it "
-                                       "to start over") from None
-    if args.resume and state is None:
-        log(f"--resume: no checkpoint at {ckpt_path}; starting fresh")
-    subset = state["subset"] if state else choose_subset(
-        [(e.response, 1.0) for e in examples] + [(ids, 0.2) for ids in prompt_ids],
-        min(args.draft_vocab, vocab), vocab, special + code_ids)
-    cov_train = coverage([e.response for e in examples], subset)
-    cov_eval = {k: coverage([r for _, r in v], subset) for k, v in heldout.items()}
+    subset = state["subset"] if state else _output_subset(args, tok, data, vocab)
+    cov_train = coverage([e.response for e in data.examples], subset)
+    cov_eval = {k: coverage([r for _, r in v], subset) for k, v in data.heldout.items()}
     log(f"subset: {len(subset)} tokens; coverage of target responses: train {cov_train:.3f}, "
         + ", ".join(f"held-out {k} {v:.3f}" for k, v in cov_eval.items()))
-
     draft = init_draft(target.model.float(), args.hidden, args.layers, subset).to(args.device)
-    draft.get_input_embeddings().weight.requires_grad_(False)
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    step, best, history = 0, -1.0, []
-    if state:
-        draft.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, best, history = state["step"], state["best"], state["history"]
-        log(f"resumed at step {step} (best score {best:.4f})")
-    del target
-    remap = torch.full((vocab,), -100, dtype=torch.long)
-    remap[subset] = torch.arange(len(subset))
-    seqs = _sequences(examples, args.seq_len)
-    refs = _sequences(reference_examples(sources, data_dir, tok, "train"),
-                      args.seq_len, args.ref_weight) if args.ref_fraction > 0 else []
-    n_ref = round(args.batch_size * args.ref_fraction) if refs else 0
-    log(f"reference text: {len(refs)} sequences, {sum(len(s) for s, _, _ in refs)} tokens, "
-        f"{n_ref} per batch")
-    n_resp = sum(len(e.response) for e in examples)
-    n_all, n_train = (sum(p.numel() for p in ps) / 1e6 for ps in (list(draft.parameters()), params))
-    log(f"data: {len(examples)} examples, {n_resp} response tokens; draft {args.layers}x{args.hidden}, "
-        f"{n_all:.1f}M params ({n_train:.1f}M trainable)")
+    del target  # only the draft trains from here on
     meta = {"draft_vocab_size": len(subset), "target_vocab_sha256": vocab_fingerprint(tok),
             "target": target_name(args.target)}
+    return _DraftTrainer(args, draft, subset, vocab, state, data, tok, sources, meta, work, log).run(out)
 
-    def evaluate() -> dict[str, Any]:
-        res = {k: agreement_stats(draft, v) for k, v in heldout.items() if v}
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise InvalidArgumentError (one line) for a bad count, rate or device."""
+    for name in ("steps", "batch_size", "seq_len", "hidden", "layers", "draft_vocab", "threads"):
+        if getattr(args, name) <= 0:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be positive")
+    if args.lr <= 0:
+        raise InvalidArgumentError("--lr must be positive")
+    if args.device not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"--device {args.device!r}: train-draft runs on cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: no CUDA device is available")
+
+
+@dataclass
+class _TrainingData:
+    """The training prompts, the shard cache of the target's continuations of them, the
+    examples read back from it, and the held-out (dev) continuations."""
+
+    prompts: list[Prompt]
+    data_dir: Path
+    cache: Path
+    examples: list[Example]
+    heldout: dict[str, list[tuple[list[int], list[int]]]]
+
+    @classmethod
+    def prepare(cls, args: argparse.Namespace, target: Any, tok: Any, sources: list[str], work: Path,
+                log: Logger) -> _TrainingData:
+        """Generate what ``--gen-minutes`` allows, then read the shards back.
+
+        Raises:
+            InvalidArgumentError: no generated continuation of a training prompt yet.
+        """
+        data_dir = resolve_data_dir(args.data_dir)
+        prompts = load_prompts(sources, data_dir, "train")
+        if args.max_prompts:
+            prompts = prompts[: args.max_prompts]
+        cache = Path(args.data_cache).expanduser() if args.data_cache else work / "data"
+        if args.gen_minutes > 0:
+            log(f"generating target continuations for up to {args.gen_minutes} min ({len(prompts)} prompts)")
+            generate_shards(target, tok, prompts, cache, batch_size=args.gen_batch,
+                            max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                            deadline=time.time() + 60 * args.gen_minutes, log=log)
+        data = cls(prompts, data_dir, cache, [], {})
+        data.reload()
+        if not data.examples:
+            raise InvalidArgumentError(f"no training data: no generated continuations in {cache} "
+                                       "(raise --gen-minutes or check --data)")
+        dev_prompts = load_prompts(sources, data_dir, "dev") if args.eval_prompts > 0 else []
+        data.heldout = _heldout(target, tok, dev_prompts, work / "heldout", args.eval_prompts, args, log)
+        return data
+
+    def reload(self) -> None:
+        """Read the cache again (a generation running beside the training adds shards)."""
+        allowed = {p.id for p in self.prompts}
+        self.examples = [e for e in load_shards(self.cache) if e.key in allowed]
+
+
+def _read_checkpoint(args: argparse.Namespace, path: Path, log: Logger) -> dict[str, Any] | None:
+    """The ``--resume`` checkpoint, or None (no ``--resume``, or none written yet).
+
+    Raises:
+        InvalidArgumentError: a truncated or corrupt checkpoint.
+    """
+    state = None
+    if args.resume and path.is_file():
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as exc:  # truncated / corrupt pickle: several exception types
+            raise InvalidArgumentError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it "
+                                       "to start over") from None
+    if args.resume and state is None:
+        log(f"--resume: no checkpoint at {path}; starting fresh")
+    return state
+
+
+def _output_subset(args: argparse.Namespace, tok: Any, data: _TrainingData, vocab: int) -> list[int]:
+    """The draft's output ids: target responses weigh 1, prompt text 0.2, plus EOS / BOS and
+    common code tokens."""
+    code_ids = [i for s in CODE_STRINGS for i in tok.encode(s, add_special_tokens=False)]
+    special = [t for t in (tok.eos_token_id, tok.bos_token_id) if t is not None]
+    prompt_ids = [tok.encode(prompt_text(p, tok), add_special_tokens=False) for p in data.prompts[:20000]]
+    return choose_subset([(e.response, 1.0) for e in data.examples] + [(ids, 0.2) for ids in prompt_ids],
+                         min(args.draft_vocab, vocab), vocab, special + code_ids)
+
+
+class _DraftTrainer:
+    """The training loop's state: the draft, its optimiser, the step / best score / history,
+    the tokens seen; checkpoints it so that a resumed run goes on exactly (RNG states too)."""
+
+    def __init__(self, args: argparse.Namespace, draft: Any, subset: list[int], vocab: int,
+                 state: dict[str, Any] | None, data: _TrainingData, tok: Any, sources: list[str],
+                 meta: dict[str, Any], work: Path, log: Logger) -> None:
+        self.args, self.draft, self.subset, self.data, self.sources = args, draft, subset, data, sources
+        self.meta, self.work, self.log, self.state = meta, work, log, state
+        draft.get_input_embeddings().weight.requires_grad_(False)
+        self.params = [p for p in draft.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        self.step, self.best, self.history = 0, -1.0, []
+        if state:
+            draft.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.best, self.history = state["step"], state["best"], state["history"]
+            log(f"resumed at step {self.step} (best score {self.best:.4f})")
+        self.remap = torch.full((vocab,), -100, dtype=torch.long)
+        self.remap[subset] = torch.arange(len(subset))
+        self.seqs = _sequences(data.examples, args.seq_len)
+        self.refs = _sequences(reference_examples(sources, data.data_dir, tok, "train"),
+                               args.seq_len, args.ref_weight) if args.ref_fraction > 0 else []
+        self.n_ref = round(args.batch_size * args.ref_fraction) if self.refs else 0
+        log(f"reference text: {len(self.refs)} sequences, {sum(len(s) for s, _, _ in self.refs)} tokens, "
+            f"{self.n_ref} per batch")
+        n_resp = sum(len(e.response) for e in data.examples)
+        n_all, n_train = (sum(p.numel() for p in ps) / 1e6
+                          for ps in (list(draft.parameters()), self.params))
+        log(f"data: {len(data.examples)} examples, {n_resp} response tokens; "
+            f"draft {args.layers}x{args.hidden}, {n_all:.1f}M params ({n_train:.1f}M trainable)")
+        self.tokens_seen = state["tokens_seen"] if state else 0
+
+    def evaluate(self) -> dict[str, Any]:
+        """Agreement / simulated tau of the draft on each held-out set."""
+        res = {k: agreement_stats(self.draft, v) for k, v in self.data.heldout.items() if v}
         return {k: {m: (round(x, 4) if isinstance(x, float) else x) for m, x in r.items()
                     if m != "per_position"} | {"per_position": [round(x, 3) for x in r["per_position"]]}
                 for k, r in res.items()}
 
-    def save(path: Path, metrics: dict[str, Any]) -> None:
-        m = dict(meta)
-        m["training"] = {"steps": step, "tokens_seen": tokens_seen, "metrics": metrics,
-                         "hidden": args.hidden, "layers": args.layers, "sources": sources}
-        save_subset_draft(copy.deepcopy(draft).to(torch.bfloat16), path, m)
+    def save(self, path: Path, metrics: dict[str, Any]) -> None:
+        """Write the draft (bf16) to ``path`` as a draft directory."""
+        m = dict(self.meta)
+        m["training"] = {"steps": self.step, "tokens_seen": self.tokens_seen, "metrics": metrics,
+                         "hidden": self.args.hidden, "layers": self.args.layers, "sources": self.sources}
+        save_subset_draft(copy.deepcopy(self.draft).to(torch.bfloat16), path, m)
 
-    draft.train()
-    tokens_seen = state["tokens_seen"] if state else 0
-    tokens_start = tokens_seen  # for this process's tokens/s after a resume
-    t_start, t_ckpt = time.time(), time.time()
-    bar = tqdm(total=args.steps, initial=step, file=sys.stderr, dynamic_ncols=True, desc="train-draft")
-    if state and "rng" in state:  # the batches after a resume are the ones an unbroken run draws
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-
-    def checkpoint() -> None:
+    def checkpoint(self) -> None:
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                    "history": history, "subset": subset, "tokens_seen": tokens_seen, "rng": rng},
-                   work / "ckpt.tmp")
-        (work / "ckpt.tmp").replace(ckpt_path)
+        torch.save({"model": self.draft.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                    "best": self.best, "history": self.history, "subset": self.subset,
+                    "tokens_seen": self.tokens_seen, "rng": rng}, self.work / "ckpt.tmp")
+        (self.work / "ckpt.tmp").replace(self.work / "ckpt.pt")
 
-    with _deferred_interrupt() as stop:
-        while step < args.steps:
-            if args.reload_every and step and step % args.reload_every == 0:
-                examples = [e for e in load_shards(cache) if e.key in allowed]
-                seqs = _sequences(examples, args.seq_len)
-                log(f"reloaded data: {len(examples)} examples")
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, args.steps, args.lr)
-            batch = random.sample(seqs, min(args.batch_size - n_ref, len(seqs))) + random.sample(refs, n_ref)
-            ids, labels, weights = (t.to(args.device) for t in make_batch(batch, remap, args.prompt_weight))
-            hidden = draft.model(ids).last_hidden_state  # [B, T, d]
-            keep = weights > 0  # score only positions that carry loss (the head dominates the cost)
-            logits = draft.lm_head.subset_logits(hidden[keep]).float()  # [N, Vs]
-            ce = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")  # [N]
-            loss = (ce * weights[keep]).sum() / weights[keep].sum().clamp_min(1.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            tokens_seen += int((labels >= 0).sum())
-            el = time.time() - t_start
-            bar.update(1)
-            rate = (tokens_seen - tokens_start) / max(el, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
-            if step % 50 == 0:
-                eta = el / max(step - (state["step"] if state else 0), 1) * (args.steps - step)
-                log(f"step {step}/{args.steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                    f"tokens {tokens_seen} eta {eta / 60:.1f} min")
-            if step % args.eval_every == 0 or step == args.steps:
-                metrics = evaluate()
-                score = sum(r["tau"] for r in metrics.values()) / max(len(metrics), 1)
-                history.append({"step": step, "tokens": tokens_seen, "minutes": round(el / 60, 2),
-                                "loss": round(loss.item(), 4), **metrics})
-                log(f"eval step {step}: " + json.dumps(metrics))
-                if score > best:
-                    best = score
-                    save(out, metrics)
-                    log(f"new best (mean simulated tau {score:.3f}) saved to {out}")
-            if time.time() - t_ckpt > 180 or step == args.steps or stop["hit"]:
-                checkpoint()
-                t_ckpt = time.time()
-            if stop["hit"]:
-                bar.close()
-                log(f"interrupted at step {step}; checkpoint saved: rerun with --resume to continue")
-                raise KeyboardInterrupt
-    bar.close()
-    (work / "history.json").write_text(json.dumps(history, indent=1))
-    log(f"done: {step} steps, {tokens_seen} tokens, {(time.time() - t_start) / 60:.1f} min; best {best:.3f}; "
-        f"draft in {out}, history in {work / 'history.json'}")
-    return 0
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step on a batch (training sequences plus reference text); the loss."""
+        args = self.args
+        for g in self.opt.param_groups:
+            g["lr"] = warmup_cosine(self.step, args.steps, args.lr)
+        batch = (random.sample(self.seqs, min(args.batch_size - self.n_ref, len(self.seqs)))
+                 + random.sample(self.refs, self.n_ref))
+        ids, labels, weights = (t.to(args.device) for t in make_batch(batch, self.remap, args.prompt_weight))
+        hidden = self.draft.model(ids).last_hidden_state  # [B, T, d]
+        keep = weights > 0  # score only positions that carry loss (the head dominates the cost)
+        logits = self.draft.lm_head.subset_logits(hidden[keep]).float()  # [N, Vs]
+        ce = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")  # [N]
+        loss = (ce * weights[keep]).sum() / weights[keep].sum().clamp_min(1.0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.step += 1
+        self.tokens_seen += int((labels >= 0).sum())
+        return loss
+
+    def run(self, out: Path) -> int:
+        """Train to ``--steps`` (Ctrl-C checkpoints first); the best draft goes to ``out``."""
+        from tqdm import tqdm
+
+        args, log = self.args, self.log
+        self.draft.train()
+        tokens_start = self.tokens_seen  # for this process's tokens/s after a resume
+        t_start, t_ckpt = time.time(), time.time()
+        bar = tqdm(total=args.steps, initial=self.step, file=sys.stderr, dynamic_ncols=True,
+                   desc="train-draft")
+        if self.state and "rng" in self.state:  # the batches after a resume: those an unbroken run draws
+            random.setstate(self.state["rng"]["python"])
+            torch.set_rng_state(self.state["rng"]["torch"])
+        with _deferred_interrupt() as stop:
+            while self.step < args.steps:
+                if args.reload_every and self.step and self.step % args.reload_every == 0:
+                    self.data.reload()
+                    self.seqs = _sequences(self.data.examples, args.seq_len)
+                    log(f"reloaded data: {len(self.data.examples)} examples")
+                loss = self.train_step()
+                el = time.time() - t_start
+                bar.update(1)
+                rate = (self.tokens_seen - tokens_start) / max(el, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
+                self.report(loss.item(), el, out)
+                if time.time() - t_ckpt > 180 or self.step == args.steps or stop["hit"]:
+                    self.checkpoint()
+                    t_ckpt = time.time()
+                if stop["hit"]:
+                    bar.close()
+                    log(f"interrupted at step {self.step}; checkpoint saved: rerun with --resume to continue")
+                    raise KeyboardInterrupt
+        bar.close()
+        (self.work / "history.json").write_text(json.dumps(self.history, indent=1))
+        log(f"done: {self.step} steps, {self.tokens_seen} tokens, {(time.time() - t_start) / 60:.1f} min; "
+            f"best {self.best:.3f}; draft in {out}, history in {self.work / 'history.json'}")
+        return 0
+
+    def report(self, loss: float, elapsed: float, out: Path) -> None:
+        """The log line every 50 steps; every ``--eval-every`` steps (and at the end) the
+        held-out evaluation, saving the draft to ``out`` when it is the best so far."""
+        args, step = self.args, self.step
+        if step % 50 == 0:
+            eta = elapsed / max(step - (self.state["step"] if self.state else 0), 1) * (args.steps - step)
+            self.log(f"step {step}/{args.steps} loss {loss:.4f} lr {self.opt.param_groups[0]['lr']:.2e} "
+                     f"tokens {self.tokens_seen} eta {eta / 60:.1f} min")
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = self.evaluate()
+            score = sum(r["tau"] for r in metrics.values()) / max(len(metrics), 1)
+            self.history.append({"step": step, "tokens": self.tokens_seen, "minutes": round(elapsed / 60, 2),
+                                 "loss": round(loss, 4), **metrics})
+            self.log(f"eval step {step}: " + json.dumps(metrics))
+            if score > self.best:
+                self.best = score
+                self.save(out, metrics)
+                self.log(f"new best (mean simulated tau {score:.3f}) saved to {out}")
 
 
 def target_name(spec: str) -> str:
     """Human name of a target spec (``default`` -> SmolLM2-135M-Instruct)."""
-    from ..models import DEFAULT_TARGET_NAME
+    from ..checkpoints.loader import DEFAULT_TARGET_NAME
 
     return DEFAULT_TARGET_NAME if spec == "default" else spec

@@ -15,7 +15,7 @@ Prompt sources (read in place, never copied into the repository):
 ``<data>`` is ``--data-dir``, else ``$ADASPEC_DATA``, else ``../shared/data`` next to the
 repository root. ``code_alpaca`` is non-commercial and is not in :data:`DEFAULT_SOURCES`.
 
-Splits: the one rule of :mod:`adaspec.data` (sha256 buckets 0-5 ``train``, 6-7 ``dev``,
+Splits: the one rule of :mod:`adaspec.bench.datasets` (sha256 buckets 0-5 ``train``, 6-7 ``dev``,
 8-9 ``test``; instruction rows bucketed exactly as the benchmark buckets them, stdlib
 functions on ``stdlib:<qualname>``). Training reads ``train`` only, the held-out evaluation
 ``dev``; ``test`` rows are never read, so no benchmark test prompt (or its answer) is trained on.
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..data import Prompt, bucket_of, data_root, in_split, load_dataset
+from ..bench.datasets import Prompt, bucket_of, data_root, in_split, load_dataset
 from ..errors import InvalidArgumentError
 
 ALL_SOURCES = ("gsm8k", "codegen", "roleplay", "self_instruct", "code_alpaca", "stdlib_code", "stdlib_chat")
@@ -66,7 +66,8 @@ _CALC = re.compile(r"<<[^>]*>>")
 
 
 def resolve_data_dir(arg: str | None) -> Path:
-    """``--data-dir`` > ``$ADASPEC_DATA`` > ``<repo>/../shared/data`` (:func:`adaspec.data.data_root`)."""
+    """``--data-dir`` > ``$ADASPEC_DATA`` > ``<repo>/../shared/data``
+    (:func:`adaspec.bench.datasets.data_root`)."""
     return data_root(arg)
 
 
@@ -172,7 +173,7 @@ def _raw_code_prompt(mod: str, def_line: str, doc: str) -> str:
 
 def load_prompts(sources: list[str], data_dir: Path, split: str = "train", max_prompt_chars: int = 2000,
                  ) -> list[Prompt]:
-    """Every prompt of ``sources`` in ``split`` (the one bucket rule of :mod:`adaspec.data`),
+    """Every prompt of ``sources`` in ``split`` (the one bucket rule of :mod:`adaspec.bench.datasets`),
     interleaved by :data:`SOURCE_WEIGHTS`. ``train`` feeds training, ``dev`` the held-out eval.
 
     Raises:
@@ -286,6 +287,8 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     from transformers import DynamicCache
 
+    from ..runtime.eager import cache_kwargs
+
     cache = DynamicCache()
     mask = attention_mask.long()
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, P] positions that skip the left padding
@@ -293,9 +296,9 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     def forward(ids: torch.Tensor, m: torch.Tensor, p: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if hidden is None:
-            return model(input_ids=ids, attention_mask=m, position_ids=p, past_key_values=cache,
+            return model(input_ids=ids, attention_mask=m, position_ids=p, **cache_kwargs(model, cache),
                          use_cache=True, logits_to_keep=1).logits[:, -1], None
-        h = model.model(input_ids=ids, attention_mask=m, position_ids=p, past_key_values=cache,
+        h = model.model(input_ids=ids, attention_mask=m, position_ids=p, **cache_kwargs(model.model, cache),
                         use_cache=True).last_hidden_state  # [B, T, d]
         return model.get_output_embeddings()(h[:, -1]), h
 

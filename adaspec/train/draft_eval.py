@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..cli_args import add_model_args
+from ..frontend.options import add_model_args
 from ..metrics import RunMetrics
 from ..runtime import set_threads
 from .draft_data import CODE_SOURCES, load_shards
@@ -34,14 +34,16 @@ def step_ms(model: torch.nn.Module, ctx: int = 200, n: int = 30, vocab: int = 49
     """Median ms of a one-token forward after a ``ctx``-token prefill (fresh DynamicCache)."""
     from transformers import DynamicCache
 
+    from ..runtime.eager import cache_kwargs
+
     times = []
     for _ in range(3):
         cache = DynamicCache()
-        model(torch.randint(0, vocab, (1, ctx)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, vocab, (1, ctx)), **cache_kwargs(model, cache), use_cache=True)
         tok = torch.randint(0, vocab, (1, 1))
         t0 = time.perf_counter()
         for _ in range(n):
-            model(tok, past_key_values=cache, use_cache=True)
+            model(tok, **cache_kwargs(model, cache), use_cache=True)
         times.append((time.perf_counter() - t0) / n * 1000)
     return statistics.median(times)
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cost", action="store_true")
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    from ..models import load_model, vocab_fingerprint
+    from ..checkpoints.loader import load_model, vocab_fingerprint
 
     target = load_model("default", dtype="bf16")
     draft = load_model(args.draft, dtype="bf16", role="draft")

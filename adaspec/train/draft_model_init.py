@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..draft_model import build_subset_draft
+from ..checkpoints.subset_draft import build_subset_draft
 from ..metrics import RunMetrics
 from ..verify import greedy_from_argmax
 

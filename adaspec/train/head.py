@@ -15,17 +15,18 @@ Checkpoints (``WORK/ckpt.pt``: head, optimiser, step) every ``--save-every`` ste
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..cli_args import add_model_args
+from ..checkpoints.feature_head import FeatureHead, body_config, save_head
+from ..checkpoints.loader import LoadedModel
 from ..errors import InvalidArgumentError
-from ..head_model import FeatureHead, body_config, save_head
+from ..frontend.options import add_model_args
 from ..runtime import set_threads
+from .schedule import warmup_cosine
 
 
 def subset_ids(tokens: torch.Tensor, size: int, always: list[int]) -> torch.Tensor:
@@ -98,20 +99,12 @@ def evaluate(head: FeatureHead, emb_w: torch.Tensor, toks: torch.Tensor, feats: 
     return {"a1": round(a1 / n, 4), "a2": round(a2 / n, 4)}
 
 
-def train(args: argparse.Namespace) -> None:
-    """The ``train-head`` command (see :func:`add_arguments`)."""
-    from tqdm import tqdm
-
-    from ..models import load_model, vocab_fingerprint
+def _features(args: argparse.Namespace, target: LoadedModel, work: Path,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target's features of the training and dev texts (extracted first as far as
+    ``--extract-minutes`` allows): tokens [N, T] (-1 = padding) and features [N, T, d], twice."""
     from . import head_data as hd
 
-    torch.manual_seed(args.seed)
-    if args.threads:
-        set_threads(args.threads)
-    target = load_model(args.target, dtype="float32")
-    if target.tokenizer is None:
-        raise InvalidArgumentError(f"target {args.target!r} has no tokenizer (needed for the training texts)")
-    work = Path(args.work_dir or Path(args.out) / "work").expanduser()
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else work / "features"
     dev_dir = work / "dev-features"
     if args.texts == "greedy":
@@ -139,6 +132,23 @@ def train(args: argparse.Namespace) -> None:
     toks, feats = toks[:, : args.seq_len], feats[:, : args.seq_len]
     print(f"train-head: {int((toks >= 0).sum())} training tokens in {len(toks)} texts; "
           f"{int((dtoks >= 0).sum())} dev tokens", flush=True)
+    return toks, feats, dtoks, dfeats
+
+
+def train(args: argparse.Namespace) -> None:
+    """The ``train-head`` command (see :func:`add_arguments`)."""
+    from tqdm import tqdm
+
+    from ..checkpoints.loader import load_model, vocab_fingerprint
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        set_threads(args.threads)
+    target = load_model(args.target, dtype="float32")
+    if target.tokenizer is None:
+        raise InvalidArgumentError(f"target {args.target!r} has no tokenizer (needed for the training texts)")
+    work = Path(args.work_dir or Path(args.out) / "work").expanduser()
+    toks, feats, dtoks, dfeats = _features(args, target, work)
 
     w_full = target.model.get_output_embeddings().weight.detach().float()
     emb_w = target.model.get_input_embeddings().weight.detach().float()
@@ -167,8 +177,7 @@ def train(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     seen = state.get("tokens_seen", 0) if state else 0
     while step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
-            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
+        lr = warmup_cosine(step, args.steps, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(toks), (args.batch_size,), generator=gen)

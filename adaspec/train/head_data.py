@@ -44,7 +44,7 @@ def training_texts(tokenizer: Any, sources: tuple[str, ...] = DEFAULT_SOURCES, s
     benchmark loader's ``split`` (buckets 0-5 for ``train``). ``stdlib_code``: the source of
     public pure-Python standard-library functions. Texts are cut to ``max_tokens``.
     """
-    from ..data import load_dataset
+    from ..bench.datasets import load_dataset
     from .draft_data import stdlib_functions
 
     eos = tokenizer.eos_token_id

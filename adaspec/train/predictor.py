@@ -158,14 +158,31 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
     with torch.no_grad():
         z = logits_of(head, h[dev], s[dev])
     ev = dev & tried  # held-out tokens verified after an accepted prefix (what a policy faces)
-    zt, yt = z[tried[dev]], y[ev]
+    prompt_of = t["round_prompt"][t["tok_round"]]  # [N] each token's prompt index
+    metrics, curves, calib = _dev_metrics(z[tried[dev]], y[ev], prompt_of[ev], calibrate)
+    metrics.update(train_tokens=int(tr.sum()), dev_tokens=int(dev.sum()), dev_tried_tokens=int(ev.sum()),
+                   rejection_weight=rw, calibrate=calibrate, fit=log)
+    pred = Predictor(kind, head, dict(base, config=config, features=feats, metrics=metrics), out, calib)
+    if eval_traces is not None:
+        metrics["heldout"] = evaluate_on(pred, eval_traces)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(metrics, indent=2))
+    plot_reliability(curves, out / "reliability.png", f"{kind}: held-out tokens (dev prompts)")
+    save_predictor(pred, out)  # last: predictor.json is the commit point
+    return pred
+
+
+def _dev_metrics(zt: torch.Tensor, yt: torch.Tensor, prompt: torch.Tensor, calibrate: str,
+                 ) -> tuple[dict, dict, tuple[float, float]]:
+    """Held-out metrics of logits ``zt`` [n] against labels ``yt`` [n] (``prompt`` [n]: each
+    token's prompt index), the reliability curves, and the Platt (a, b) when ``calibrate``."""
     raw = torch.sigmoid(zt)
     calib = (1.0, 0.0)
     if calibrate == "platt":
         # two-fold cross-fit over dev prompts: each half is scored with (a, b) fitted on the
         # other half, so the reported metrics never see their own calibration data; the
         # shipped (a, b) is fitted on the whole dev split
-        half = (t["round_prompt"][t["tok_round"]][ev] // DEV_MOD) % 2 == 0
+        half = (prompt // DEV_MOD) % 2 == 0
         cal = torch.empty_like(raw)
         for part in (half, ~half):
             a, b = fit_platt(zt[~part], yt[~part]) if (~part).any() else (1.0, 0.0)
@@ -177,16 +194,7 @@ def train_predictor(traces: Path, kind: str, out: Path, *, epochs: int = 40, lr:
     else:
         metrics = {"raw": binary_report(raw, yt)}
         curves = {"raw": (raw, yt)}
-    metrics.update(train_tokens=int(tr.sum()), dev_tokens=int(dev.sum()), dev_tried_tokens=int(ev.sum()),
-                   rejection_weight=rw, calibrate=calibrate, fit=log)
-    pred = Predictor(kind, head, dict(base, config=config, features=feats, metrics=metrics), out, calib)
-    if eval_traces is not None:
-        metrics["heldout"] = evaluate_on(pred, eval_traces)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(metrics, indent=2))
-    plot_reliability(curves, out / "reliability.png", f"{kind}: held-out tokens (dev prompts)")
-    save_predictor(pred, out)  # last: predictor.json is the commit point
-    return pred
+    return metrics, curves, calib
 
 
 def _train_ldlp(traces: Path, meta: dict, t: dict, *, epochs: int, lr: float, batch: int, patience: int,

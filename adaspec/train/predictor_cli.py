@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_args import add_model_args
 from ..errors import InvalidArgumentError
+from ..frontend.options import add_model_args
 
 
 def _prompts(gen, args: argparse.Namespace) -> tuple[list[list[int]], str]:
     """Token ids of the prompts named by --dataset (NAME[:SPLIT], repeatable) / --prompts FILE."""
-    from ..data import default_chat, load_dataset
+    from ..bench.datasets import default_chat, load_dataset
 
     out: list[list[int]] = []
     names = []

@@ -40,7 +40,7 @@ def commands(draft: str, traces: str, dev_traces: str, out: str, limit: int, dev
 
 def main(argv: list[str] | None = None) -> int:
     from .. import cli
-    from ..cli_args import add_model_args
+    from ..frontend.options import add_model_args
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, ("draft", "threads"), threads="torch CPU threads of every step (default 2)")

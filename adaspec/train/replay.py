@@ -32,15 +32,15 @@ from collections.abc import Callable
 
 import torch
 
+from ..checkpoints.loader import LoadedModel
 from ..drafters.model import ModelDrafter, fit_vocab
 from ..errors import InvalidArgumentError
-from ..kv import ModelRunner, RunnerBase
-from ..models import LoadedModel
 from ..predictors.features import RecentAcceptance, scalar_features, soft_label
 from ..runtime import make_runner, resolve_runtime
+from ..runtime.eager import ModelRunner, RunnerBase
 from ..types import DraftStep
 from ..verify import greedy_from_argmax
-from .traces import RecorderPolicy
+from .recorder import RecorderPolicy
 
 
 def replay_runners(target: LoadedModel, draft: LoadedModel, runtime: str = "auto",

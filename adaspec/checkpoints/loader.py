@@ -24,25 +24,22 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .draft_model import is_subset_draft_dir, load_subset_draft
-from .errors import ModelLoadError, VocabMismatchError
-from .runtime import cache_dir
+from ..errors import InvalidArgumentError, ModelLoadError, VocabMismatchError
+from ..runtime import cache_dir
+from ..runtime.plan import choose_dtype, cpu_has_fast_bf16  # noqa: F401 - cpu_has_fast_bf16: re-exported
+from .subset_draft import is_subset_draft_dir, load_subset_draft
 
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DRAFT_DIR = Path(__file__).parent / "assets" / "default-draft"
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
+DEFAULT_DRAFT_DIR = Path(__file__).parents[1] / "assets" / "default-draft"
 
 @dataclass
 class LoadedModel:
     """A causal LM ready for the engine.
 
     Attributes:
-        model: HF-style causal LM; ``model(input_ids [1, T], past_key_values=cache)``
-            returns ``.logits`` [1, T, vocab_size].
+        model: HF-style causal LM; ``model(input_ids [1, T], cache=cache)``
+            (:func:`~adaspec.runtime.eager.cache_kwargs`) returns ``.logits`` [1, T, vocab_size].
         tokenizer: its tokenizer, or None for a draft that shares the target's.
         name: human-readable id (the spec it was loaded from).
         vocab_size: size of the logits' last dimension.
@@ -78,42 +75,6 @@ class LoadedModel:
             elif isinstance(eos, (list, tuple)):
                 ids.update(int(e) for e in eos)
         return frozenset(ids)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX).
-
-    Without them PyTorch emulates bf16 matmuls, which on an AVX2-only CPU cost more
-    than fp32 and grow linearly with the rows (tokens) verified, erasing the gain of
-    verifying several tokens at once.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
-
-
-def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu",
-                runtime: str = "eager") -> torch.dtype:
-    """'auto' | 'bf16' | 'fp32' | 'fp16' (or a torch dtype) -> torch dtype.
-
-    'auto' is bf16 on a GPU, fp32 on a CPU for the ``auto`` / ``compiled`` runtimes (the
-    compiled CPU runtime computes in fp32 and beats bf16 eager forwards), and on a CPU
-    for the eager runtime bf16 when the CPU has native bf16, else fp32.
-    """
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16
-        if runtime == "eager" and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return torch.float32
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise ModelLoadError(f"unknown dtype {name!r}; choose one of auto, bf16, fp32, fp16") from None
 
 
 def _gguf_dir() -> Path:
@@ -196,12 +157,17 @@ def load_model(
 ) -> LoadedModel:
     """Load ``spec`` (``default``, a local directory, or a Hugging Face id) for the engine.
 
-    ``runtime`` (the runtime the model will run on) only steers ``dtype="auto"``.
+    ``runtime`` (the runtime the model will run on) steers ``dtype="auto"``
+    (:func:`adaspec.runtime.plan.choose_dtype`) and whether the checkpoint's own encoding is
+    read for the compiled runtime.
 
     Raises:
         ModelLoadError: the spec cannot be resolved or loaded (message names it).
     """
-    torch_dtype = parse_dtype(dtype, device, runtime)
+    try:
+        torch_dtype = choose_dtype(dtype, device, runtime)
+    except InvalidArgumentError as exc:
+        raise ModelLoadError(str(exc)) from None
     if not spec or not spec.strip():
         raise ModelLoadError(f"empty {role} model name")
     with quiet_transformers():
@@ -256,7 +222,7 @@ def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> L
 
     kind, file = src
     if kind == "gguf":  # a truncated or corrupt file: one line naming it, before anything else reads it
-        from .runtime.native import read_gguf_index
+        from ..runtime.native import read_gguf_index
 
         read_gguf_index(Path(file))
     cfg_dir, gguf = (default_target_dir(), None) if spec == "default" else (
@@ -269,8 +235,8 @@ def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> L
         raise ModelLoadError(f"cannot load {role} model {spec!r} from {file}: {first}") from None
     if getattr(config, "model_type", None) not in ("llama", "mistral"):
         return None  # the usual load; resolve_runtime then says why it is not compiled
-    from .runtime.compiled import UnsupportedModelError
-    from .runtime.native import NativeWeights
+    from ..runtime.compiled import UnsupportedModelError
+    from ..runtime.native import NativeWeights
 
     model = _empty_model(config)
     model.adaspec_source = src
@@ -339,7 +305,7 @@ def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role:
             src = str(path) if path.exists() else spec
             extra = {}
             if path.is_file() and path.suffix == ".gguf":  # transformers de-quantises it
-                from .runtime.native import read_gguf_index
+                from ..runtime.native import read_gguf_index
 
                 read_gguf_index(path)  # a truncated file: one line naming it
                 src, extra = str(path.parent), {"gguf_file": path.name}

@@ -4,7 +4,7 @@ Rollback is implicit and exact: before each forward the cache is cropped to the 
 common prefix of what it holds and the sequence asked for, then only the rest is fed.
 After a rejected draft this crops the rejected tokens away; after a fully accepted
 draft it feeds the last draft token together with the bonus token, so the drafter's
-cache is completed without a separate forward (DESIGN §1 step 5). A crop never
+cache is completed without a separate forward (docs/design.md §1 step 5). A crop never
 recomputes anything.
 """
 
@@ -13,8 +13,26 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` for an HF forward: the argument ``cache`` where ``model.forward``
+    declares it (transformers >= 5.2x, which deprecates ``past_key_values``), else
+    ``past_key_values`` (older releases and models that only take that): the one switch
+    between the two names, checked on the model's own signature (a model that swallows
+    unknown keywords must not silently lose its cache)."""
+    cls = type(model)
+    name = _CACHE_ARG.get(cls)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = _CACHE_ARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_ARG: dict[type, str] = {}  # model class -> the name its forward takes the KV cache by
 
 
 def cache_length(cache) -> int:
@@ -42,6 +60,36 @@ def select_cache(cache, keep: torch.Tensor) -> None:
             layer.values = layer.values.index_select(-2, idx)
 
 
+def tree_rows(start: int, n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
+    """The fed rows of a causal tail plus a token tree (every runtime's ``forward_tree``).
+
+    Args:
+        start: cache slots before the fed rows (their positions start there).
+        n_lin: tail tokens fed causally; the last one is the tree's root.
+        parents: T nodes; node j's parent is ``parents[j]`` (-1 = the root, else an
+            earlier node index).
+
+    Returns:
+        mask: [n_lin + T, n_lin + T] uint8 visibility among the fed rows (every row sees
+            the cached slots too); positions: n_lin + T ints, a node at its root's position
+            plus its depth.
+    """
+    size = n_lin + len(parents)
+    mask = np.zeros((size, size), np.uint8)
+    mask[:n_lin, :n_lin] = np.tril(np.ones((n_lin, n_lin), np.uint8))
+    mask[n_lin:, :n_lin] = 1
+    pos = list(range(start, start + n_lin))
+    depth: list[int] = []
+    for j, par in enumerate(parents):
+        row = n_lin + j
+        if par >= 0:
+            mask[row] = mask[n_lin + par]
+        depth.append(depth[par] + 1 if par >= 0 else 1)
+        mask[row, row] = 1
+        pos.append(start + n_lin - 1 + depth[-1])
+    return mask, pos
+
+
 @dataclass
 class ForwardOut:
     """Outputs for the last n positions of a forward.
@@ -50,9 +98,9 @@ class ForwardOut:
     attentions: [heads, n, S] last-layer attention weights or None.
     """
 
-    logits: torch.Tensor
-    hidden: torch.Tensor | None
-    attentions: torch.Tensor | None = None
+    logits: torch.Tensor  # [n, V] float32
+    hidden: torch.Tensor | None  # [n, d] or None
+    attentions: torch.Tensor | None = None  # [heads, n, S] or None
 
 
 class RunnerBase:
@@ -71,14 +119,18 @@ class RunnerBase:
     def _crop(self, length: int) -> None:
         raise NotImplementedError
 
-    def _sync_prefix(self, seq: list[int], keep_out: int) -> int:
+    def _sync_prefix(self, seq: list[int], keep_out: int, synced: int = 0) -> int:
         """Crop the cache to the common prefix of self.tokens and seq, leaving at least
-        ``keep_out`` tokens of seq to feed. Returns the cropped length."""
+        ``keep_out`` tokens of seq to feed. Returns the cropped length.
+
+        ``synced``: the caller knows ``seq[:synced]`` is what the cache holds (it fed them
+        itself, e.g. a drafter's previous step), so only the rest is compared: O(1) per draft
+        step instead of O(len(seq))."""
         limit = min(len(self.tokens), len(seq) - keep_out)
-        if self.tokens[:limit] == seq[:limit]:  # the usual case, compared in C
+        n = min(synced, limit)
+        if self.tokens[n:limit] == seq[n:limit]:  # the usual case, compared in C
             n = limit
         else:
-            n = 0
             while n < limit and self.tokens[n] == seq[n]:
                 n += 1
         if n < len(self.tokens):
@@ -87,7 +139,7 @@ class RunnerBase:
         return n
 
     def rollback(self, committed: list[int]) -> None:
-        """Crop the cache to its longest common prefix with ``committed`` (DESIGN §1 step 5)."""
+        """Crop the cache to its longest common prefix with ``committed`` (docs/design.md §1 step 5)."""
         self._sync_prefix(committed, 0)
 
 
@@ -118,7 +170,7 @@ class ModelRunner(RunnerBase):
         """The cheap last-layer attention probe, or False when the model family lacks one
         (then the concentration comes from ``output_attentions``, which needs eager attention)."""
         if self._probe is None:
-            from .runtime.attention import AttentionProbe
+            from .attention import AttentionProbe
 
             try:
                 self._probe = AttentionProbe(self.model)
@@ -140,6 +192,7 @@ class ModelRunner(RunnerBase):
         hidden: bool = False,
         attentions: bool = False,
         concentration: bool = False,
+        synced: int = 0,
     ) -> ForwardOut:
         """Bring the cache to ``seq`` and return outputs for its last ``n_out`` positions.
 
@@ -150,10 +203,11 @@ class ModelRunner(RunnerBase):
             attentions: return the last layer's attention weights (eager attention).
             concentration: make :meth:`attention_concentration` report this forward's newest
                 query (through the cheap probe when the family has one).
+            synced: ``seq[:synced]`` is known to be in the cache (see :meth:`_sync_prefix`).
         """
-        start = self._sync_prefix(seq, n_out)
+        start = self._sync_prefix(seq, n_out, synced)
         feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)  # [1, T]
-        kwargs = {"past_key_values": self.cache, "use_cache": True}
+        kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = n_out
         if hidden:
@@ -190,23 +244,11 @@ class ModelRunner(RunnerBase):
         start = self._sync_prefix(committed, 1)
         linear = committed[start:]  # fed causally, ends with the root
         n_lin, n_tree = len(linear), len(nodes)
-        fed = n_lin + n_tree
-        depth: list[int] = []
-        mask = torch.zeros(fed, start + fed, dtype=torch.bool)
-        mask[:, :start] = True
-        mask[:n_lin, start:start + n_lin] = torch.ones(n_lin, n_lin, dtype=torch.bool).tril()
-        mask[n_lin:, start:start + n_lin] = True
-        for j, par in enumerate(parents):
-            row = n_lin + j
-            mask[row, start + row] = True
-            if par >= 0:
-                mask[row] |= mask[n_lin + par]
-                depth.append(depth[par] + 1)
-            else:
-                depth.append(1)
-        pos = list(range(start, start + n_lin)) + [start + n_lin - 1 + d for d in depth]
+        rows, pos = tree_rows(start, n_lin, parents)
+        mask = torch.ones(n_lin + n_tree, start + n_lin + n_tree, dtype=torch.bool)  # cached slots: seen
+        mask[:, start:] = torch.from_numpy(rows).bool()
         feed = torch.tensor([linear + nodes], dtype=torch.long, device=self.device)
-        kwargs = {"past_key_values": self.cache, "use_cache": True,
+        kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True,
                   "attention_mask": mask[None, None].to(self.device),
                   "position_ids": torch.tensor([pos], device=self.device)}
         if self._keeps_logits:
@@ -239,7 +281,7 @@ class ModelRunner(RunnerBase):
         if start == len(seq):
             return None
         feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)
-        kwargs = {"past_key_values": self.cache, "use_cache": True}
+        kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1
         if hidden:

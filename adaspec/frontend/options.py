@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from ..runtime import RUNTIMES
+from ..runtime.plan import DTYPE_CHOICES
+
 _ARGS: dict[str, dict] = {
     "target": {"default": "default"},
     "draft": {"default": "default"},
-    "dtype": {"default": "auto", "choices": ["auto", "bf16", "fp32", "fp16"]},
+    "dtype": {"default": "auto", "choices": list(DTYPE_CHOICES)},
     "device": {"default": "cpu"},
     "threads": {"type": int, "default": None},
-    "runtime": {"default": "auto", "choices": ["auto", "eager", "compiled", "compiled-fp32"]},
+    "runtime": {"default": "auto", "choices": list(RUNTIMES)},
 }
 MODEL_OPTIONS = tuple(_ARGS)
 
@@ -58,7 +61,7 @@ def add_model_args(p: argparse.ArgumentParser, options: tuple[str, ...] = MODEL_
 def add_suffix_cache_args(p: argparse.ArgumentParser) -> None:
     """``--suffix-cache-tokens N`` / ``--no-suffix-cache``: the n-gram source's cross-request
     cache of finished texts (read back with :func:`suffix_cache_arg`)."""
-    from .drafters.suffix import DEFAULT_TOKENS
+    from ..drafters.suffix import DEFAULT_TOKENS
 
     p.add_argument("--suffix-cache-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
                    help="with an n-gram draft source: draft also from the last N tokens of "
@@ -74,7 +77,7 @@ def suffix_cache_arg(args: argparse.Namespace) -> int:
     Raises:
         InvalidArgumentError: a count below 64 that is not 0.
     """
-    from .errors import InvalidArgumentError
+    from ..errors import InvalidArgumentError
 
     n = 0 if getattr(args, "no_suffix_cache", False) else getattr(args, "suffix_cache_tokens", 0)
     if n < 0 or 0 < n < 64:

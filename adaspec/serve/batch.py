@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, StopRules, VerifyCall
-from .runtime.batched import run_calls
-from .sampling import SamplingConfig
-from .types import GenerationStats
+from ..engine import Engine, StopRules, VerifyCall
+from ..runtime.batched import run_calls
+from ..sampling import SamplingConfig
+from ..types import GenerationStats
 
 
 @dataclass(eq=False)  # hashed and compared by identity

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 HEAD_KEY = "adaspec_head"
 
@@ -70,14 +70,16 @@ class FeatureHead(nn.Module):
         return int(self.config.hidden_size)
 
     def forward(self, emb: torch.Tensor, feats_prev: torch.Tensor, position_ids: torch.Tensor,
-                past_key_values: Any = None) -> torch.Tensor:
+                cache: Any = None) -> torch.Tensor:
         """emb, feats_prev: [B, T, d]; position_ids: [B, T] -> predicted features [B, T, d].
 
-        Causal over the T rows (and over ``past_key_values``, an HF cache, when given).
+        Causal over the T rows (and over ``cache``, an HF cache, when given).
         """
+        from ..runtime.eager import cache_kwargs
+
         h = self.fc(torch.cat([emb, feats_prev], dim=-1))
-        out = self.body(inputs_embeds=h, position_ids=position_ids, past_key_values=past_key_values,
-                        use_cache=past_key_values is not None)
+        out = self.body(inputs_embeds=h, position_ids=position_ids, **cache_kwargs(self.body, cache),
+                        use_cache=cache is not None)
         return out.last_hidden_state
 
 
@@ -95,7 +97,7 @@ def save_head(head: FeatureHead, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-DEFAULT_HEAD_DIR = Path(__file__).parent / "assets" / "default-head"
+DEFAULT_HEAD_DIR = Path(__file__).parents[1] / "assets" / "default-head"
 
 
 def head_dir(spec: Any) -> Path | None:

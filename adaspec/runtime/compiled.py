@@ -8,7 +8,7 @@ the engine and the drafters do not know which runtime they drive. Differences in
   and shared by every runner of that model (``LeanWeights.of``);
 - the KV cache is a static buffer of ``capacity`` slots (keys stored transposed), so a
   rollback is a length change and a tree's accepted path is a copy of a few slots;
-- one forward is one call of :func:`kernels.forward` (all layers), compiled once per
+- one forward is one call of :func:`qkernels.forward` (all layers), compiled once per
   machine by numba and cached on disk (no shape specialisation: any number of fed rows
   runs the same machine code, so verify widths never recompile).
 """
@@ -223,9 +223,9 @@ class LeanWeights:
     def run(self, ids: np.ndarray, pos: np.ndarray, start: int, mask: np.ndarray, n_out: int,
             kt: np.ndarray, vc: np.ndarray, n_logits: int | None = None,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One forward (see :func:`kernels.forward`); logits are [n_logits (default n_out),
+        """One forward (see :func:`qkernels.forward`); logits are [n_logits (default n_out),
         self.n_logits], hidden [n_out, d]."""
-        from .kernels import forward
+        from .qkernels import forward
 
         n_logits = n_out if n_logits is None else n_logits
         logits, hidden, conc = forward(ids, pos, start, mask, n_out, n_logits, self.emb, self.emb_packed,
@@ -239,7 +239,7 @@ class LeanWeights:
         """:meth:`run` from input rows h [T, d] (fp32, overwritten; causal, positions pos0..)
         instead of token ids (a feature head's rows), outputs for the last row: logits
         [1, self.n_logits], hidden [1, d], concentration [1]."""
-        from .kernels import forward_rows
+        from .qkernels import forward_rows
 
         t = h.shape[0]
         pos = np.arange(pos0, pos0 + t, dtype=np.int64)
@@ -476,10 +476,12 @@ def _warm_up(kernels) -> None:
     kt = np.zeros((layers, kvh, hd, cap), np.float32)
     vc = np.zeros((layers, kvh, cap, 16), np.float32)
     _warm_up_native(rng, d, hd, heads, kvh, inter, cap, vocab, layers)
+    from .qkernels import forward
+
     for n in (2, 1):
-        kernels.forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1, 1,
-                        f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
-                        pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)
+        forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1, 1,
+                f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
+                pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)
 
 
 def _warm_up_native(rng, d: int, hd: int, heads: int, kvh: int, inter: int, cap: int, vocab: int,

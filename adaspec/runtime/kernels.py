@@ -320,28 +320,6 @@ def _silu_mul(gu, inter, out):
             out[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gu[i, inter + j]
 
 
-def forward(ids, pos, start, mask, n_out, n_logits, emb, emb_packed, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
-            cos, sin, kt, vc, heads, kvh, inter, eps):
-    """One forward of a Llama-style decoder over T fed tokens with a static KV cache.
-
-    ids, pos: [T] int64 token ids and rotary positions; the fed tokens' keys / values are
-    written to cache slots start..start+T-1; mask: [T, T] uint8 visibility among fed rows
-    (causal = lower triangle; a tree mask for tree verification); slots < start are
-    visible to every row. Weights: emb [V, d] (or, when ``emb_packed``, the embedding is
-    the tied head ``lm`` and is read from its panels); ln1, ln2 [L, d]; wqkv [L, P, d, 16]
-    (q, k, v rows); wo [L, P, H hd, 16]; wgu [L, P, d, 16] (gate rows then up rows);
-    wd [L, P, inter, 16]; normw [d]; lm [P, d, 16]. cos, sin: [cap, hd] tables.
-    kt: [L, KVH, hd, cap]; vc: [L, KVH, cap, hd].
-
-    Returns (logits [n_logits, P_lm*16] of the last n_logits <= n_out rows, hidden
-    [n_out, d] of the last n_out rows after the final norm, conc [n_out] last-layer
-    attention concentration: mean over heads of the max weight).
-    """
-    h = embed(ids, emb, emb_packed, lm)
-    return forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
-                        cos, sin, kt, vc, heads, kvh, inter, eps)
-
-
 @njit(cache=True)
 def embed(ids, emb, emb_packed, lm):
     """[T] ids -> [T, d] rows of emb [V, d], or of the tied head's panels lm [P, d, 16]."""
@@ -353,17 +331,6 @@ def embed(ids, emb, emb_packed, lm):
         else:
             h[i] = emb[ids[i]]
     return h
-
-
-def forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
-                 cos, sin, kt, vc, heads, kvh, inter, eps):
-    """:func:`forward` from input rows h [T, d] (fp32, overwritten) instead of token ids:
-    :func:`adaspec.runtime.qkernels.forward_layers` (the one forward of both weight
-    layouts) over these packed fp32 panels."""
-    from .qkernels import NO_NATIVE, forward_layers
-
-    return forward_layers(h, pos, start, mask, n_out, n_logits, ln1, ln2, normw, cos, sin, kt, vc, heads, kvh,
-                          inter, eps, (wqkv, wo, wgu, wd, lm), NO_NATIVE)
 
 
 def threading_layer() -> str:

@@ -40,7 +40,8 @@ import math
 import os
 from pathlib import Path
 
-from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows, linear  # sets numba up first
+from . import kernels  # sets numba up first
+from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows, linear
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -405,7 +406,7 @@ def qembed(ids, blob, mat):
 
 def forward_native(ids, pos, start, mask, n_out, n_logits, blob, mats, ln1, ln2, normw, cos, sin, kt, vc,
                    heads, kvh, inter, eps, wide):
-    """:func:`kernels.forward` over native matrices: ``mats`` [4 L + 2, 4] int64 rows
+    """:func:`forward` over native matrices: ``mats`` [4 L + 2, 4] int64 rows
     (kind, offset, panels, K) of ``blob``: per layer wqkv, wo, wgu, wd (rows 4 l .. 4 l + 3),
     then the LM head (4 L) and the embedding (4 L + 1, the head's row when tied)."""
     h = qembed(ids, blob, mats[4 * ln1.shape[0] + 1])
@@ -461,7 +462,7 @@ def forward_layers(h, pos, start, mask, n_out, n_logits, ln1, ln2, normw, cos, s
     """The forward of both runtimes from input rows h [T, d] (fp32, overwritten): every
     layer, the final norm and the LM head; weight multiplies by :func:`_matmul` (native
     matrices ``nat`` = (blob, mats, wide), or packed fp32 panels ``fp32`` = (wqkv, wo, wgu,
-    wd, lm) when ``nat`` has none). Other arguments and the result: :func:`kernels.forward`."""
+    wd, lm) when ``nat`` has none). Other arguments and the result: :func:`forward`."""
     rows, d = h.shape
     hd = cos.shape[1]
     layers = ln1.shape[0]
@@ -509,3 +510,34 @@ def forward_layers(h, pos, start, mask, n_out, n_logits, ln1, ln2, normw, cos, s
     for i in range(n_out):
         cout[i] = conc[rows - n_out + i].sum() / heads
     return logits, hidden, cout
+
+
+def forward(ids, pos, start, mask, n_out, n_logits, emb, emb_packed, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+            cos, sin, kt, vc, heads, kvh, inter, eps):
+    """One forward of a Llama-style decoder over T fed tokens with a static KV cache.
+
+    ids, pos: [T] int64 token ids and rotary positions; the fed tokens' keys / values are
+    written to cache slots start..start+T-1; mask: [T, T] uint8 visibility among fed rows
+    (causal = lower triangle; a tree mask for tree verification); slots < start are
+    visible to every row. Weights: emb [V, d] (or, when ``emb_packed``, the embedding is
+    the tied head ``lm`` and is read from its panels); ln1, ln2 [L, d]; wqkv [L, P, d, 16]
+    (q, k, v rows); wo [L, P, H hd, 16]; wgu [L, P, d, 16] (gate rows then up rows);
+    wd [L, P, inter, 16]; normw [d]; lm [P, d, 16]. cos, sin: [cap, hd] tables.
+    kt: [L, KVH, hd, cap]; vc: [L, KVH, cap, hd].
+
+    Returns (logits [n_logits, P_lm*16] of the last n_logits <= n_out rows, hidden
+    [n_out, d] of the last n_out rows after the final norm, conc [n_out] last-layer
+    attention concentration: mean over heads of the max weight).
+    """
+    h = kernels.embed(ids, emb, emb_packed, lm)
+    return forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+                        cos, sin, kt, vc, heads, kvh, inter, eps)
+
+
+def forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
+                 cos, sin, kt, vc, heads, kvh, inter, eps):
+    """:func:`forward` from input rows h [T, d] (fp32, overwritten) instead of token ids:
+    :func:`forward_layers` (the one forward of both weight layouts) over these packed fp32
+    panels."""
+    return forward_layers(h, pos, start, mask, n_out, n_logits, ln1, ln2, normw, cos, sin, kt, vc, heads, kvh,
+                          inter, eps, (wqkv, wo, wgu, wd, lm), NO_NATIVE)

@@ -270,8 +270,9 @@ MAX_ROWS = 8  # rows of one pass (more rows: passes of 8, then the rest)
 _wide = _make_qtile(16, MAX_ROWS)  # 512-bit: mr accumulators of one panel
 _narrow = _make_qtile(8, 4)  # 256-bit, 1-4 rows: 2 mr accumulators (two halves of a panel)
 _half = _make_qtile(8, MAX_ROWS, lanes=8)  # 256-bit, 5-8 rows: one half panel per pass
-_wide2 = _make_qtile(16, 2, npan=2)  # 1-2 rows over two panels at once (more independent chains)
-_narrow2 = _make_qtile(8, 2, npan=2)
+PAIR_ROWS = (2, 4)  # rows run over two panels at once (256-bit, 512-bit): more independent chains
+_narrow2 = _make_qtile(8, PAIR_ROWS[0], npan=2)
+_wide2 = _make_qtile(16, PAIR_ROWS[1], npan=2)
 
 
 @njit(cache=True)
@@ -300,8 +301,9 @@ def _qtile_rows(kind, wide, xa, ldx, rows, wa, kdim, oa, ldo):
 
 @njit(cache=True)
 def _qpair(kind, wide, xa, ldx, rows, wa, pstride, kdim, oa, ldo):
-    """:func:`_qtile_rows` for 1-2 rows over two adjacent panels at once (twice the
-    independent FMA chains: one row is otherwise bound by FMA latency, not bandwidth)."""
+    """:func:`_qtile_rows` for up to ``PAIR_ROWS`` rows over two adjacent panels at once
+    (twice the independent FMA chains: few rows are otherwise bound by FMA latency, not
+    by the ports)."""
     if wide:
         _wide2(kind, rows, xa, ldx, wa, pstride, kdim // 32, oa, ldo, 0)
     else:
@@ -312,14 +314,14 @@ def _qpair(kind, wide, xa, ldx, rows, wa, pstride, kdim, oa, ldo):
 def qlinear(x, blob, mat, out, wide):
     """out[M, P*16] = x[M, K] @ W^T for the native matrix ``mat`` = (kind, byte offset in
     ``blob``, panels P, K) of the uint8 ``blob``; x, out C-contiguous fp32; ``wide``:
-    512-bit tiles. One panel (1-2 rows: two) per parallel step; each weight is decoded once
-    per row tile."""
+    512-bit tiles. One panel (up to ``PAIR_ROWS`` rows: two) per parallel step; each weight
+    is decoded once per pass of up to 8 rows."""
     m_rows = x.shape[0]
     kind = mat[0]
     pbytes = panel_bytes(kind, mat[3])
     base = blob.ctypes.data + mat[1]
     n_out = out.shape[1]
-    pair = 1 <= m_rows <= 2 and kind != 0
+    pair = 1 <= m_rows <= PAIR_ROWS[1 if wide else 0] and kind != 0
     jobs = (mat[2] + 1) // 2 if pair else mat[2]
     for job in prange(jobs):
         p = 2 * job if pair else job

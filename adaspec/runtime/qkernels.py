@@ -154,9 +154,9 @@ def _phis(b: ir.IRBuilder, incoming: list, block) -> list:
     return out
 
 
-def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int = 1) -> None:
+def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int = 1, pairs: int = 1) -> None:
     """The block loop of one kind at the builder's position over ``npan`` adjacent panels
-    (independent FMA chains, so one row does not wait on FMA latency), two k per step of
+    (independent FMA chains, so one row does not wait on FMA latency), 2 ``pairs`` k per step of
     its inner loop; stores, branches to exit. ``args``: (x, ldx, panel, panel stride in
     bytes, nb, out, ldo) as LLVM values."""
     xp, ldx, bp, pstride, nb, op, ldo = args
@@ -195,9 +195,10 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
     caches: list[dict] = [{} for _ in range(npan)]
     splat = ir.Constant(ir.VectorType(_I32, g.width), [0] * g.width)
     per = mr * g.nv
-    for odd in (0, 1):
-        ws = [g.decode(kind, bases[j], pair, odd, scales[j], caches[j]) for j in range(npan)]
-        kk = b.add(k0, g.at(pair, 2, odd))
+    for sub, odd in ((sub, odd) for sub in range(pairs) for odd in (0, 1)):
+        pv = g.at(pair, pairs, sub)  # the k-pair of this step
+        ws = [g.decode(kind, bases[j], pv, odd, scales[j], caches[j]) for j in range(npan)]
+        kk = b.add(k0, g.at(pv, 2, odd))
         for m in range(mr):
             xs = b.load(b.gep(xp, [b.add(b.mul(ir.Constant(_I64, m), ldx), kk)]), align=4)
             xb = b.insert_element(ir.Constant(g.vt, ir.Undefined), xs, ir.Constant(_I32, 0))
@@ -210,7 +211,7 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
     pair.add_incoming(pair1, kloop)
     for phi, val in zip(kaccs, cur):
         phi.add_incoming(val, kloop)
-    b.cbranch(b.icmp_signed("<", pair1, ir.Constant(_I64, BLOCK // 2)), kloop, nxt)
+    b.cbranch(b.icmp_signed("<", pair1, ir.Constant(_I64, BLOCK // 2 // pairs)), kloop, nxt)
     b.position_at_end(nxt)
     blk1 = b.add(blk, ir.Constant(_I64, 1))
     blk.add_incoming(blk1, nxt)
@@ -228,7 +229,7 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
     b.branch(exit_block)
 
 
-def _make_qtile(width: int, max_rows: int, npan: int = 1, lanes: int = PANEL):
+def _make_qtile(width: int, max_rows: int, npan: int = 1, lanes: int = PANEL, pairs: int = 1):
     """An intrinsic, generic in the row count: out[0:mr, :] = x[0:mr, 0:32 nb] @ W for
     ``npan`` adjacent panels of ``nb`` blocks of a decoded kind, 1 <= mr <= ``max_rows``
     (kind and mr switched on at run time, one specialised loop each). Each pass covers
@@ -257,7 +258,7 @@ def _make_qtile(width: int, max_rows: int, npan: int = 1, lanes: int = PANEL):
                     kcase = builder.append_basic_block(f"qtile_m{rows}_k{kd}")
                     by_kind.add_case(ir.Constant(_I64, kd), kcase)
                     builder.position_at_end(kcase)
-                    _emit_loop(g, kd, rows, loop_args, exit_block, npan)
+                    _emit_loop(g, kd, rows, loop_args, exit_block, npan, pairs)
             builder.position_at_end(exit_block)
             return context.get_dummy_value()
 
@@ -269,7 +270,7 @@ def _make_qtile(width: int, max_rows: int, npan: int = 1, lanes: int = PANEL):
 MAX_ROWS = 8  # rows of one pass (more rows: passes of 8, then the rest)
 _wide = _make_qtile(16, MAX_ROWS)  # 512-bit: mr accumulators of one panel
 _narrow = _make_qtile(8, 4)  # 256-bit, 1-4 rows: 2 mr accumulators (two halves of a panel)
-_half = _make_qtile(8, MAX_ROWS, lanes=8)  # 256-bit, 5-8 rows: one half panel per pass
+_half = _make_qtile(8, MAX_ROWS, lanes=8, pairs=4)  # 256-bit, 5-8 rows: one half panel per pass
 PAIR_ROWS = (2, 4)  # rows run over two panels at once (256-bit, 512-bit): more independent chains
 _narrow2 = _make_qtile(8, PAIR_ROWS[0], npan=2)
 _wide2 = _make_qtile(16, PAIR_ROWS[1], npan=2)

@@ -36,7 +36,7 @@ def pair64():
 
 
 def _runner(model, native=False, encoding=None):
-    from adaspec.runtime.compiled import CompiledRunner
+    from adaspec.runtime.compiled_runner import CompiledRunner
 
     return CompiledRunner(model, native=native, encoding=encoding)
 

@@ -219,3 +219,20 @@ def test_verify_cost_cli_json(tmp_path, monkeypatch):
     assert set(data["runtimes"]["compiled"]) == {"1", "4"} and data["machine"]["cpu_count"] >= 1
     assert set(data["compiled_over_compiled_fp32"]) == {"1", "4"}
     assert verify_cost.main(["--target", str(model_dir), "--runtime", "fast"]) == 2
+
+
+def test_a_method_can_bring_its_own_draft_model(pair, tmp_path):
+    """``draft=DIR``: the method drafts with the model in DIR (here the target itself, so every
+    drafted token is accepted), the other methods with the run's draft; outputs stay exact."""
+    from adaspec.bench.methods import parse_method
+
+    target, draft = pair
+    own = str(Path(target.name))
+    assert parse_method(f"fixed:2:draft={own}").own_draft == own
+    assert not parse_method(f"fixed:2:draft={own}+ngram").needs_draft
+    summary = run_benchmark(_cfg(tmp_path, methods=f"ar,fixed:2,fixed:2:draft={own}"), prompts=PROMPTS,
+                            target=target, draft=draft)
+    m = summary["methods"]
+    assert m[f"fixed:2:draft={own}"]["acceptance_rate"] == 1.0
+    assert m["fixed:2"]["acceptance_rate"] < 1.0
+    assert all(e["identical_to_ar_rate"] == 1.0 for e in m.values())

@@ -10,7 +10,9 @@ with ``ast`` so they stay true.
 - The engine knows policies and drafters only through their protocols.
 - Policies, drafters and predictors talk through :mod:`adaspec.types`, not through each other.
 - No import loop anywhere: imports inside functions count, and so does every package
-  ``__init__`` an import runs (imports under ``if TYPE_CHECKING:`` never run and do not).
+  ``__init__`` an import runs or a module reads names from (``from . import name``); imports
+  under ``if TYPE_CHECKING:`` never run and do not. (A module imported by a computed name,
+  ``importlib.import_module(f"...{x}")``, is out of sight of any such check.)
 - No function over 80 lines.
 - One place each: the model options (frontend.options), the thread count (runtime.set_threads).
 - No process-wide side effects on import (environment, threads, transformers' logging).
@@ -49,6 +51,8 @@ class Scan:
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
     def _imported(self, mod: str) -> set[str]:
+        """The modules ``mod`` imports: ``import a.b`` names a.b; ``from a import x`` names the
+        module a.x when there is one, else a itself (x is read from a's namespace)."""
         pkg = mod if self.files[mod].name == "__init__.py" else mod.rpartition(".")[0]
         found: set[str] = set()
         for node in _import_nodes(self.trees[mod]):
@@ -59,23 +63,23 @@ class Scan:
             if node.level:
                 up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                 base = ".".join(up + ([node.module] if node.module else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in self.files)
+            found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in self.files else base for a in node.names)
         out = set()
         for name in found:
             while name and name not in self.files:  # "pkg.mod.attr" -> the module pkg.mod
                 name = name.rpartition(".")[0]
-            if name:
+            if name and name != mod:
                 out.add(name)
         return out
 
     @staticmethod
     def _runs(mod: str, name: str) -> set[str]:
-        """What importing ``name`` from ``mod`` executes: ``name`` and each package ``__init__``
-        on its path that is not already running (``mod``'s own packages are)."""
+        """What importing ``name`` from ``mod`` executes or reads: ``name`` itself (a package
+        ``mod`` is part of too, when ``mod`` reads names from its ``__init__``) and each package
+        ``__init__`` on the way that is not already running (``mod``'s own packages are)."""
         parts, own = name.split("."), mod.split(".")
-        chain = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        return chain - {".".join(own[:i]) for i in range(1, len(own) + 1)}
+        chain = {".".join(parts[:i]) for i in range(1, len(parts))}
+        return (chain - {".".join(own[:i]) for i in range(1, len(own) + 1)}) | {name}
 
     def cycles(self) -> list[list[str]]:
         """Every import loop: the strongly connected components of more than one module."""
@@ -175,8 +179,9 @@ def _write(root: Path, files: dict[str, str]) -> None:
 def test_the_loop_check_sees_lazy_imports_and_package_inits(tmp_path: Path) -> None:
     """The loop ``kv.py`` hid on the main of session 6: ``runtime/__init__`` imports ``kv`` at
     the top; ``kv`` imports ``runtime.attention`` inside a function, which runs
-    ``runtime/__init__``. A type-only import is no loop; a module importing its own package's
-    sibling does not rerun the ``__init__`` it is part of."""
+    ``runtime/__init__``. A module reading a name from its own package's ``__init__`` while
+    that ``__init__`` imports it (``cache/k.py``) is a loop too. A type-only import is no loop;
+    a module importing its own package's sibling does not rerun the ``__init__`` it is part of."""
     _write(tmp_path, {
         "pkg/__init__.py": "",
         "pkg/kv.py": "def probe():\n    from .runtime.attention import Probe\n",
@@ -185,10 +190,15 @@ def test_the_loop_check_sees_lazy_imports_and_package_inits(tmp_path: Path) -> N
         "pkg/runtime/kernels.py": "from .attention import Probe\n",
         "pkg/typed.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .hinted import X\n",
         "pkg/hinted.py": "from .typed import TYPE_CHECKING\n",
+        "pkg/cache/__init__.py": "WHERE = 1\ndef warm():\n    from .k import K\n",
+        "pkg/cache/k.py": "def where():\n    from . import WHERE\nclass K: ...\n",
+        "pkg/cache/leaf.py": "from . import k\n",
     })
     scan = Scan(tmp_path, "pkg")
     assert scan.graph["pkg.kv"] == {"pkg.runtime", "pkg.runtime.attention"}
-    assert scan.cycles() == [["pkg.kv", "pkg.runtime"], ["pkg.runtime.attention", "pkg.runtime.kernels"]]
+    assert scan.graph["pkg.cache.leaf"] == {"pkg.cache.k"}
+    assert scan.cycles() == [["pkg.cache", "pkg.cache.k"], ["pkg.kv", "pkg.runtime"],
+                             ["pkg.runtime.attention", "pkg.runtime.kernels"]]
 
 
 def test_no_import_loop_anywhere() -> None:

@@ -17,7 +17,7 @@ from conftest import loaded, make_model, perturbed, prompt_ids
 from adaspec.api import SpeculativeGenerator
 from adaspec.errors import InvalidArgumentError, ModelLoadError
 from adaspec.runtime import resolve_runtime
-from adaspec.runtime.compiled import CompiledRunner
+from adaspec.runtime.compiled_runner import CompiledRunner
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

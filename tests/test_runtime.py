@@ -15,7 +15,7 @@ from adaspec import cli
 from adaspec.api import SpeculativeGenerator
 from adaspec.errors import InvalidArgumentError
 from adaspec.runtime import make_runner, resolve_runtime
-from adaspec.runtime.compiled import CompiledRunner
+from adaspec.runtime.compiled_runner import CompiledRunner
 from adaspec.runtime.eager import ModelRunner
 
 
@@ -160,7 +160,7 @@ def test_kernel_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path, llama):
         "import sys, torch\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from conftest import make_model\n"
-        "from adaspec.runtime.compiled import CompiledRunner\n"
+        "from adaspec.runtime.compiled_runner import CompiledRunner\n"
         "r = CompiledRunner(make_model('llama', seed=4, layers=3)); r.reset()\n"
         "print(float(r.forward([1, 2, 3], 1).logits.sum()))\n")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}

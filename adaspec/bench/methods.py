@@ -29,8 +29,10 @@ every output. Names:
   One more key, ``draft=``, picks the method's draft sources instead: ``draft=ngram``
   (model-free, no draft model loaded for it), ``draft=model+ngram`` (the run's ``--draft``
   plus the n-gram source, chosen per round), ``draft=model`` (the default), e.g.
-  ``fixed:k=8:draft=ngram`` or ``context:draft=model+ngram``. ``cache=off`` turns the n-gram
-  source's cross-request suffix cache off (``context:draft=model+ngram:cache=off``); it only
+  ``fixed:k=8:draft=ngram`` or ``context:draft=model+ngram``; a directory names a draft
+  model of the method's own (``fixed:5:draft=DIR``, ``context:draft=DIR+ngram``).
+  ``cache=off`` turns the n-gram source's cross-request suffix cache off
+  (``context:draft=model+ngram:cache=off``); it only
   carries over between prompts with ``adaspec bench --in-order``.
 
 - ``default``: what a user gets with no ``--policy`` / ``--draft`` (:mod:`adaspec.policies.auto`):
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -77,8 +80,8 @@ class MethodSpec:
         args: ``key -> value`` strings (policy arguments or assistant settings).
         runtime: a name of :data:`adaspec.runtime.RUNTIMES` from an ``@runtime`` suffix, else
             None (the run's ``--runtime``).
-        draft: a policy method's ``draft=`` value (``ngram``, ``model+ngram``), else None
-            (the run's draft model).
+        draft: a policy method's ``draft=`` value (``ngram``, ``model+ngram``, or a draft model
+            of its own: ``DIR``, ``DIR+ngram``), else None (the run's draft model).
     """
 
     key: str
@@ -90,17 +93,28 @@ class MethodSpec:
     cache: bool = True  # the n-gram source's cross-request suffix cache (``cache=off``)
 
     @property
+    def own_draft(self) -> str | None:
+        """The draft model this method names itself (``draft=DIR`` or ``draft=DIR+ngram``), else
+        None (``draft=model`` means the run's ``--draft``)."""
+        if self.draft is None:
+            return None
+        from ..drafters.registry import parse_draft
+
+        spec = parse_draft(self.draft)
+        return spec.model if spec.kind == "model" and spec.model != "default" else None
+
+    @property
     def needs_draft(self) -> bool:
         """Whether the method needs the run's draft model loaded."""
         if self.draft is not None:
             from ..drafters.registry import parse_draft
 
-            return parse_draft(self.draft).kind == "model"
+            return parse_draft(self.draft).kind == "model" and self.own_draft is None
         return self.kind not in ("ar", "llamacpp")
 
     def draft_arg(self, model: LoadedModel | None) -> Any:
         """The ``draft`` argument of :class:`adaspec.api.SpeculativeGenerator` for this method,
-        given the run's loaded draft model (a ``draft=`` model part means that model)."""
+        given its loaded draft model (the run's, or its :attr:`own_draft` loaded)."""
         if self.draft is None:
             return model
         from ..drafters.registry import parse_draft
@@ -170,9 +184,11 @@ def parse_method(text: str) -> MethodSpec:
         policy = make_policy(name, args)  # validates the name and every argument now, not mid-run
         if draft is not None:
             spec = parse_draft(draft)
-            if spec.empty or (spec.kind == "model" and spec.model != "default"):
+            own = spec.kind == "model" and spec.model != "default"
+            if spec.empty or (own and not Path(str(spec.model)).is_dir()):
                 raise MethodError(f"draft={draft!r}: use ngram, model, model+ngram (model = --draft), "
-                                  "head or head+ngram (the shipped feature head)")
+                                  "head or head+ngram (the shipped feature head), or a draft directory "
+                                  "of the method's own: DIR, DIR+ngram")
             check_policy(policy, spec)
     except InvalidArgumentError as exc:
         if name not in POLICIES:

@@ -292,8 +292,7 @@ def _resume(cfg: BenchConfig, out: Path, prompts: list[Prompt], specs: list[Meth
 def _load_models(cfg: BenchConfig, specs: list[MethodSpec], target: LoadedModel | None,
                  draft: LoadedModel | None) -> tuple[LoadedModel, LoadedModel | None]:
     """The target and the run's draft model (loaded once for every method that needs it)."""
-    # one dtype for every method: fp32 on a CPU unless every method runs eager
-    rt = "eager" if cfg.runtime == "eager" and all(s.runtime in (None, "eager") for s in specs) else "auto"
+    rt = _load_runtime(cfg, specs)
     if target is None:
         target = load_model(cfg.target, dtype=cfg.dtype, device=cfg.device, role="target", runtime=rt)
     if draft is None and any(s.needs_draft for s in specs):
@@ -305,6 +304,19 @@ def _load_models(cfg: BenchConfig, specs: list[MethodSpec], target: LoadedModel 
     return target, draft
 
 
+def _load_runtime(cfg: BenchConfig, specs: list[MethodSpec]) -> str:
+    """The runtime models are loaded for: one dtype for every method, fp32 on a CPU unless
+    every method runs eager."""
+    return "eager" if cfg.runtime == "eager" and all(s.runtime in (None, "eager") for s in specs) else "auto"
+
+
+def _own_drafts(cfg: BenchConfig, specs: list[MethodSpec], target: LoadedModel) -> dict[str, LoadedModel]:
+    """Each draft model a method names itself (``draft=DIR``), loaded once."""
+    rt = _load_runtime(cfg, specs)
+    return {name: parse_draft(name).load(target, dtype=cfg.dtype, device=cfg.device, runtime=rt)[0].model
+            for name in dict.fromkeys(s.own_draft for s in specs if s.own_draft)}
+
+
 class _Run:
     """One benchmark run's methods (a runner each, sharing the loaded models), its metadata
     and the methods that failed (a peer engine's crash ends that method, not the run)."""
@@ -313,8 +325,9 @@ class _Run:
                  target: LoadedModel, draft: LoadedModel | None) -> None:
         self.cfg, self.specs, self.prompts, self.target = cfg, specs, prompts, target
         eos = eos_ids(target)
-        self.runners = {s.key: build_runner(s, target, draft, eos, cfg.runtime, cfg.threads,
-                                            cfg.suffix_cache_tokens) for s in specs}
+        own = _own_drafts(cfg, specs, target)
+        self.runners = {s.key: build_runner(s, target, own.get(s.own_draft or "", draft), eos, cfg.runtime,
+                                            cfg.threads, cfg.suffix_cache_tokens) for s in specs}
         meta = run_metadata(cfg, target, draft)
         meta["runtimes"] = {k: getattr(r, "runtime", "hf") for k, r in self.runners.items()}
         meta["policies"] = {k: f"{r.gen.policy_name} over {r.gen.draft_name}" for k, r in self.runners.items()

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import InvalidArgumentError, ModelLoadError, VocabMismatchError
-from ..runtime import cache_dir
+from ..runtime.paths import cache_dir
 from ..runtime.plan import choose_dtype, cpu_has_fast_bf16  # noqa: F401 - cpu_has_fast_bf16: re-exported
 from .subset_draft import is_subset_draft_dir, load_subset_draft
 

@@ -60,7 +60,8 @@ class _CompiledCore:
     def __init__(self, head: FeatureHead, target: nn.Module, w_sub: torch.Tensor,
                  native: bool = False) -> None:
         from ..checkpoints.subset_draft import SubsetLMHead
-        from ..runtime.compiled import LeanWeights, ensure_compiled
+        from ..runtime.compiled import LeanWeights
+        from ..runtime.compiled_runner import ensure_compiled
         from ..runtime.kernels import pack_weight
         from ..runtime.native import NativeWeights
 

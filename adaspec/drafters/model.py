@@ -91,7 +91,7 @@ def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
     ``make_runner``."""
     enc = draft_encoding()
     if runtime == "compiled" and enc:
-        from ..runtime.compiled import CompiledRunner
+        from ..runtime.compiled_runner import CompiledRunner
         from ..runtime.native import NativeWeights
 
         # a draft loaded natively from its own files has no module weights to re-encode: as stored.

@@ -15,22 +15,15 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 
 from torch import nn
 
 from ..errors import InvalidArgumentError
 from .eager import ModelRunner, RunnerBase
+from .paths import cache_dir
 
 RUNTIMES = ("auto", "eager", "compiled", "compiled-fp32")
 COMPILED = ("compiled", "compiled-fp32")  # resolved runtimes that use the compiled kernels
-
-
-def cache_dir() -> Path:
-    """Where converted models and the compiled kernels live: ``$ADASPEC_CACHE`` or
-    ``~/.cache/adaspec``."""
-    return Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec")
 
 
 def compiled_unsupported(model: nn.Module, native: bool = False) -> str | None:
@@ -96,7 +89,7 @@ def make_runner(model: nn.Module, runtime: str = "eager", release: bool = False,
     for drafts, whose precision never changes the output.
     """
     if runtime in COMPILED:
-        from .compiled import CompiledRunner
+        from .compiled_runner import CompiledRunner
 
         return CompiledRunner(model, release, native=runtime == "compiled", encoding=encoding)
     if runtime != "eager":
@@ -116,5 +109,5 @@ def set_threads(n: int) -> None:
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
-__all__ = ["COMPILED", "RUNTIMES", "check_runtime", "compiled_unsupported", "make_runner", "resolve_runtime",
-           "set_threads"]
+__all__ = ["COMPILED", "RUNTIMES", "cache_dir", "check_runtime", "compiled_unsupported", "make_runner",
+           "resolve_runtime", "set_threads"]

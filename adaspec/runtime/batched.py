@@ -1,6 +1,6 @@
 """One compiled forward over the verify rows of many sequences (the batch engine's target step).
 
-Every sequence keeps its own :class:`~adaspec.runtime.compiled.CompiledRunner` (its own
+Every sequence keeps its own :class:`~adaspec.runtime.compiled_runner.CompiledRunner` (its own
 static KV cache); all runners share one model's packed weights. :func:`run_calls` takes
 the rounds' :class:`~adaspec.types.VerifyCall` s and, when they are compiled runners of
 one model, runs them as **one** forward: every linear (the weight-bound part on a CPU)
@@ -116,7 +116,8 @@ def prepare(call: Any) -> Part:
 
 def batchable(calls: list[Any]) -> bool:
     """True when ``calls`` can share one compiled forward (distinct compiled runners of one model)."""
-    from .compiled import CompiledRunner, LeanWeights
+    from .compiled import LeanWeights
+    from .compiled_runner import CompiledRunner
 
     if len(calls) < 2 or not all(type(c.runner) is CompiledRunner for c in calls):
         return False

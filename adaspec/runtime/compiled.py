@@ -1,24 +1,17 @@
-"""The compiled CPU runtime: a lean Llama forward over packed weights and a static KV cache.
+"""The compiled CPU runtime's weights: a model packed for the lean Llama forward.
 
-:class:`CompiledRunner` has the same contract as the eager :class:`~adaspec.runtime.eager.ModelRunner`
-(forward / forward_tree / keep_path / prefill / rollback over the ids its cache holds), so
-the engine and the drafters do not know which runtime they drive. Differences inside:
+- :class:`LeanWeights`: fp32 weights packed once per model into 16-feature panels
+  (:func:`kernels.pack_weight`) and shared by every runner of that model (``LeanWeights.of``);
+  the checkpoint's own encoding is :class:`~adaspec.runtime.native.NativeWeights`, built on
+  these helpers;
+- :func:`unsupported_reason`: what the compiled runtime cannot run; :func:`read_geometry`,
+  :func:`tree_mask`, the causal masks and the memory-release helpers both kinds share.
 
-- weights are packed once per model into 16-feature panels (:func:`kernels.pack_weight`)
-  and shared by every runner of that model (``LeanWeights.of``);
-- the KV cache is a static buffer of ``capacity`` slots (keys stored transposed), so a
-  rollback is a length change and a tree's accepted path is a copy of a few slots;
-- one forward is one call of :func:`qkernels.forward` (all layers), compiled once per
-  machine by numba and cached on disk (no shape specialisation: any number of fed rows
-  runs the same machine code, so verify widths never recompile).
+The runner over them is :class:`~adaspec.runtime.compiled_runner.CompiledRunner`.
 """
-
 from __future__ import annotations
 
-import shutil
-import sys
 import threading
-import time
 import weakref
 from pathlib import Path
 
@@ -27,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError
-from .eager import ForwardOut, RunnerBase, tree_rows
+from .eager import tree_rows
 
 MAX_CAPACITY = 16384  # KV slots when the config does not bound the context
 
@@ -250,115 +243,6 @@ class LeanWeights:
         return logits[:, : self.n_logits], hidden, conc
 
 
-class CompiledRunner(RunnerBase):
-    """Feeds token sequences to one model through the compiled runtime (static KV cache)."""
-
-    def __init__(self, model: nn.Module, release: bool = False, native: bool = False,
-                 encoding: str | None = None) -> None:
-        """``native``: the checkpoint's own encoding (:class:`~adaspec.runtime.native.NativeWeights`,
-        re-encoded to ``encoding`` when given), else packed fp32 (``compiled-fp32``)."""
-        super().__init__(model)
-        ensure_compiled()
-        if native or encoding is not None:
-            from .native import NativeWeights
-
-            self.lean = NativeWeights.of(model, release, encoding)
-        else:
-            from .native import NativeWeights
-
-            nw = NativeWeights.existing(model)
-            if nw is not None:  # a natively loaded module: decode its weights before packing fp32
-                nw.restore_eager_weights()
-            self.lean = LeanWeights.of(model, release)
-        self.kt, self.vc = self.lean.new_cache()
-        self._conc = np.zeros(1, np.float32)
-
-    @property
-    def capacity(self) -> int:
-        return self.lean.capacity
-
-    def reset(self) -> None:
-        self.tokens = []
-        self.forwards = 0
-
-    def _crop(self, length: int) -> None:
-        pass  # slots >= len(self.tokens) are simply overwritten by the next forward
-
-    full_vocab = True  # False: a reduced-vocabulary head's logits stay [n, Vs] (lean.out_ids order)
-
-    def _run(self, feed: list[int], pos: list[int], start: int, mask: np.ndarray, n_out: int,
-             hidden: bool, n_logits: int | None = None) -> ForwardOut:
-        self.kt, self.vc = self.lean.fit_cache(self.kt, self.vc, start + len(feed), start)
-        logits, hid, conc = self.lean.run(np.asarray(feed, np.int64), np.asarray(pos, np.int64), start,
-                                          mask, n_out, self.kt, self.vc, n_logits)
-        self.forwards += 1
-        self._conc = conc
-        out = torch.from_numpy(logits)
-        if self.lean.out_ids is not None and self.full_vocab:  # reduced-vocabulary head: q = 0 elsewhere
-            full = out.new_full((out.shape[0], self.lean.vocab), float("-inf"))
-            out = full.index_copy_(1, self.lean.out_ids, out)
-        return ForwardOut(out, torch.from_numpy(hid) if hidden else None)
-
-    def forward(self, seq: list[int], n_out: int, *, hidden: bool = False,
-                attentions: bool = False, concentration: bool = False, synced: int = 0) -> ForwardOut:
-        """Bring the cache to ``seq``; outputs for its last ``n_out`` positions (see ModelRunner).
-
-        The attention concentration is always computed (:meth:`attention_concentration`);
-        attention weights themselves are not materialised.
-        """
-        if attentions:
-            raise NotImplementedError("the compiled runtime does not return attention weights")
-        start = self._sync_prefix(seq, n_out, synced)
-        feed = seq[start:]
-        n = len(feed)
-        out = self._run(feed, list(range(start, start + n)), start, _causal(n), n_out, hidden)
-        self.tokens.extend(feed)
-        return out
-
-    def forward_tree(self, committed: list[int], nodes: list[int], parents: list[int], *,
-                     hidden: bool = False) -> ForwardOut:
-        """Committed tail plus a token tree in one forward (tree mask); see ModelRunner."""
-        start = self._sync_prefix(committed, 1)
-        linear = committed[start:]
-        mask, pos = tree_rows(start, len(linear), parents)
-        out = self._run(linear + nodes, pos, start, mask, len(nodes) + 1, hidden)
-        self.tokens.extend(linear + nodes)
-        return out
-
-    def keep_path(self, committed_len: int, nodes: list[int], path: list[int]) -> None:
-        """Keep the committed slots plus the tree nodes in ``path``: node j's slot moves to
-        committed_len + i for the i-th node of the path (sources never precede targets)."""
-        for i, j in enumerate(path):
-            if i != j:
-                self.kt[:, :, :, committed_len + i] = self.kt[:, :, :, committed_len + j]
-                self.vc[:, :, committed_len + i] = self.vc[:, :, committed_len + j]
-        self.tokens = self.tokens[:committed_len] + [nodes[j] for j in path]
-
-    def prefill(self, seq: list[int], hidden: bool = False) -> torch.Tensor | None:
-        """Put ``seq`` into the cache without computing any logits.
-
-        ``hidden``: also return the last hidden states [n, d] of the n fed (not already
-        cached) positions len(seq)-n .. len(seq)-1 (None when nothing was fed).
-        """
-        start = self._sync_prefix(seq, 0)
-        if start == len(seq):
-            return None
-        feed = seq[start:]
-        n_out = len(feed) if hidden else 0
-        out = self._run(feed, list(range(start, len(seq))), start, _causal(len(feed)), n_out, hidden, 0)
-        self.tokens.extend(feed)
-        return out.hidden
-
-    def attention_concentration(self) -> float:
-        """Last-layer attention concentration of the last forward's newest query."""
-        return float(self._conc[-1]) if len(self._conc) else 0.0
-
-    def attention_concentrations(self, n: int) -> torch.Tensor:
-        """[n] last-layer attention concentrations of the last forward's newest ``n`` output
-        rows (n <= its ``n_out``), as :meth:`attention_concentration` reads the newest one."""
-        return torch.from_numpy(np.ascontiguousarray(self._conc[len(self._conc) - n:]))
-
-
 _CAUSAL = [np.tril(np.ones((n, n), np.uint8)) for n in range(33)]
 
 
@@ -431,79 +315,3 @@ def tree_mask(n_lin: int, parents: list[int]) -> tuple[np.ndarray, list[int]]:
 def _causal(n: int) -> np.ndarray:
     """[n, n] uint8 lower triangle (cached for the small n of decoding)."""
     return _CAUSAL[n] if n < len(_CAUSAL) else np.tril(np.ones((n, n), np.uint8))
-
-
-_compiled = False
-
-
-def ensure_compiled() -> None:
-    """Compile (first run on this machine, with a progress line) or load the kernels.
-
-    A cache that fails to load is deleted and rebuilt, never trusted.
-    """
-    global _compiled
-    if _compiled:
-        return
-    from . import kernels
-
-    cache = kernels.CACHE_DIR
-    fresh = not any(cache.rglob("*forward*.nbi")) if cache.is_dir() else True
-    t0 = time.perf_counter()
-    if fresh:
-        print(f"adaspec: compiling the CPU runtime kernels (once per machine, cached in {cache}) ...",
-              file=sys.stderr, flush=True)
-    try:
-        _warm_up(kernels)
-    except Exception as exc:  # a corrupt or incompatible cache: rebuild it
-        print(f"adaspec: runtime kernel cache unusable ({type(exc).__name__}); rebuilding",
-              file=sys.stderr, flush=True)
-        shutil.rmtree(cache, ignore_errors=True)
-        _warm_up(kernels)
-    if fresh:
-        print(f"adaspec: runtime kernels ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-              flush=True)
-    _compiled = True
-
-
-def _warm_up(kernels) -> None:
-    """Run a 2-layer toy forward so every kernel is compiled or loaded from the cache."""
-    rng = np.random.default_rng(0)
-    d, hd, heads, kvh, inter, cap, vocab, layers = 32, 8, 4, 2, 64, 16, 40, 2
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
-    pk = kernels.pack_weight
-    w = [np.stack([pk(f(n, k)) for _ in range(layers)])
-         for n, k in (((heads + 2 * kvh) * hd, d), (d, heads * hd), (2 * inter, d), (d, inter))]
-    kt = np.zeros((layers, kvh, hd, cap), np.float32)
-    vc = np.zeros((layers, kvh, cap, 16), np.float32)
-    _warm_up_native(rng, d, hd, heads, kvh, inter, cap, vocab, layers)
-    from .qkernels import forward
-
-    for n in (2, 1):
-        forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1, 1,
-                f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
-                pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)
-
-
-def _warm_up_native(rng, d: int, hd: int, heads: int, kvh: int, inter: int, cap: int, vocab: int,
-                    layers: int) -> None:
-    """Compile or load the native kernels (:mod:`qkernels`) with a toy fp16 forward."""
-    from . import native, qkernels
-
-    chunks, mats, off = [], [], 0
-    shapes = [((heads + 2 * kvh) * hd, d), (d, heads * hd), (2 * inter, d), (d, inter)] * layers
-    shapes.append((vocab, d))
-    for n, k in shapes:
-        w = rng.standard_normal((n, k)).astype(np.float16).view(np.uint16)
-        kind, data = native.pack(native.Encoded(native.F16, n, k, w))
-        mats.append((kind, off, -(-n // 16), k))
-        chunks.append(data)
-        off += data.size
-    mats.append(mats[-1])
-    blob, table = np.concatenate(chunks), np.array(mats, np.int64)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
-    kt = np.zeros((layers, kvh, hd, cap), np.float32)
-    vc = np.zeros((layers, kvh, cap, 16), np.float32)
-    for n in (2, 1):
-        ids = np.arange(n, dtype=np.int64)
-        qkernels.forward_native(ids, ids, 0, _causal(n), 1, 1, blob, table, f(layers, d), f(layers, d), f(d),
-                                f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5, n == 1)

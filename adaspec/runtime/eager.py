@@ -138,6 +138,23 @@ class RunnerBase:
             del self.tokens[n:]
         return n
 
+    def prefill(self, seq: list[int], hidden: bool = False) -> torch.Tensor | None:
+        """Put ``seq`` into the cache without computing logits (no-op when it is there).
+
+        ``hidden``: also return the last hidden states [n, d] of the n fed (not already
+        cached) positions len(seq)-n .. len(seq)-1 (None when nothing was fed).
+        """
+        start = self._sync_prefix(seq, 0)
+        if start == len(seq):
+            return None
+        out = self._prefill(seq[start:], start, hidden)
+        self.tokens.extend(seq[start:])
+        return out
+
+    def _prefill(self, feed: list[int], start: int, hidden: bool) -> torch.Tensor | None:
+        """Feed ``feed`` at positions start.. (the runtime's part of :meth:`prefill`)."""
+        raise NotImplementedError
+
     def rollback(self, committed: list[int]) -> None:
         """Crop the cache to its longest common prefix with ``committed`` (docs/design.md §1 step 5)."""
         self._sync_prefix(committed, 0)
@@ -271,21 +288,11 @@ class ModelRunner(RunnerBase):
         self.tokens = self.tokens[:base] + [nodes[j] for j in path]
 
     @torch.inference_mode()
-    def prefill(self, seq: list[int], hidden: bool = False) -> torch.Tensor | None:
-        """Put ``seq`` into the cache without asking for outputs (no-op when empty).
-
-        ``hidden``: also return the last hidden states [n, d] of the n fed (not already
-        cached) positions len(seq)-n .. len(seq)-1 (None when nothing was fed).
-        """
-        start = self._sync_prefix(seq, 0)
-        if start == len(seq):
-            return None
-        feed = torch.tensor([seq[start:]], dtype=torch.long, device=self.device)
+    def _prefill(self, feed: list[int], start: int, hidden: bool) -> torch.Tensor | None:
         kwargs = {**cache_kwargs(self.model, self.cache), "use_cache": True}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1
         if hidden:
             kwargs["output_hidden_states"] = True
-        out = self.model(feed, **kwargs)
-        self.tokens.extend(seq[start:])
+        out = self.model(torch.tensor([feed], dtype=torch.long, device=self.device), **kwargs)
         return out.hidden_states[-1][0].float() if hidden else None

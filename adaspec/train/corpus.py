@@ -189,9 +189,9 @@ def reference_rows(tokenizer: Any, data_dir: Path | None = None, split: str = "t
 
 
 def load_corpus(path: Path) -> list[CorpusRow]:
-    """Every row of every shard under ``path``, in shard order."""
+    """Every row of every shard under ``path`` (and its ``part-*`` directories), in shard order."""
     out: list[CorpusRow] = []
-    for f in sorted(path.glob("shard-[0-9]*.npz")):
+    for f in sorted(path.rglob("shard-[0-9]*.npz")):
         with np.load(f) as z:
             toks, off, plen, keys = z["tokens"], z["offsets"], z["prompt_lens"], z["keys"]
         out.extend(CorpusRow(str(k), toks[off[i]: off[i + 1]], int(plen[i])) for i, k in enumerate(keys))
@@ -201,7 +201,7 @@ def load_corpus(path: Path) -> list[CorpusRow]:
 def _generate_chunk(model: Any, tokenizer: Any, prompts: list[Prompt], batch_size: int,
                     max_new_tokens: int, max_prompt_tokens: int) -> list[CorpusRow]:
     """Greedy continuations of ``prompts`` (length-sorted batches, left-padded)."""
-    from .draft_data import greedy_batch
+    from .fastgen import greedy_static
 
     enc = [(p, tokenizer.encode(prompt_text(p, tokenizer), add_special_tokens=False)) for p in prompts]
     enc = sorted([e for e in enc if 0 < len(e[1]) <= max_prompt_tokens], key=lambda e: len(e[1]))
@@ -211,7 +211,7 @@ def _generate_chunk(model: Any, tokenizer: Any, prompts: list[Prompt], batch_siz
         width = max(len(i) for _, i in batch)
         ids = torch.tensor([[0] * (width - len(i)) + i for _, i in batch])
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for _, i in batch])
-        out = greedy_batch(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
+        out = greedy_static(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
         for (p, i), resp in zip(batch, out, strict=True):
             rows.append(CorpusRow(p.id, np.array(i + resp, dtype=np.uint16), len(i)))
     return rows
@@ -253,6 +253,19 @@ def build(model: Any, tokenizer: Any, prompts: list[Prompt], out: Path, *, minut
     return corpus.state
 
 
+def _parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; anything else is an :class:`InvalidArgumentError`."""
+    from ..errors import InvalidArgumentError
+
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InvalidArgumentError(f"--part must look like I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise InvalidArgumentError(f"--part {text}: need 0 <= I < N")
+    return i, n
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: build or extend a corpus (see the module docstring)."""
     from ..checkpoints.loader import load_model
@@ -272,15 +285,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="prompts per shard")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="one of N processes (1 thread each uses 2 cores without thread barriers): takes "
+                        "every N-th prompt, from I, of those OUT itself has not done, into OUT/part-I-of-N")
     args = p.parse_args(argv)
     set_threads(args.threads)
     dtype = pick_dtype() if args.dtype == "auto" else args.dtype
     target = load_model(args.target, dtype=dtype)
     prompts = corpus_prompts(resolve_data_dir(args.data_dir), target.tokenizer, "train")
-    corpus = CorpusDir(Path(args.out))
+    out = Path(args.out)
+    if args.part:
+        i, n = _parse_part(args.part)
+        prompts = prompts[CorpusDir(out).state["prompts"]:][i::n]
+        out = out / f"part-{i}-of-{n}"
+    corpus = CorpusDir(out)
     corpus.log(f"start: {len(prompts)} prompts, dtype {target.dtype}, batch {args.batch_size}, "
                f"threads {args.threads}")
-    state = build(target.model, target.tokenizer, prompts, Path(args.out), minutes=args.minutes,
+    state = build(target.model, target.tokenizer, prompts, out, minutes=args.minutes,
                   batch_size=args.batch_size, chunk=args.chunk, max_new_tokens=args.max_new_tokens,
                   max_prompt_tokens=args.max_prompt_tokens)
     print(json.dumps(state))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from ..errors import InvalidArgumentError
 from ..frontend.options import add_model_args
 from .corpus import CorpusRow, build, load_corpus, reference_rows
+from .schedule import warmup_cosine
 
 DEV_SETS = {"humaneval": "humaneval", "chat": "gpteacher_roleplay"}
 
@@ -141,13 +141,6 @@ def evaluate(draft: Any, dev: dict[str, list[CorpusRow]], k: int = 5) -> dict[st
     return out
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(total - warmup, 1))
-    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
     """(target fp32, teacher (bf16 where native, else the fp32 target) or None, draft fp32, bf16?)."""
     from ..checkpoints.loader import check_vocab_compat, load_model
@@ -217,7 +210,7 @@ def train(args: argparse.Namespace, dev: dict[str, list[Any]] | None = None) -> 
     losses: list[float] = []
     while st["step"] < args.steps and time.monotonic() < deadline:
         for g in opt.param_groups:
-            g["lr"] = _lr(st["step"], args.steps, args.lr, args.warmup)
+            g["lr"] = warmup_cosine(st["step"], args.steps, args.lr, args.warmup)
         batch = random.sample(rows, args.batch_size - n_ref) + random.sample(refs, n_ref)
         x, y = make_batch(batch, args.seq_len, remap)
         m = step_fn(x, y)
@@ -239,13 +232,19 @@ def train(args: argparse.Namespace, dev: dict[str, list[Any]] | None = None) -> 
                 meta["corpus_training"] = {"steps": st["step"], "tokens_seen": st["tokens"], "dev": ev,
                                            "kl": args.kl, "corpus": str(args.corpus)}
                 save_subset_draft(copy.deepcopy(model).to(torch.bfloat16).eval(), out, meta)
-            st["train_seconds"] += time.monotonic() - t0
-            t0 = time.monotonic()
-            torch.save({**st, "model": model.state_dict(), "opt": opt.state_dict(), "rng": random.getstate()},
-                       str(ckpt) + ".tmp")
-            Path(str(ckpt) + ".tmp").replace(ckpt)
-            (work / "history.json").write_text(json.dumps(st["history"], indent=1))
+            t0 = _save(st, t0, ckpt, model, opt)
+    _save(st, t0, ckpt, model, opt)  # a time-boxed chunk keeps its steps since the last evaluation
     return st["history"][-1]
+
+
+def _save(st: dict[str, Any], t0: float, ckpt: Path, model: Any, opt: torch.optim.Optimizer) -> float:
+    """Checkpoint the run (state, weights, optimiser, rng) and its history; returns the new clock start."""
+    st["train_seconds"] += time.monotonic() - t0
+    torch.save({**st, "model": model.state_dict(), "opt": opt.state_dict(), "rng": random.getstate()},
+               str(ckpt) + ".tmp")
+    Path(str(ckpt) + ".tmp").replace(ckpt)
+    (ckpt.parent / "history.json").write_text(json.dumps(st["history"], indent=1))
+    return time.monotonic()
 
 
 def _log(work: Path, msg: Any) -> None:

@@ -60,7 +60,7 @@ def _import_numba() -> tuple[ModuleType, Path]:
     # take the restored environment in now, so that the cache directory set below stays
     config.reload_config()
     if "NUMBA_CACHE_DIR" not in os.environ:
-        from . import cache_dir
+        from .paths import cache_dir
 
         config.CACHE_DIR = str(cache_dir() / "numba")
     return numba, Path(config.CACHE_DIR)

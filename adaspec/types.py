@@ -49,9 +49,10 @@ class DraftStep:
         logits: [V] raw draft logits at this position (float32; -inf where q = 0).
         probs: [V] draft distribution q after temperature / top-k / top-p (float32);
             under greedy this is softmax(logits).
-        scored: [Vs] the finite part of ``logits`` (a reduced-vocabulary draft's own
-            scores, every other token has q = 0), what entropy / top-k features read.
-        token_prob: q(token).
+        scored: [Vs] logits of the tokens the draft scores (a reduced-vocabulary draft's
+            own Vs scores, all V otherwise; every other token has q = 0): what the entropy /
+            top-k features read.
+        token_prob: q(token); top1: max_v q(v).
     """
 
     def __init__(self, index: int, token: int, logits: torch.Tensor, probs: torch.Tensor,
@@ -74,6 +75,11 @@ class DraftStep:
     def token_prob(self) -> float:
         """q(token)."""
         return float(self.probs[self.token])
+
+    @property
+    def top1(self) -> float:
+        """max_v q(v), the draft's confidence at this position."""
+        return float(self.probs.max())
 
 
 DecideFn = Callable[[DraftStep], Action]  # a policy's verdict on each drafted token

@@ -34,6 +34,7 @@ def test_lazy_step_equals_the_full_vocabulary_step():
     ref = DraftStep(2, int(IDS[j]), full, torch.softmax(full, dim=-1))
     assert step.token_prob == pytest.approx(ref.token_prob, rel=1e-6)
     assert "logits" not in step.__dict__ and step.scored is sub
+    assert step.top1 == pytest.approx(float(ref.probs.max()), rel=1e-6)
     assert "logits" not in step.__dict__  # the greedy features read the subset only
     assert torch.equal(step.logits, full) and torch.equal(step.probs, ref.probs)
     assert int(step.logits.argmax()) == step.token
@@ -62,7 +63,7 @@ def test_features_over_the_scored_logits_equal_the_full_vocabulary_features(seed
 def test_ngram_step_features_equal_its_one_hot_distribution():
     step = NgramStep(2, 7, V, 10, 5, 1.0)
     ref = DraftStep(2, 7, step.logits, step.probs)
-    assert step.token_prob == ref.token_prob == 1.0
+    assert step.token_prob == ref.token_prob == 1.0 and step.top1 == ref.top1 == 1.0
     fresh = NgramStep(2, 7, V, 10, 5, 1.0)
     torch.testing.assert_close(scalar_features(fresh, 0.5), scalar_features(ref, 0.5))
 

@@ -102,12 +102,13 @@ def _native_module(ref: torch.nn.Module, source: tuple[str, str]) -> torch.nn.Mo
 
 
 def _assert_identical(ref: torch.nn.Module, native: torch.nn.Module, wide: bool) -> None:
-    """Logits of 1-16 fed rows and of a tree: torch.equal against compiled-fp32."""
+    """Logits of every row count 1-8 (one kernel pass each), 9-16 (passes of 8 and the rest)
+    and of a tree: torch.equal against compiled-fp32."""
     r32 = CompiledRunner(ref)
     rn = CompiledRunner(native, native=True)
     rn.lean.wide = wide
     ctx = prompt_ids(1)
-    for n in (1, 2, 3, 5, 8, 9, 16):
+    for n in (*range(1, 9), 9, 13, 16):
         extra = [(7 * j + n) % 250 for j in range(n)]
         for r in (r32, rn):
             r.reset()
@@ -271,3 +272,35 @@ def test_runner_of_a_module_freed_by_its_q8_0_copy_runs_on_that_copy(tiny):
     q8.prefill(seq[:-3])
     again.prefill(seq[:-3])
     assert torch.equal(q8.forward(seq, 3).logits, again.forward(seq, 3).logits)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16"])
+def test_qlinear_every_row_count_equals_fp32_tiles_and_each_row_alone(kind, wide):
+    """qkernels.qlinear over one matrix (odd panel count: the two-panel jobs of 1-2 rows
+    meet a lone last panel) for 1-17 rows: equal to kernels.linear over the decoded fp32
+    panels, and every row equal to that row computed alone (batch invariance)."""
+    from adaspec.runtime import kernels, native, qkernels
+
+    rng = np.random.default_rng(3)
+    n, k = 80, 96
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if kind in ("F16", "BF16"):
+        bits = (w.astype(np.float16).view(np.uint16) if kind == "F16"
+                else (w.view(np.uint32) >> 16).astype(np.uint16))
+        enc = native.Encoded(getattr(native, kind), n, k, bits)
+    else:
+        enc = native.Encoded(getattr(native, kind), n, k, gguf.quants.quantize(w, Q[kind]).reshape(n, -1))
+    kd, blob = native.pack(enc)
+    mat = np.array([kd, 0, n // 16, k], np.int64)
+    wp = kernels.pack_weight(native.decode(enc))
+    for rows in range(1, 18):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        got, ref = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
+        qkernels.qlinear(x, blob, mat, got, wide)
+        kernels.linear(x, wp, ref)
+        assert np.array_equal(got, ref), f"{rows} rows"
+        for i in (0, rows - 1):
+            alone = np.empty((1, n), np.float32)
+            qkernels.qlinear(x[i:i + 1].copy(), blob, mat, alone, wide)
+            assert np.array_equal(alone[0], got[i]), f"row {i} of {rows}"

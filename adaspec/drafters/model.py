@@ -74,6 +74,13 @@ class ModelStep(DraftStep):
         x = self.sub.float()
         return float(torch.exp(x[self.pos] - torch.logsumexp(x, dim=-1)))
 
+    @cached_property
+    def top1(self) -> float:  # type: ignore[override]
+        if not self.sampling.greedy or "probs" in self.__dict__:
+            return float(self.probs.max())
+        x = self.sub.float()  # greedy: q = softmax over the scored ids, 0 elsewhere
+        return float(torch.exp(x.max() - torch.logsumexp(x, dim=-1)))
+
     def __repr__(self) -> str:
         return f"ModelStep(index={self.index}, token={self.token}, context_len={self.context_len})"
 

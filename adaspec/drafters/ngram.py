@@ -143,6 +143,10 @@ class NgramStep(DraftStep):
     def token_prob(self) -> float:
         return 1.0
 
+    @property
+    def top1(self) -> float:
+        return 1.0
+
     @cached_property
     def logits(self) -> torch.Tensor:  # type: ignore[override]
         out = torch.full((self.vocab_size,), -math.inf)

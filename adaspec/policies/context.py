@@ -51,7 +51,7 @@ from ..errors import PolicyArgumentError
 from ..predictors.costs import OnlineTau, WarmEma
 from ..predictors.features import RecentAcceptance, entropy_and_top, scalar_features
 from ..predictors.models import Predictor, load_predictor
-from ..predictors.online import OnlineAcceptance, top1
+from ..predictors.online import OnlineAcceptance
 from ..predictors.source_choice import SourceChoice
 from ..types import Action, DraftNeeds, DraftStep, RoundContext, RoundOutcome
 from . import register
@@ -194,7 +194,7 @@ class ContextPolicy(Policy):
     def predict(self, step: DraftStep) -> float:
         """Calibrated P(x_i accepted | x_<i accepted) for one drafted position."""
         if self._pred is None:
-            raw = top1(step.probs)
+            raw = step.top1
         else:
             raw = self._pred.step_prob(step, "context", scalar_features(step, self._recent.value))
         if self._online is None:

@@ -109,9 +109,7 @@ def scalar_features(step: DraftStep, recent: float) -> torch.Tensor:
     ent, top = entropy_and_top(step.scored)  # top: [TOP_K]
     ent = min(ent, 10.0)
     conc = step.attn_concentration if step.attn_concentration is not None else 0.0
-    head = torch.tensor([ent], dtype=torch.float32)
-    tail = torch.tensor([conc, step.index / POSITION_SCALE, recent], dtype=torch.float32)
-    return torch.cat([head, top.float(), tail])
+    return torch.tensor([ent, *top.tolist(), conc, step.index / POSITION_SCALE, recent], dtype=torch.float32)
 
 
 def soft_label(p: torch.Tensor, q: torch.Tensor, token: int) -> float:

@@ -2,8 +2,8 @@
 calibrated online against the target's verdicts.
 
 For a pair nobody trained a predictor for, ``context`` (``predictor=online``) reads the
-draft's top-1 probability c_i = max_v q_i(v) at every drafted position (one max over the
-[V] distribution the drafter already computed) and estimates P(x_i accepted | x_<i
+draft's top-1 probability c_i = max_v q_i(v) at every drafted position (``DraftStep.top1``:
+under greedy from the draft's scored logits, no full-vocabulary q) and estimates P(x_i accepted | x_<i
 accepted) per bin of c: a Beta posterior whose prior mean is c itself (a draft that says
 0.9 is taken at its word until the target says otherwise) with ``prior_weight``
 pseudo-observations, updated from every token the target put to the test (the accepted
@@ -19,14 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 BINS = 10
-
-
-def top1(probs: torch.Tensor) -> float:
-    """c = max_v q(v) of a [V] draft distribution."""
-    return float(probs.max())
 
 
 @dataclass

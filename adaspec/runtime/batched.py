@@ -14,7 +14,7 @@ Calls that cannot share a forward (the eager runtime, one call, different models
 after another on their own runners: same results, no speed-up.
 
 The layer loop composes the kernels' per-layer primitives in the same order as
-``kernels.forward_rows``; the weight multiply goes through :func:`matmul` only.
+``qkernels.forward_layers``; the weight multiply goes through :func:`matmul` only.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _shared(calls: list[Any]) -> list[ForwardOut]:
 
 
 def forward_parts(lean: Any, parts: list[Part]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """One forward of all parts' fed rows (``kernels.forward_rows`` with a batch of caches):
+    """One forward of all parts' fed rows (``qkernels.forward_layers`` with a batch of caches):
     native weights in one compiled call (:func:`.batch_kernels.forward_parts_native`), packed
     fp32 ones composed here layer by layer.
 

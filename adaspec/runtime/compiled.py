@@ -216,9 +216,9 @@ class LeanWeights:
     def run(self, ids: np.ndarray, pos: np.ndarray, start: int, mask: np.ndarray, n_out: int,
             kt: np.ndarray, vc: np.ndarray, n_logits: int | None = None,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One forward (see :func:`kernels.forward`); logits are [n_logits (default n_out),
+        """One forward (see :func:`qkernels.forward`); logits are [n_logits (default n_out),
         self.n_logits], hidden [n_out, d]."""
-        from .kernels import forward
+        from .qkernels import forward
 
         n_logits = n_out if n_logits is None else n_logits
         logits, hidden, conc = forward(ids, pos, start, mask, n_out, n_logits, self.emb, self.emb_packed,
@@ -232,7 +232,7 @@ class LeanWeights:
         """:meth:`run` from input rows h [T, d] (fp32, overwritten; causal, positions pos0..)
         instead of token ids (a feature head's rows), outputs for the last row: logits
         [1, self.n_logits], hidden [1, d], concentration [1]."""
-        from .kernels import forward_rows
+        from .qkernels import forward_rows
 
         t = h.shape[0]
         pos = np.arange(pos0, pos0 + t, dtype=np.int64)

@@ -9,7 +9,7 @@ the engine and the drafters do not know which runtime they drive. Differences in
   and shared by every runner of that model;
 - the KV cache is a static buffer of ``capacity`` slots (keys stored transposed), so a
   rollback is a length change and a tree's accepted path is a copy of a few slots;
-- one forward is one call of :func:`kernels.forward` (all layers), compiled once per
+- one forward is one call of :func:`qkernels.forward` (all layers), compiled once per
   machine by numba and cached on disk (:func:`ensure_compiled`; no shape specialisation: any
   number of fed rows runs the same machine code, so verify widths never recompile).
 """
@@ -167,10 +167,12 @@ def _warm_up(kernels) -> None:
     kt = np.zeros((layers, kvh, hd, cap), np.float32)
     vc = np.zeros((layers, kvh, cap, 16), np.float32)
     _warm_up_native(rng, d, hd, heads, kvh, inter, cap, vocab, layers)
+    from .qkernels import forward
+
     for n in (2, 1):
-        kernels.forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1, 1,
-                        f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
-                        pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)
+        forward(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), 0, _causal(n), 1, 1,
+                f(vocab, d), n == 1, f(layers, d), w[0], w[1], f(layers, d), w[2], w[3], f(d),
+                pk(f(vocab, d)), f(cap, hd), f(cap, hd), kt, vc, heads, kvh, inter, 1e-5)
 
 
 def _warm_up_native(rng, d: int, hd: int, heads: int, kvh: int, inter: int, cap: int, vocab: int,

@@ -60,7 +60,7 @@ def _import_numba() -> tuple[ModuleType, Path]:
     # take the restored environment in now, so that the cache directory set below stays
     config.reload_config()
     if "NUMBA_CACHE_DIR" not in os.environ:
-        from . import cache_dir
+        from .paths import cache_dir
 
         config.CACHE_DIR = str(cache_dir() / "numba")
     return numba, Path(config.CACHE_DIR)
@@ -321,29 +321,6 @@ def _silu_mul(gu, inter, out):
 
 
 @njit(cache=True)
-def forward(ids, pos, start, mask, n_out, n_logits, emb, emb_packed, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
-            cos, sin, kt, vc, heads, kvh, inter, eps):
-    """One forward of a Llama-style decoder over T fed tokens with a static KV cache.
-
-    ids, pos: [T] int64 token ids and rotary positions; the fed tokens' keys / values are
-    written to cache slots start..start+T-1; mask: [T, T] uint8 visibility among fed rows
-    (causal = lower triangle; a tree mask for tree verification); slots < start are
-    visible to every row. Weights: emb [V, d] (or, when ``emb_packed``, the embedding is
-    the tied head ``lm`` and is read from its panels); ln1, ln2 [L, d]; wqkv [L, P, d, 16]
-    (q, k, v rows); wo [L, P, H hd, 16]; wgu [L, P, d, 16] (gate rows then up rows);
-    wd [L, P, inter, 16]; normw [d]; lm [P, d, 16]. cos, sin: [cap, hd] tables.
-    kt: [L, KVH, hd, cap]; vc: [L, KVH, cap, hd].
-
-    Returns (logits [n_logits, P_lm*16] of the last n_logits <= n_out rows, hidden
-    [n_out, d] of the last n_out rows after the final norm, conc [n_out] last-layer
-    attention concentration: mean over heads of the max weight).
-    """
-    h = embed(ids, emb, emb_packed, lm)
-    return forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
-                        cos, sin, kt, vc, heads, kvh, inter, eps)
-
-
-@njit(cache=True)
 def embed(ids, emb, emb_packed, lm):
     """[T] ids -> [T, d] rows of emb [V, d], or of the tied head's panels lm [P, d, 16]."""
     d = lm.shape[1] if emb_packed else emb.shape[1]
@@ -354,58 +331,6 @@ def embed(ids, emb, emb_packed, lm):
         else:
             h[i] = emb[ids[i]]
     return h
-
-
-@njit(cache=True)
-def forward_rows(h, pos, start, mask, n_out, n_logits, ln1, wqkv, wo, ln2, wgu, wd, normw, lm,
-                 cos, sin, kt, vc, heads, kvh, inter, eps):
-    """:func:`forward` from input rows h [T, d] (fp32, overwritten) instead of token ids."""
-    rows, d = h.shape
-    hd = cos.shape[1]
-    layers = ln1.shape[0]
-    scale = np.float32(1.0 / math.sqrt(hd))
-    xn = np.empty((rows, d), np.float32)
-    qkv = np.empty((rows, wqkv.shape[1] * 16), np.float32)
-    att = np.empty((rows, heads * hd), np.float32)
-    proj = np.empty((rows, wo.shape[1] * 16), np.float32)
-    gu = np.empty((rows, wgu.shape[1] * 16), np.float32)
-    act = np.empty((rows, inter), np.float32)
-    down = np.empty((rows, wd.shape[1] * 16), np.float32)
-    conc = np.zeros((rows, heads), np.float32)
-    qw = heads * hd
-    kw = kvh * hd
-    for layer in range(layers):
-        _rmsnorm(h, ln1[layer], eps, xn)
-        linear(xn, wqkv[layer], qkv)
-        _rope(qkv, 0, heads, hd, cos, sin, pos)
-        _rope(qkv, qw, kvh, hd, cos, sin, pos)
-        for i in range(rows):
-            slot = start + i
-            for g in range(kvh):
-                for e in range(hd):
-                    kt[layer, g, e, slot] = qkv[i, qw + g * hd + e]
-                    vc[layer, g, slot, e] = qkv[i, qw + kw + g * hd + e]
-        _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, att, conc)
-        linear(att, wo[layer], proj)
-        for i in range(rows):
-            for j in range(d):
-                h[i, j] += proj[i, j]
-        _rmsnorm(h, ln2[layer], eps, xn)
-        linear(xn, wgu[layer], gu)
-        _silu_mul(gu, inter, act)
-        linear(act, wd[layer], down)
-        for i in range(rows):
-            for j in range(d):
-                h[i, j] += down[i, j]
-    tail = np.ascontiguousarray(h[rows - n_out:])
-    hidden = np.empty((n_out, d), np.float32)
-    _rmsnorm(tail, normw, eps, hidden)
-    logits = np.empty((n_logits, lm.shape[0] * 16), np.float32)
-    linear(np.ascontiguousarray(hidden[n_out - n_logits:]), lm, logits)
-    cout = np.empty(n_out, np.float32)
-    for i in range(n_out):
-        cout[i] = conc[rows - n_out + i].sum() / heads
-    return logits, hidden, cout
 
 
 def threading_layer() -> str:

@@ -244,7 +244,6 @@ def read_gguf_index(path: Path) -> tuple[dict[str, tuple[int, list[int], int]], 
     """
     import struct
 
-    import gguf
 
     def fail(why: str) -> ModelLoadError:
         return ModelLoadError(f"corrupt or truncated GGUF file {path}: {why}")
@@ -307,6 +306,15 @@ def read_gguf_index(path: Path) -> tuple[dict[str, tuple[int, list[int], int]], 
         align = fields.get("general.alignment", 32)
         start = -(-f.tell() // align) * align
         size = path.stat().st_size
+    return _tensor_table(infos, start, size, fail), fields
+
+
+def _tensor_table(infos: list, start: int, size: int, fail) -> dict[str, tuple[int, list[int], int]]:
+    """{name: (GGML type, dims, absolute offset)} of a GGUF's tensor directory ``infos``
+    ((name, type, dims, offset from ``start``)), each checked to end inside the ``size``
+    bytes of the file (``fail(why)``: the error to raise)."""
+    import gguf
+
     tensors = {}
     for name, gtype, dims, off in infos:
         block, nbytes = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(gtype), (1, 0)) \
@@ -315,7 +323,7 @@ def read_gguf_index(path: Path) -> tuple[dict[str, tuple[int, list[int], int]], 
         if start + off + need > size:
             raise fail(f"tensor {name} runs past the end of the file ({size} bytes)")
         tensors[name] = (gtype, dims, start + off)
-    return tensors, fields
+    return tensors
 
 
 _GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from .kernels import _FAST, _rmsnorm, _rope, _silu_mul, _tile_rows  # sets numba up first
+from .kernels import _FAST, _rmsnorm, _rope, _silu_mul, attend_group  # sets numba up first
 from .qkernels import qembed, qlinear
 
 import numpy as np  # noqa: E402
@@ -66,48 +66,12 @@ def _attend(qkv, heads, kvh, hd, layer, kaddr, vaddr, caps, hdp, starts, lens, p
         r = job // kvh
         g = job % kvh
         p = part_of[r]
-        i = local[r]
         n = lens[p]
-        start = starts[p]
         cap = caps[p]
-        total = start + n
-        width = (total + 15) // 16 * 16
-        h0 = g * group
-        q = np.empty((group, hd), np.float32)
-        for a in range(group):
-            for e in range(hd):
-                q[a, e] = qkv[r, (h0 + a) * hd + e] * scale
-        sc = np.empty((group, width), np.float32)
-        kbase = kaddr[p] + (layer * kvh + g) * hd * cap * 4
-        for b in range(width // 16):
-            _tile_rows(q.ctypes.data, hd, group, kbase + b * 64, cap, hd, sc.ctypes.data + b * 64, width)
-        inv = np.empty(group, np.float32)
-        mrow = moff[p] + i * n
-        for a in range(group):
-            mx = np.float32(-np.inf)
-            for s in range(total):
-                if s >= start and masks[mrow + s - start] == 0:
-                    sc[a, s] = np.float32(-np.inf)
-                elif sc[a, s] > mx:
-                    mx = sc[a, s]
-            den = np.float32(0.0)
-            best = np.float32(0.0)
-            for s in range(total):
-                pr = np.float32(0.0) if sc[a, s] == -np.inf else np.float32(math.exp(sc[a, s] - mx))
-                sc[a, s] = pr
-                den += pr
-                if pr > best:
-                    best = pr
-            inv[a] = np.float32(1.0) / den
-            conc[r, h0 + a] = best * inv[a]
-        acc = np.empty((group, hdp), np.float32)
-        vbase = vaddr[p] + (layer * kvh + g) * cap * hdp * 4
-        for b in range(hdp // 16):
-            _tile_rows(sc.ctypes.data, width, group, vbase + b * 64, hdp, total, acc.ctypes.data + b * 64,
-                       hdp)
-        for a in range(group):
-            for e in range(hd):
-                out[r, (h0 + a) * hd + e] = acc[a, e] * inv[a]
+        mrow = moff[p] + local[r] * n
+        attend_group(qkv[r], g * group, group, hd, scale, kaddr[p] + (layer * kvh + g) * hd * cap * 4, cap,
+                     vaddr[p] + (layer * kvh + g) * cap * hdp * 4, hdp, starts[p], starts[p] + n,
+                     masks[mrow: mrow + n], out[r], conc[r])
 
 
 class PartsLayout:

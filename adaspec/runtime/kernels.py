@@ -264,48 +264,60 @@ def _attention(qkv, heads, kvh, hd, kt, vc, layer, start, mask, scale, out, conc
     """
     rows = qkv.shape[0]
     group = heads // kvh
-    total = start + rows
     cap = kt.shape[3]
-    width = (total + 15) // 16 * 16
+    hdp = vc.shape[3]
     for job in prange(rows * kvh):
         i = job // kvh
         g = job % kvh
-        h0 = g * group
-        q = np.empty((group, hd), np.float32)
-        for a in range(group):
-            for e in range(hd):
-                q[a, e] = qkv[i, (h0 + a) * hd + e] * scale
-        sc = np.empty((group, width), np.float32)
         kbase = kt.ctypes.data + (layer * kvh + g) * hd * cap * 4
-        for b in range(width // 16):
-            _tile_rows(q.ctypes.data, hd, group, kbase + b * 64, cap, hd, sc.ctypes.data + b * 64, width)
-        inv = np.empty(group, np.float32)
-        for a in range(group):
-            mx = np.float32(-np.inf)
-            for s in range(total):
-                if s >= start and mask[i, s - start] == 0:
-                    sc[a, s] = np.float32(-np.inf)
-                elif sc[a, s] > mx:
-                    mx = sc[a, s]
-            den = np.float32(0.0)
-            best = np.float32(0.0)
-            for s in range(total):
-                p = np.float32(0.0) if sc[a, s] == -np.inf else np.float32(math.exp(sc[a, s] - mx))
-                sc[a, s] = p
-                den += p
-                if p > best:
-                    best = p
-            inv[a] = np.float32(1.0) / den
-            conc[i, h0 + a] = best * inv[a]
-        hdp = vc.shape[3]
-        acc = np.empty((group, hdp), np.float32)
         vbase = vc.ctypes.data + (layer * kvh + g) * cap * hdp * 4
-        for b in range(hdp // 16):
-            _tile_rows(sc.ctypes.data, width, group, vbase + b * 64, hdp, total, acc.ctypes.data + b * 64,
-                       hdp)
-        for a in range(group):
-            for e in range(hd):
-                out[i, (h0 + a) * hd + e] = acc[a, e] * inv[a]
+        attend_group(qkv[i], g * group, group, hd, scale, kbase, cap, vbase, hdp, start, start + rows,
+                     mask[i], out[i], conc[i])
+
+
+@njit(fastmath=_FAST, cache=True)
+def attend_group(qrow, h0, group, hd, scale, kbase, cap, vbase, hdp, start, total, mrow, orow, crow):
+    """One fed row's attention for one KV head's group of query heads (heads h0 .. h0+group-1).
+
+    qrow: [>= (H + 2 KVH) hd] the row's q/k/v (rotary applied); kbase / vbase: addresses of
+    this layer and KV head's keys [hd, cap] (transposed) and values [cap, hdp]; slots <
+    ``start`` are the cache, slots start .. total-1 the fed rows, visible where mrow[s - start]
+    [T] uint8 is set; orow [H hd] and crow [H] (max attention weight) get this group's columns.
+    The one body of :func:`_attention` and the batched attention (``batch_kernels``), so a
+    row's result is the same whichever forward computes it.
+    """
+    width = (total + 15) // 16 * 16
+    q = np.empty((group, hd), np.float32)
+    for a in range(group):
+        for e in range(hd):
+            q[a, e] = qrow[(h0 + a) * hd + e] * scale
+    sc = np.empty((group, width), np.float32)
+    for b in range(width // 16):
+        _tile_rows(q.ctypes.data, hd, group, kbase + b * 64, cap, hd, sc.ctypes.data + b * 64, width)
+    inv = np.empty(group, np.float32)
+    for a in range(group):
+        mx = np.float32(-np.inf)
+        for s in range(total):
+            if s >= start and mrow[s - start] == 0:
+                sc[a, s] = np.float32(-np.inf)
+            elif sc[a, s] > mx:
+                mx = sc[a, s]
+        den = np.float32(0.0)
+        best = np.float32(0.0)
+        for s in range(total):
+            p = np.float32(0.0) if sc[a, s] == -np.inf else np.float32(math.exp(sc[a, s] - mx))
+            sc[a, s] = p
+            den += p
+            if p > best:
+                best = p
+        inv[a] = np.float32(1.0) / den
+        crow[h0 + a] = best * inv[a]
+    acc = np.empty((group, hdp), np.float32)
+    for b in range(hdp // 16):
+        _tile_rows(sc.ctypes.data, width, group, vbase + b * 64, hdp, total, acc.ctypes.data + b * 64, hdp)
+    for a in range(group):
+        for e in range(hd):
+            orow[(h0 + a) * hd + e] = acc[a, e] * inv[a]
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)

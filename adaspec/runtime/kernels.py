@@ -85,6 +85,16 @@ _FAST = {"contract"}  # allow FMA contraction only: no reassociation, so sums ke
 PREFETCH_AHEAD = 4096  # bytes: each tile step prefetches this far ahead of the panel row it reads
 
 
+def broadcast_x(b: ir.IRBuilder, xp: ir.Value, ldx: ir.Value, m: int, k: ir.Value,
+                vt: ir.VectorType) -> ir.Value:
+    """IR: ``x[m, k]`` (row stride ``ldx`` floats from ``xp``) loaded once and splat to every
+    lane of ``vt``; the one x broadcast of the fp32 and the native tiles."""
+    xs = b.load(b.gep(xp, [b.add(b.mul(ir.Constant(_I64, m), ldx), k)]), align=4)
+    xb = b.insert_element(ir.Constant(vt, ir.Undefined), xs, ir.Constant(_I32, 0))
+    lanes = ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count)
+    return b.shuffle_vector(xb, ir.Constant(vt, ir.Undefined), lanes)
+
+
 def _make_tile(mr: int):
     """An intrinsic computing out[0:mr, 0:16] = x[0:mr, 0:K] @ panel[0:K, 0:16].
 
@@ -130,12 +140,8 @@ def _make_tile(mr: int):
             w1 = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(_I64, 8)]), _V8.as_pointer()),
                               align=4)
             new = []
-            splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
             for m in range(mr):
-                xs = builder.load(builder.gep(xp, [builder.add(builder.mul(ir.Constant(_I64, m), ldx), k)]),
-                                  align=4)
-                xb = builder.insert_element(ir.Constant(_V8, ir.Undefined), xs, ir.Constant(_I32, 0))
-                xb = builder.shuffle_vector(xb, ir.Constant(_V8, ir.Undefined), splat)
+                xb = broadcast_x(builder, xp, ldx, m, k, _V8)
                 new.append(builder.call(fma, [xb, w0, accs[2 * m]]))
                 new.append(builder.call(fma, [xb, w1, accs[2 * m + 1]]))
             k1 = builder.add(k, ir.Constant(_I64, 1))

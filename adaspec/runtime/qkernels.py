@@ -41,7 +41,7 @@ import os
 from pathlib import Path
 
 from . import kernels  # sets numba up first
-from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows, linear
+from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows, broadcast_x, linear
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -193,16 +193,13 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
     kaccs = _phis(b, accs, head)
     cur = list(kaccs)
     caches: list[dict] = [{} for _ in range(npan)]
-    splat = ir.Constant(ir.VectorType(_I32, g.width), [0] * g.width)
     per = mr * g.nv
     for sub, odd in ((sub, odd) for sub in range(pairs) for odd in (0, 1)):
         pv = g.at(pair, pairs, sub)  # the k-pair of this step
         ws = [g.decode(kind, bases[j], pv, odd, scales[j], caches[j]) for j in range(npan)]
         kk = b.add(k0, g.at(pv, 2, odd))
         for m in range(mr):
-            xs = b.load(b.gep(xp, [b.add(b.mul(ir.Constant(_I64, m), ldx), kk)]), align=4)
-            xb = b.insert_element(ir.Constant(g.vt, ir.Undefined), xs, ir.Constant(_I32, 0))
-            xb = b.shuffle_vector(xb, ir.Constant(g.vt, ir.Undefined), splat)
+            xb = broadcast_x(b, xp, ldx, m, kk, g.vt)
             for j in range(npan):
                 for v in range(g.nv):
                     i = j * per + m * g.nv + v

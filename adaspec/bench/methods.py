@@ -100,8 +100,7 @@ class MethodSpec:
             return None
         from ..drafters.registry import parse_draft
 
-        spec = parse_draft(self.draft)
-        return spec.model if spec.kind == "model" and spec.model != "default" else None
+        return _own_model(parse_draft(self.draft))
 
     @property
     def needs_draft(self) -> bool:
@@ -121,6 +120,12 @@ class MethodSpec:
 
         spec = parse_draft(self.draft)
         return spec.with_model(model).arg if spec.kind == "model" else spec.arg
+
+
+def _own_model(spec: Any) -> Any:
+    """The draft model a method's ``draft=`` names itself (not ``model`` / ``default``, which
+    mean the run's ``--draft``), else None. ``spec``: a parsed :class:`DraftSpec`."""
+    return spec.model if spec.kind == "model" and spec.model != "default" else None
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -184,8 +189,8 @@ def parse_method(text: str) -> MethodSpec:
         policy = make_policy(name, args)  # validates the name and every argument now, not mid-run
         if draft is not None:
             spec = parse_draft(draft)
-            own = spec.kind == "model" and spec.model != "default"
-            if spec.empty or (own and not Path(str(spec.model)).is_dir()):
+            own = _own_model(spec)
+            if spec.empty or (own is not None and not Path(str(own)).is_dir()):
                 raise MethodError(f"draft={draft!r}: use ngram, model, model+ngram (model = --draft), "
                                   "head or head+ngram (the shipped feature head), or a draft directory "
                                   "of the method's own: DIR, DIR+ngram")

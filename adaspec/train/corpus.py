@@ -4,7 +4,8 @@
 
 Training data need not be exact (only verification must be): the target runs in bf16 on CPUs
 with native bf16 matrix instructions (AMX / AVX-512 BF16; :func:`.corpus_speed.pick_dtype`),
-in large batches (:func:`.draft_data.greedy_batch`: rows that reach EOS leave the batch).
+in large batches (:func:`.fastgen.greedy_static`: a KV cache allocated once, rows that reach EOS
+leave the batch).
 
 Prompts (:func:`corpus_prompts`), train buckets of the one split rule of :mod:`adaspec.bench.datasets`
 only, so no dev / test / evaluation prompt is ever continued:
@@ -253,16 +254,14 @@ def build(model: Any, tokenizer: Any, prompts: list[Prompt], out: Path, *, minut
     return corpus.state
 
 
-def _parse_part(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; anything else is an :class:`InvalidArgumentError`."""
-    from ..errors import InvalidArgumentError
-
+def _part(text: str) -> tuple[int, int]:
+    """``--part`` value ``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (argparse reports anything else)."""
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise InvalidArgumentError(f"--part must look like I/N (e.g. 0/2), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must look like I/N (e.g. 0/2), got {text!r}") from None
     if not 0 <= i < n:
-        raise InvalidArgumentError(f"--part {text}: need 0 <= I < N")
+        raise argparse.ArgumentTypeError(f"{text}: need 0 <= I < N")
     return i, n
 
 
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="prompts per shard")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--part", default=None, metavar="I/N",
+    p.add_argument("--part", type=_part, default=None, metavar="I/N",
                    help="one of N processes (1 thread each uses 2 cores without thread barriers): takes "
                         "every N-th prompt, from I, of those OUT itself has not done, into OUT/part-I-of-N")
     args = p.parse_args(argv)
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = corpus_prompts(resolve_data_dir(args.data_dir), target.tokenizer, "train")
     out = Path(args.out)
     if args.part:
-        i, n = _parse_part(args.part)
+        i, n = args.part
         prompts = prompts[CorpusDir(out).state["prompts"]:][i::n]
         out = out / f"part-{i}-of-{n}"
     corpus = CorpusDir(out)

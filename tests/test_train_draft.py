@@ -53,6 +53,12 @@ def _args(*argv: str) -> argparse.Namespace:
     return ap.parse_args(["train-draft", *argv])
 
 
+def _small(target: Path, out: Path, data: Path, work: Path, *extra: str) -> argparse.Namespace:
+    """``train-draft`` arguments of a tiny run of ``target`` on ``data`` (:data:`SMALL`)."""
+    return _args("--target", str(target), "--out", str(out), "--data-dir", str(data), "--work-dir", str(work),
+                 *SMALL, *extra)
+
+
 SMALL = ["--data", "gsm8k", "--gen-minutes", "1", "--max-new-tokens", "6", "--gen-batch", "8",
          "--steps", "4", "--batch-size", "2", "--seq-len", "24", "--hidden", "32", "--layers", "1",
          "--draft-vocab", "12", "--eval-prompts", "2", "--eval-every", "2", "--threads", "1"]
@@ -68,8 +74,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_end_to_end_produces_loadable_draft(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     target, data = tiny
     out = tmp_path / "draft"
-    args = _args("--target", str(target), "--out", str(out), "--data-dir", str(data),
-                 "--work-dir", str(tmp_path / "work"), *SMALL)
+    args = _small(target, out, data, tmp_path / "work")
     assert args.func(args) == 0
     draft = load_model(str(out), role="draft")
     meta = draft.model.config.adaspec_draft
@@ -80,16 +85,14 @@ def test_end_to_end_produces_loadable_draft(tiny: tuple[Path, Path], tmp_path: P
     assert logits.shape == (1, 3, tgt.vocab_size)
     assert (tmp_path / "work" / "train.log").read_text().count("eval step") >= 1
     # resume continues from the checkpoint instead of starting over
-    args = _args("--target", str(target), "--out", str(out), "--data-dir", str(data),
-                 "--work-dir", str(tmp_path / "work"), *SMALL, "--resume", "--gen-minutes", "0")
+    args = _small(target, out, data, tmp_path / "work", "--resume", "--gen-minutes", "0")
     args.steps = 6
     assert args.func(args) == 0
     assert "resumed at step 4" in (tmp_path / "work" / "train.log").read_text()
 
 
 def test_unknown_target(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
-    args = _args("--target", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
-                 "--data-dir", str(tiny[1]), "--work-dir", str(tmp_path / "w"), *SMALL)
+    args = _small(tmp_path / "nope", tmp_path / "o", tiny[1], tmp_path / "w")
     with pytest.raises(ModelLoadError, match="does not exist"):
         args.func(args)
 
@@ -104,8 +107,7 @@ def test_unwritable_out(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
 
 def test_empty_data(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     data = _data_dir(tmp_path / "data", rows=0)
-    args = _args("--target", str(tiny[0]), "--out", str(tmp_path / "o"), "--data-dir", str(data),
-                 "--work-dir", str(tmp_path / "w"), *SMALL)
+    args = _small(tiny[0], tmp_path / "o", data, tmp_path / "w")
     with pytest.raises(InvalidArgumentError, match="no training prompts"):
         args.func(args)
 
@@ -307,8 +309,7 @@ def test_corpus_train_learns_resumes_and_saves_a_draft(tiny: tuple[Path, Path], 
 
     target, data = tiny
     base = tmp_path / "base"
-    args = _args("--target", str(target), "--out", str(base), "--data-dir", str(data),
-                 "--work-dir", str(tmp_path / "w0"), *SMALL)
+    args = _small(target, base, data, tmp_path / "w0")
     assert args.func(args) == 0
     tgt = load_model(str(target), dtype="float32")
     prompts = [Prompt(f"p{i}", "math", [" ".join(WORDS[i: i + 4])]) for i in range(12)]

@@ -347,3 +347,36 @@ def test_one_learning_rate_schedule_for_every_trainer() -> None:
     assert all(a <= b for a, b in zip(lrs[:100], lrs[1:100]))  # warm-up rises
     assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))  # then decays
     assert lrs[1000] == pytest.approx(1e-4) and min(lrs) == pytest.approx(1e-5)
+
+
+def test_target_layers_draft_is_the_target_cut_to_those_layers(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """A draft cut from the target (``--init-layers``) computes exactly the target's own
+    embedding, kept layers, norm and head rows: its subset logits equal the target's
+    hidden-state path through those layers; bad indices are refused."""
+    from adaspec.train.corpus_train import parser
+    from adaspec.train.draft_model_init import target_layers_draft
+
+    target, _ = tiny
+    tgt = load_model(str(target), dtype="float32").model
+    subset = torch.tensor([2, 5, 7, 9])
+    ids = torch.tensor([[1, 4, 6, 8, 3]])
+    for layers in ([1], [0, 1], [1, 0]):
+        draft = target_layers_draft(tgt, layers, subset).eval()
+        with torch.no_grad():
+            h = tgt.model.embed_tokens(ids)
+            pos = torch.arange(ids.shape[1])[None]
+            emb = tgt.model.rotary_emb(h, pos)
+            mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
+            for i in layers:
+                h = tgt.model.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=emb)
+                h = h[0] if isinstance(h, tuple) else h
+            want = tgt.lm_head(tgt.model.norm(h))[..., subset]
+            got = draft.lm_head.subset_logits(draft.model(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert draft.config.num_hidden_layers == len(layers)
+    with pytest.raises(ValueError, match="indices must lie in 0..1"):
+        target_layers_draft(tgt, [0, 2], subset)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--corpus", "c", "--out", "o", "--work", "w", "--init-layers", "0,x"])
+    assert parser().parse_args(["--corpus", "c", "--out", "o", "--work", "w", "--init-layers", "0,1"]
+                               ).init_layers == [0, 1]

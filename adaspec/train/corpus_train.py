@@ -153,6 +153,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
     check_vocab_compat(target, draft)
     if getattr(draft.model.lm_head, "token_ids", None) is None:
         raise InvalidArgumentError(f"draft {args.draft!r} has no reduced-vocabulary head (an adaspec draft)")
+    if args.init_layers:  # a new draft cut from the target's layers, over the draft's output subset
+        from .draft_model_init import target_layers_draft
+
+        meta = {k: v for k, v in (getattr(draft.model.config, "adaspec_draft", None) or {}).items()
+                if k in ("draft_vocab_size", "target", "target_vocab_sha256")}
+        try:
+            model = target_layers_draft(target.model, args.init_layers, draft.model.lm_head.token_ids)
+        except ValueError as e:
+            raise InvalidArgumentError(f"--init-layers: {e}") from None
+        model.config.adaspec_draft = {**meta, "init_layers": args.init_layers}
+        draft.model = model
     bf16 = pick_dtype() == torch.bfloat16 if args.dtype == "auto" else args.dtype == "bf16"
     teacher = None
     if args.labels == "teacher":
@@ -254,6 +265,17 @@ def _log(work: Path, msg: Any) -> None:
         f.write(line + "\n")
 
 
+def _layer_list(text: str) -> list[int]:
+    """``"0,1,29"`` -> [0, 1, 29] (an argparse type: a bad list is a one-line error)."""
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no layer index given")
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     """Options of ``python -m adaspec.train.corpus_train``."""
     p = argparse.ArgumentParser(prog="python -m adaspec.train.corpus_train",
@@ -281,6 +303,10 @@ def parser() -> argparse.ArgumentParser:
                    help="weight of KL to the teacher (needs --labels teacher)")
     p.add_argument("--ref-fraction", type=float, default=0.5,
                    help="share of each batch from reference text (train-split answers and stdlib source)")
+    p.add_argument("--init-layers", type=_layer_list, default=None,
+                   help="start from a new draft cut from the target: these decoder layers "
+                        "(comma-separated indices, e.g. 0,1), the target's embedding, norm and the "
+                        "--draft's output subset of its head (default: start from --draft)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--dev-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

@@ -124,6 +124,33 @@ def init_draft(target: nn.Module, hidden: int, layers: int, subset: torch.Tensor
     return draft
 
 
+def target_layers_draft(target: nn.Module, layers: list[int], subset: torch.Tensor) -> nn.Module:
+    """A draft cut from the target itself: its input embedding, the decoder layers ``layers``
+    (indices into the target's, in that order), its final norm and its output rows ``subset``.
+
+    The draft has the target's width, heads and MLP (so the native runtime runs it with the
+    same kernels); training then adapts the kept layers to stand in for the dropped ones.
+    """
+    import copy
+
+    n = len(target.model.layers)
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ValueError(f"layers {layers}: indices must lie in 0..{n - 1}")
+    cfg = copy.deepcopy(target.config)
+    cfg.num_hidden_layers = len(layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    draft = build_subset_draft(cfg, subset)
+    out = target.get_output_embeddings()
+    with torch.no_grad():
+        draft.get_input_embeddings().weight.copy_(target.get_input_embeddings().weight)
+        for j, i in enumerate(layers):
+            draft.model.layers[j].load_state_dict(target.model.layers[i].state_dict())
+        draft.model.norm.load_state_dict(target.model.norm.state_dict())
+        draft.lm_head.weight.copy_((out if out is not None else target.get_input_embeddings()).weight[subset])
+    return draft
+
+
 @torch.no_grad()
 def agreement_stats(draft: nn.Module, seqs: list[tuple[list[int], list[int]]], k: int = 5,
                     max_len: int = 1024) -> dict[str, Any]:

@@ -349,7 +349,7 @@ def test_one_learning_rate_schedule_for_every_trainer() -> None:
     assert lrs[1000] == pytest.approx(1e-4) and min(lrs) == pytest.approx(1e-5)
 
 
-def test_target_layers_draft_is_the_target_cut_to_those_layers(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+def test_target_layers_draft_is_the_target_cut_to_those_layers(tiny: tuple[Path, Path]) -> None:
     """A draft cut from the target (``--init-layers``) computes exactly the target's own
     embedding, kept layers, norm and head rows: its subset logits equal the target's
     hidden-state path through those layers; bad indices are refused."""

@@ -123,7 +123,14 @@ class ContextHead(nn.Module):
         first call and again whenever the hidden layer's weight changed in place."""
         import numpy as np
 
+        from .fastpath import kernels
+
         w = self._np_weights()
+        fast = kernels()
+        if fast is not None:  # one compiled pass (same maths, float64 sums)
+            hn, sn = h.detach().float().numpy(), s.detach().float().numpy()
+            return fast.context_logit(hn, sn, w["wh"], w["ws"], w["b"], w["out"], w["out_b"], w["skip"],
+                                      w["s_mean"], w["s_std"], self.norm.eps)
         x = h.detach().float().numpy()
         x = (x - x.mean()) / np.sqrt(x.var() + self.norm.eps)
         z = (s.detach().float().numpy() - w["s_mean"]) / w["s_std"]
@@ -139,7 +146,7 @@ class ContextHead(nn.Module):
             cache = (version, {"wh": wt[:, :d].copy(), "ws": wt[:, d:].copy(),
                                "b": self.hidden.bias.detach().float().numpy(),
                                "out": self.out.weight.detach().float().numpy()[0],
-                               "out_b": float(self.out.bias),
+                               "out_b": float(self.out.bias.detach()),
                                "skip": self.skip.weight.detach().float().numpy()[0],
                                "s_mean": self.s_mean.numpy(), "s_std": self.s_std.numpy()})
             self._np_cache = cache

@@ -51,17 +51,39 @@ def test_a_match_never_runs_across_two_texts():
 
 
 def test_probabilities_come_from_continuation_counts():
-    cache = SuffixCache(4096, min_path_prob=0.0)
+    cache = SuffixCache(4096, min_path_prob=0.0, follow_best=False)
     for follower in (10, 10, 10, 11):
         cache.add([1, 2, 3, follower, 20, 21])
     m = cache.match([0, 1, 2, 3], 3)
     assert m.count == 4 and m.agreement == pytest.approx(1 / 5)  # the most recent: 11, 1 of 4 (+1)
     assert m.tokens == (11, 20, 21) and m.probs[0] == pytest.approx(1 / 5)
     assert m.probs[1:] == (0.5, 0.5)  # 2 3 11 -> 20 once
-    cut = SuffixCache(4096, min_path_prob=0.15)
+    cut = SuffixCache(4096, min_path_prob=0.15, follow_best=False)
     for follower in (10, 10, 10, 11):
         cut.add([1, 2, 3, follower, 20, 21])
     assert cut.match([0, 1, 2, 3], 3).tokens == (11,)  # the path floor keeps only the first
+
+
+def test_follow_the_most_frequent_continuation():
+    """SuffixDecoding's rule: at every token the most frequent follower of the current
+    n-gram, from whichever text it was seen in (the copy may switch texts)."""
+    cache = SuffixCache(4096, min_path_prob=0.0)
+    for follower in (10, 10, 10, 11):
+        cache.add([1, 2, 3, follower, 20, 21])
+    m = cache.match([0, 1, 2, 3], 3)
+    assert m.tokens == (10, 20, 21) and m.agreement == pytest.approx(3 / 5)  # 3 of 4 (+1)
+    assert m.probs[1:] == (0.75, 0.75)  # 2 3 10 -> 20 three times in three
+    mixed = SuffixCache(4096, min_path_prob=0.0)
+    for _ in range(2):
+        mixed.add([1, 7, 8, 9, 30, 31])  # after 7 8 9: 30 twice
+    mixed.add([5, 6, 7, 8, 9, 40, 41])  # after 7 8 9: 40 once, most recently
+    m = mixed.match([4, 5, 6, 7, 8, 9], 3)  # the most recent occurrence is the last text ...
+    assert m.length == 5 and m.tokens == (30, 31)  # ... but 30 is the more frequent follower
+    assert m.probs == pytest.approx((2 / 4, 2 / 3))
+    ties = SuffixCache(4096, min_path_prob=0.0)
+    for follower in (10, 11):
+        ties.add([1, 2, 3, follower])
+    assert ties.match([1, 2, 3], 1).tokens == (11,)  # a tie goes to the most recent
 
 
 def test_matches_agree_with_a_brute_force_search():
@@ -70,10 +92,13 @@ def test_matches_agree_with_a_brute_force_search():
     when one exists and, where one exists, almost always (a later 12-gram may take its slot
     of the direct-mapped table: the 6- and 3-gram tables then still find the text)."""
     rng = random.Random(0)
-    cache = SuffixCache(1 << 14, max_match=40)
+    cache = SuffixCache(1 << 14, max_match=40, follow_best=False)
+    best = SuffixCache(1 << 14, max_match=40)
     texts = [[rng.randrange(6) for _ in range(rng.randrange(20, 200))] for _ in range(30)]
     for t in texts:
         cache.add(t)
+        best.add(t)
+    grams = {tuple(t[i:i + 4]) for t in texts for i in range(len(t) - 3)}
     found = Counter()
     for _ in range(300):
         src = rng.choice(texts)
@@ -84,6 +109,8 @@ def test_matches_agree_with_a_brute_force_search():
             tail = query[len(query) - m.length:]
             assert any(t[i:i + m.length] == tail and tuple(t[i + m.length:i + m.length + len(m.tokens)])
                        == m.tokens for t in texts for i in range(len(t) - m.length)), query
+        path = query + list(best.match(query, 6).tokens)  # each token followed its 3 before somewhere
+        assert all(tuple(path[j - 3:j + 1]) in grams for j in range(len(query), len(path)))
         has12 = any(t[i:i + 12] == query[-12:] for t in texts for i in range(len(t) - 12))
         has12 = has12 and len(query) >= 12
         assert has12 or m.length < 12
@@ -344,12 +371,14 @@ def test_templated_dataset_splits():
         pytest.skip("../shared/data is absent")
     dev, test = load_dataset("templated", "dev"), load_dataset("templated", "test")
     assert len(dev) >= 30 and not {p.id for p in dev} & {p.id for p in test}
-    kinds = [p.id.split("/")[1] for p in dev[:10]]
-    assert kinds[:5] == ["html", "cli", "unittest", "math", "quote"] and kinds[5:] == kinds[:5]
+    kinds = [p.id.split("/")[1] for p in dev[:12]]
+    assert kinds[:6] == ["html", "cli", "unittest", "math", "tool", "quote"] and kinds[6:] == kinds[:6]
     assert all(len(p.turns) == 2 for p in dev if "/quote/" in p.id)
+    first = [p.id.split("/", 2)[2] for p in dev[:60]]  # math and tool take gsm8k rows from both ends
+    assert len(first) == len(set(first))
     gsm = {f"gsm8k/{i}": r for i, r in enumerate(load_dataset("gsm8k", "all"))}
     for p in dev:
-        if "/math/" in p.id:  # a row keeps its source set's bucket
+        if "/math/" in p.id or "/tool/" in p.id:  # a row keeps its source set's bucket
             q = gsm[p.id.split("/", 2)[2]].turns[0]
             assert in_split(bucket_of("gsm8k:" + q), "dev") and q in p.turns[0]
 

@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import layered_pair, loaded, make_model, perturbed
+from conftest import layered_pair, loaded, make_model, make_tokenizer, perturbed
 from test_ngram import chi_square_p, exact_distribution, run
 
 from adaspec.api import SpeculativeGenerator
@@ -192,6 +192,82 @@ def test_arguments():
         suffix_cache_arg(Args())
     Args.no_suffix_cache = True
     assert suffix_cache_arg(Args()) == 0
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+def test_saved_cache_loads_back_to_the_same_index(tmp_path):
+    rng = np.random.default_rng(2)
+    cache = SuffixCache(2000)
+    for _ in range(30):  # more than fits: the file holds the live texts only
+        cache.add(rng.integers(0, 40, rng.integers(20, 200)).tolist())
+    path = tmp_path / "cache.npz"
+    cache.save(path)
+    back = SuffixCache(2000)
+    assert back.load(path) == len(cache._texts) and back.tokens == cache.tokens
+    for n in cache.orders:
+        assert np.array_equal(back._count[n], cache._count[n])
+        assert np.array_equal(back._follow[n], cache._follow[n])
+    small = SuffixCache(500)  # a file larger than the bound: its newest texts, as if added in order
+    small.load(path)
+    ref = SuffixCache(500)
+    for start, length in cache._texts:
+        ref.add(cache._buf[cache._ring(start, length - 1)].tolist())
+    assert small.tokens == ref.tokens <= 500 and [n for _, n in small._texts] == [n for _, n in ref._texts]
+    assert np.array_equal(small._count[3], ref._count[3])
+    SuffixCache(500).save(tmp_path / "empty.npz")
+    assert SuffixCache(500).load(tmp_path / "empty.npz") == 0
+
+
+def test_a_damaged_or_huge_cache_file_is_a_one_line_error(tmp_path, capsys):
+    from adaspec import cli
+    from adaspec.drafters.suffix import CacheFileError
+
+    good = tmp_path / "good.npz"
+    cache = SuffixCache(1000)
+    cache.add(list(range(50)))
+    cache.save(good)
+    raw = good.read_bytes()
+    bad = {"garbage": b"not a zip at all", "truncated": raw[:len(raw) // 2],
+           "huge": b"0" * (64 * 1000 + (1 << 20) + 1)}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    np.savez(tmp_path / "other.npz", version=np.int64(99), tokens=np.arange(5), lengths=np.array([5]))
+    np.savez(tmp_path / "lying.npz", version=np.int64(1), tokens=np.arange(5), lengths=np.array([9]))
+    for name in (*bad, "other.npz", "lying.npz"):
+        fresh = SuffixCache(1000)
+        with pytest.raises(CacheFileError) as err:
+            fresh.load(tmp_path / name)
+        assert "\n" not in str(err.value) and fresh.tokens == 0  # left as it was
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()
+    argv = ["generate", "hi", "--target", str(model_dir), "--draft", "ngram", "--dtype", "fp32",
+            "--suffix-cache-file", str(tmp_path / "garbage")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "suffix cache file" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cache_file_flag_loads_and_saves_at_exit(tmp_path):
+    import atexit
+
+    from adaspec.frontend.options import persisted_suffix_cache
+
+    class Args:
+        no_suffix_cache, suffix_cache_tokens, suffix_cache_file = False, 1000, str(tmp_path / "c.npz")
+
+    first = persisted_suffix_cache(Args())  # no file yet: an empty cache, saved at exit
+    atexit.unregister(first.save)
+    first.add(list(range(100, 140)))
+    first.save(Args.suffix_cache_file)
+    second = persisted_suffix_cache(Args())
+    atexit.unregister(second.save)
+    assert second.tokens == 40 and second.match(list(range(100, 110)), 3).tokens == (110, 111, 112)
+    Args.suffix_cache_file = None
+    assert persisted_suffix_cache(Args()) == 1000
 
 
 # ---------------------------------------------------------------------------- drafts

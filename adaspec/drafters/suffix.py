@@ -36,15 +36,46 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from ..errors import AdaspecError
 from .ngram import Match
 
 DEFAULT_TOKENS = 1 << 18
 _P = 0x9E3779B97F4A7C15  # odd 64-bit base (Fibonacci hashing): every token reaches the top bits
 _M64 = (1 << 64) - 1
 _SENTINEL = -1
+
+
+FILE_VERSION = 1  # of the file :meth:`SuffixCache.save` writes
+
+
+class CacheFileError(AdaspecError):
+    """A suffix cache file is not one (corrupt, another version) or far too large."""
+
+
+def _read_file(path: Path, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [T] int64, lengths [texts] int64) of a saved cache; :class:`CacheFileError`
+    in one line when the file is not a valid one or is larger than ``64 * max_tokens`` bytes
+    plus 1 MiB (a cache of that bound never writes one: 4 bytes a token, 8 a text)."""
+    size = path.stat().st_size
+    if size > 64 * max_tokens + (1 << 20):
+        raise CacheFileError(f"suffix cache file {str(path)!r} is {size} bytes, far more than a "
+                             f"{max_tokens}-token cache writes; delete it or raise --suffix-cache-tokens")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            version, tokens, lengths = int(z["version"]), z["tokens"].astype(np.int64), z["lengths"]
+    except Exception as exc:  # a zip / npy / key error: the file is not what save wrote
+        raise CacheFileError(f"suffix cache file {str(path)!r} is unreadable ({type(exc).__name__}); "
+                             f"delete it to start empty") from None
+    if version != FILE_VERSION or lengths.ndim != 1 or tokens.ndim != 1 or \
+            int(lengths.sum()) != len(tokens) or (len(lengths) and lengths.min() < 0) or \
+            (len(tokens) and tokens.min() < 0):
+        raise CacheFileError(f"suffix cache file {str(path)!r} is not a version-{FILE_VERSION} cache "
+                             f"file (or is damaged); delete it to start empty")
+    return tokens, lengths.astype(np.int64)
 
 
 def _hashes(tokens: np.ndarray, n: int) -> np.ndarray:
@@ -293,6 +324,37 @@ class SuffixCache:
             return pos, tok, f
         return b, btok, fb
 
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> None:
+        """Write the live texts (oldest first) to ``path`` (``.npz``; tables are rebuilt on
+        :meth:`load`). Written to a temporary file and renamed, so a crash never leaves half a file."""
+        path = Path(path)
+        with self._lock:
+            parts = [self._buf[self._ring(start, length - 1)] for start, length in self._texts]
+        lengths = np.array([len(t) for t in parts], dtype=np.int64)
+        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, version=np.int64(FILE_VERSION), tokens=tokens, lengths=lengths)
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> int:
+        """Add the texts saved in ``path`` (oldest first; a file holding more than
+        ``max_tokens`` keeps its newest texts, as if they had been added one by one).
+        Returns the texts read.
+
+        Raises:
+            CacheFileError: not a suffix cache file of this version, or inconsistent
+                (one line; the cache is left as it was).
+        """
+        tokens, lengths = _read_file(Path(path), self.max_tokens)
+        ends = np.cumsum(lengths)
+        first = int(np.searchsorted(ends, ends[-1] - self.max_tokens, side="right")) if len(ends) else 0
+        for i in range(first, len(lengths)):  # older texts would be evicted by the newer ones anyway
+            self.add(tokens[ends[i] - lengths[i]:ends[i]].tolist())
+        return len(lengths) - first
+
     def report(self) -> dict:
         return {"suffix_cache_tokens": self.tokens, "suffix_cache_texts": len(self._texts)}
 
@@ -319,4 +381,4 @@ def make_cache(arg: bool | int | SuffixCache | None) -> SuffixCache | None:
                                f"got {arg!r}")
 
 
-__all__ = ["DEFAULT_TOKENS", "SuffixCache", "make_cache"]
+__all__ = ["DEFAULT_TOKENS", "FILE_VERSION", "CacheFileError", "SuffixCache", "make_cache"]

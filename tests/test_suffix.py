@@ -468,3 +468,22 @@ def test_replay_stand_in_target_follows_the_record():
     out = t.forward([1, 2, 3, 9, 9], 3)  # rows predict positions 3, 4, 5; the draft left the record at 3
     assert out.logits.argmax(-1).tolist()[0] == 4 and out.logits[1:].sum() == 0
     assert t.forward([1, 2, 3, 4], 2).logits.argmax(-1).tolist() == [4, 5]
+
+
+def test_ceiling_replay_counts_rounds_with_and_without_the_cache():
+    from adaspec.bench.suffix_ceiling import replay_output
+
+    out = list(range(100, 140))  # no token repeats inside it
+    rounds: Counter = Counter()
+    for rule in ("own", "cache", "best"):
+        cache = SuffixCache(4096, min_path_prob=0.0)
+        cache.add_generation([1, 2, 3], out)  # an earlier request answered the same
+
+        def tally(k: int, a: int, c: int, rule: str = rule) -> None:
+            assert 0 <= a <= k and 1 <= c <= a + 1
+            rounds[rule] += 1
+            rounds[rule + " tokens"] += c
+
+        replay_output([9, 1, 2, 3], out, cache, rule, 8, tally)
+        assert rounds[rule + " tokens"] == 40
+    assert rounds["own"] == 40 and rounds["cache"] == rounds["best"] == 5  # 8 copied + 1 a round

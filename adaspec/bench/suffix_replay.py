@@ -28,8 +28,8 @@ from .datasets import load_dataset
 from .report import read_results
 from .runner import encode_turn
 
-# the native Q4_1 runtime's verify curve (README, `verify_cost` at commit 2143d86)
-DEFAULT_VERIFY_MS = "1:6.7,2:7.0,3:7.2,4:7.8,5:9.0,6:10.0,7:11.4,8:12.8,16:24.7"
+# the native Q4_1 runtime's verify curve (verify_cost on an idle machine, session 8)
+DEFAULT_VERIFY_MS = "1:5.0,2:6.0,3:7.0,4:7.9,5:9.1,8:12.9"
 
 
 class StandInTarget:

@@ -109,7 +109,7 @@ class ContextPolicy(Policy):
     _branch_on: bool = field(default=False, init=False, repr=False)
     _sources: SourceChoice = field(default_factory=SourceChoice, init=False, repr=False)
     _round: tuple = field(default=("model", 0, 0.0, 0, False), init=False, repr=False)
-    # (source, match length, agreement, n-gram draft length) of the round being drafted
+    # (source, match length, agreement, n-gram draft length, a cache copy) of the round being drafted
     _online: OnlineAcceptance | None = field(default=None, init=False, repr=False)
     _conf: list = field(default_factory=list, init=False, repr=False)  # top-1 q of this round's tokens
     _first: WarmEma = field(default_factory=WarmEma, init=False, repr=False)  # P(x_1 accepted)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from . import __version__
 from .errors import AdaspecError, InvalidArgumentError
-from .frontend.options import add_model_args, add_suffix_cache_args, suffix_cache_arg
+from .frontend.options import add_model_args, add_suffix_cache_args, persisted_suffix_cache
 from .policies import parse_policy_args
 
 # Subcommands that live with their feature: (module, function that registers the parser)
@@ -36,7 +36,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                     "of the target under greedy, and distributed exactly like it under sampling.")
     p.add_argument("prompt", help="prompt text ('-' reads standard input)")
     add_model_args(p)
-    add_suffix_cache_args(p)
+    add_suffix_cache_args(p, persist=True)
     p.set_defaults(draft="auto")
     p.add_argument("--policy", default="auto",
                    help="drafting policy: auto, fixed, heuristic, confidence, entropy, specdecpp, "
@@ -99,7 +99,7 @@ def build_generator(args: argparse.Namespace):
         gen = SpeculativeGenerator(args.target, None if args.draft == "none" else args.draft,
                                    args.policy, parse_policy_args(args.policy_arg), dtype=args.dtype,
                                    device=args.device, threads=args.threads, runtime=args.runtime,
-                                   suffix_cache=suffix_cache_arg(args))
+                                   suffix_cache=persisted_suffix_cache(args))
     if gen.default_note:
         print(f"adaspec: {gen.default_note}", file=sys.stderr)
     return gen

@@ -431,3 +431,22 @@ def test_copy_dataset_splits():
     dev, test = load_dataset("copy", "dev"), load_dataset("copy", "test")
     assert len(dev) > 20 and len(test) > 20 and not {p.id for p in dev} & {p.id for p in test}
     assert all(p.category == "copy" and "\n\n" in p.turns[0] for p in dev)
+
+
+def test_cache_copies_are_planned_from_their_frequencies_in_classes_of_their_own():
+    """A suffix-cache copy's prior survival is the running product of its per-token
+    probabilities (an own-text match of the same length and agreement keeps the length
+    prior), and what cache copies turn out to be accepted does not move own-text classes."""
+    sc = measured_choice()
+    assert sc.survival(6, 0.9, 3, (0.9, 0.5, 0.5)) == pytest.approx([0.9, 0.45, 0.225])
+    assert sc.survival(6, 0.9, 3, (0.9,)) == pytest.approx(sc.survival(6, 0.9, 3))  # too few: the prior
+    sure, weak = sc.plan(6, 0.95, 16, probs=(0.95,) * 16), sc.plan(6, 0.5, 16, probs=(0.5,) * 16)
+    assert sure.source == "ngram" and (weak.source != "ngram" or weak.length < sure.length)
+    own = sc.survival(6, 0.95, 4)
+    for _ in range(30):  # cache copies of 5-8-token matches are always rejected at once
+        sc.update("ngram", 6, 0.95, 0.0, 0.03, 8, 7, 0, 1, cached=True)
+    after = sc.plan(6, 0.95, 16, probs=(0.95,) * 16)
+    assert after.source != "ngram" or after.length < sure.length
+    assert sc.survival(6, 0.95, 1, (0.95,))[0] < 0.2  # what was measured, not the frequencies
+    assert sc.survival(6, 0.95, 4) == own  # the own-text class is untouched
+    assert "3<c" in sc.report()["ngram_accept_by_class"]

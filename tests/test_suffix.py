@@ -10,8 +10,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import layered_pair, loaded, make_model, perturbed
-from test_ngram import chi_square_p, exact_distribution, run
+from conftest import layered_pair, loaded, make_model, make_tokenizer, perturbed
+from test_ngram import chi_square_p, exact_distribution, pooled, run
 
 from adaspec.api import SpeculativeGenerator
 from adaspec.bench.methods import MethodError, parse_methods
@@ -51,17 +51,39 @@ def test_a_match_never_runs_across_two_texts():
 
 
 def test_probabilities_come_from_continuation_counts():
-    cache = SuffixCache(4096, min_path_prob=0.0)
+    cache = SuffixCache(4096, min_path_prob=0.0, follow_best=False)
     for follower in (10, 10, 10, 11):
         cache.add([1, 2, 3, follower, 20, 21])
     m = cache.match([0, 1, 2, 3], 3)
     assert m.count == 4 and m.agreement == pytest.approx(1 / 5)  # the most recent: 11, 1 of 4 (+1)
     assert m.tokens == (11, 20, 21) and m.probs[0] == pytest.approx(1 / 5)
     assert m.probs[1:] == (0.5, 0.5)  # 2 3 11 -> 20 once
-    cut = SuffixCache(4096, min_path_prob=0.15)
+    cut = SuffixCache(4096, min_path_prob=0.15, follow_best=False)
     for follower in (10, 10, 10, 11):
         cut.add([1, 2, 3, follower, 20, 21])
     assert cut.match([0, 1, 2, 3], 3).tokens == (11,)  # the path floor keeps only the first
+
+
+def test_follow_the_most_frequent_continuation():
+    """SuffixDecoding's rule: at every token the most frequent follower of the current
+    n-gram, from whichever text it was seen in (the copy may switch texts)."""
+    cache = SuffixCache(4096, min_path_prob=0.0)
+    for follower in (10, 10, 10, 11):
+        cache.add([1, 2, 3, follower, 20, 21])
+    m = cache.match([0, 1, 2, 3], 3)
+    assert m.tokens == (10, 20, 21) and m.agreement == pytest.approx(3 / 5)  # 3 of 4 (+1)
+    assert m.probs[1:] == (0.75, 0.75)  # 2 3 10 -> 20 three times in three
+    mixed = SuffixCache(4096, min_path_prob=0.0)
+    for _ in range(2):
+        mixed.add([1, 7, 8, 9, 30, 31])  # after 7 8 9: 30 twice
+    mixed.add([5, 6, 7, 8, 9, 40, 41])  # after 7 8 9: 40 once, most recently
+    m = mixed.match([4, 5, 6, 7, 8, 9], 3)  # the most recent occurrence is the last text ...
+    assert m.length == 5 and m.tokens == (30, 31)  # ... but 30 is the more frequent follower
+    assert m.probs == pytest.approx((2 / 4, 2 / 3))
+    ties = SuffixCache(4096, min_path_prob=0.0)
+    for follower in (10, 11):
+        ties.add([1, 2, 3, follower])
+    assert ties.match([1, 2, 3], 1).tokens == (11,)  # a tie goes to the most recent
 
 
 def test_matches_agree_with_a_brute_force_search():
@@ -70,10 +92,13 @@ def test_matches_agree_with_a_brute_force_search():
     when one exists and, where one exists, almost always (a later 12-gram may take its slot
     of the direct-mapped table: the 6- and 3-gram tables then still find the text)."""
     rng = random.Random(0)
-    cache = SuffixCache(1 << 14, max_match=40)
+    cache = SuffixCache(1 << 14, max_match=40, follow_best=False)
+    best = SuffixCache(1 << 14, max_match=40)
     texts = [[rng.randrange(6) for _ in range(rng.randrange(20, 200))] for _ in range(30)]
     for t in texts:
         cache.add(t)
+        best.add(t)
+    grams = {tuple(t[i:i + 4]) for t in texts for i in range(len(t) - 3)}
     found = Counter()
     for _ in range(300):
         src = rng.choice(texts)
@@ -84,6 +109,8 @@ def test_matches_agree_with_a_brute_force_search():
             tail = query[len(query) - m.length:]
             assert any(t[i:i + m.length] == tail and tuple(t[i + m.length:i + m.length + len(m.tokens)])
                        == m.tokens for t in texts for i in range(len(t) - m.length)), query
+        path = query + list(best.match(query, 6).tokens)  # each token followed its 3 before somewhere
+        assert all(tuple(path[j - 3:j + 1]) in grams for j in range(len(query), len(path)))
         has12 = any(t[i:i + 12] == query[-12:] for t in texts for i in range(len(t) - 12))
         has12 = has12 and len(query) >= 12
         assert has12 or m.length < 12
@@ -98,7 +125,7 @@ def test_eviction_keeps_the_memory_bound_and_exact_counts():
     rng = np.random.default_rng(1)
     cache = SuffixCache(1000)
     nbytes = cache.nbytes
-    assert nbytes <= 4 * 1000 + len(cache.orders) * 12 * 4 * 1000  # fixed by the flag, never grows
+    assert nbytes <= 4 * 1000 + len(cache.orders) * 16 * 4 * 1000  # fixed by the flag, never grows
     texts = [rng.integers(0, 50, rng.integers(30, 300)).tolist() for _ in range(60)]
     for t in texts:
         cache.add(t)
@@ -165,6 +192,82 @@ def test_arguments():
         suffix_cache_arg(Args())
     Args.no_suffix_cache = True
     assert suffix_cache_arg(Args()) == 0
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+def test_saved_cache_loads_back_to_the_same_index(tmp_path):
+    rng = np.random.default_rng(2)
+    cache = SuffixCache(2000)
+    for _ in range(30):  # more than fits: the file holds the live texts only
+        cache.add(rng.integers(0, 40, rng.integers(20, 200)).tolist())
+    path = tmp_path / "cache.npz"
+    cache.save(path)
+    back = SuffixCache(2000)
+    assert back.load(path) == len(cache._texts) and back.tokens == cache.tokens
+    for n in cache.orders:
+        assert np.array_equal(back._count[n], cache._count[n])
+        assert np.array_equal(back._follow[n], cache._follow[n])
+    small = SuffixCache(500)  # a file larger than the bound: its newest texts, as if added in order
+    small.load(path)
+    ref = SuffixCache(500)
+    for start, length in cache._texts:
+        ref.add(cache._buf[cache._ring(start, length - 1)].tolist())
+    assert small.tokens == ref.tokens <= 500 and [n for _, n in small._texts] == [n for _, n in ref._texts]
+    assert np.array_equal(small._count[3], ref._count[3])
+    SuffixCache(500).save(tmp_path / "empty.npz")
+    assert SuffixCache(500).load(tmp_path / "empty.npz") == 0
+
+
+def test_a_damaged_or_huge_cache_file_is_a_one_line_error(tmp_path, capsys):
+    from adaspec import cli
+    from adaspec.drafters.suffix import CacheFileError
+
+    good = tmp_path / "good.npz"
+    cache = SuffixCache(1000)
+    cache.add(list(range(50)))
+    cache.save(good)
+    raw = good.read_bytes()
+    bad = {"garbage": b"not a zip at all", "truncated": raw[:len(raw) // 2],
+           "huge": b"0" * (64 * 1000 + (1 << 20) + 1)}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    np.savez(tmp_path / "other.npz", version=np.int64(99), tokens=np.arange(5), lengths=np.array([5]))
+    np.savez(tmp_path / "lying.npz", version=np.int64(1), tokens=np.arange(5), lengths=np.array([9]))
+    for name in (*bad, "other.npz", "lying.npz"):
+        fresh = SuffixCache(1000)
+        with pytest.raises(CacheFileError) as err:
+            fresh.load(tmp_path / name)
+        assert "\n" not in str(err.value) and fresh.tokens == 0  # left as it was
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()
+    argv = ["generate", "hi", "--target", str(model_dir), "--draft", "ngram", "--dtype", "fp32",
+            "--suffix-cache-file", str(tmp_path / "garbage")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "suffix cache file" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cache_file_flag_loads_and_saves_at_exit(tmp_path):
+    import atexit
+
+    from adaspec.frontend.options import persisted_suffix_cache
+
+    class Args:
+        no_suffix_cache, suffix_cache_tokens, suffix_cache_file = False, 1000, str(tmp_path / "c.npz")
+
+    first = persisted_suffix_cache(Args())  # no file yet: an empty cache, saved at exit
+    atexit.unregister(first.save)
+    first.add(list(range(100, 140)))
+    first.save(Args.suffix_cache_file)
+    second = persisted_suffix_cache(Args())
+    atexit.unregister(second.save)
+    assert second.tokens == 40 and second.match(list(range(100, 110)), 3).tokens == (110, 111, 112)
+    Args.suffix_cache_file = None
+    assert persisted_suffix_cache(Args()) == 1000
 
 
 # ---------------------------------------------------------------------------- drafts
@@ -238,6 +341,39 @@ def test_sampling_distribution_with_cache_drafts():
                       cache=drafter.cache_matches)
     assert totals["cache"] > 2000 and 0 < totals["accepted"] < totals["drafted"], totals
     assert chi_square_p(counts, exact) > 1e-3
+
+
+def test_sampling_distribution_with_context_planned_cache_copies():
+    """``context`` plans cache copies from their frequencies (and picks the model or the own
+    text otherwise): 1,000 seeded samples of a 3-token continuation (27 cells) against the
+    exact distribution, with a cache whose texts continue the prompt in every way."""
+    from adaspec.drafters.mixed import MixedDrafter
+    from adaspec.drafters.model import ModelDrafter
+    from adaspec.engine import Engine, StopRules
+    from adaspec.policies.context import ContextPolicy
+    from adaspec.types import GenerationStats
+
+    target, draft = layered_pair(vocab=3, seed=3, init=0.1)
+    prompt = [0, 1, 2, 2, 0, 1]
+    exact = exact_distribution(target.model, prompt, SamplingConfig(0.7), 3, 3)
+    cache = SuffixCache(4096, min_path_prob=0.0)
+    rng = random.Random(1)
+    for _ in range(30):
+        cache.add([2, 0, 1] + [rng.randrange(3) for _ in range(5)])
+    counts: Counter = Counter()
+    won = 0
+    for seed in range(1000):
+        policy = ContextPolicy(mode="random", k_max=3, seed=seed)
+        ngram = NgramDrafter(3, cache=cache)
+        mixed = MixedDrafter(ModelDrafter(draft, 3), ngram, chooser=policy.choose_source)
+        eng = Engine(target.model, 3, 256, mixed, policy)
+        out: list[int] = []
+        for chunk in eng.run(prompt, SamplingConfig(0.7, seed=seed), StopRules(3), GenerationStats()):
+            out.extend(chunk)
+        counts[tuple(out)] += 1
+        won += ngram.cache_matches
+    assert won > 300, won
+    assert chi_square_p(*pooled(counts, exact, min_expected=10)) > 1e-3  # the rare cells pooled to >= 5
 
 
 # ---------------------------------------------------------------------------- bench
@@ -344,12 +480,14 @@ def test_templated_dataset_splits():
         pytest.skip("../shared/data is absent")
     dev, test = load_dataset("templated", "dev"), load_dataset("templated", "test")
     assert len(dev) >= 30 and not {p.id for p in dev} & {p.id for p in test}
-    kinds = [p.id.split("/")[1] for p in dev[:10]]
-    assert kinds[:5] == ["html", "cli", "unittest", "math", "quote"] and kinds[5:] == kinds[:5]
+    kinds = [p.id.split("/")[1] for p in dev[:12]]
+    assert kinds[:6] == ["html", "cli", "unittest", "math", "tool", "quote"] and kinds[6:] == kinds[:6]
     assert all(len(p.turns) == 2 for p in dev if "/quote/" in p.id)
+    first = [p.id.split("/", 2)[2] for p in dev[:60]]  # math and tool take gsm8k rows from both ends
+    assert len(first) == len(set(first))
     gsm = {f"gsm8k/{i}": r for i, r in enumerate(load_dataset("gsm8k", "all"))}
     for p in dev:
-        if "/math/" in p.id:  # a row keeps its source set's bucket
+        if "/math/" in p.id or "/tool/" in p.id:  # a row keeps its source set's bucket
             q = gsm[p.id.split("/", 2)[2]].turns[0]
             assert in_split(bucket_of("gsm8k:" + q), "dev") and q in p.turns[0]
 
@@ -363,3 +501,22 @@ def test_replay_stand_in_target_follows_the_record():
     out = t.forward([1, 2, 3, 9, 9], 3)  # rows predict positions 3, 4, 5; the draft left the record at 3
     assert out.logits.argmax(-1).tolist()[0] == 4 and out.logits[1:].sum() == 0
     assert t.forward([1, 2, 3, 4], 2).logits.argmax(-1).tolist() == [4, 5]
+
+
+def test_ceiling_replay_counts_rounds_with_and_without_the_cache():
+    from adaspec.bench.suffix_ceiling import replay_output
+
+    out = list(range(100, 140))  # no token repeats inside it
+    rounds: Counter = Counter()
+    for rule in ("own", "cache", "best"):
+        cache = SuffixCache(4096, min_path_prob=0.0)
+        cache.add_generation([1, 2, 3], out)  # an earlier request answered the same
+
+        def tally(k: int, a: int, c: int, rule: str = rule) -> None:
+            assert 0 <= a <= k and 1 <= c <= a + 1
+            rounds[rule] += 1
+            rounds[rule + " tokens"] += c
+
+        replay_output([9, 1, 2, 3], out, cache, rule, 8, tally)
+        assert rounds[rule + " tokens"] == 40
+    assert rounds["own"] == 40 and rounds["cache"] == rounds["best"] == 5  # 8 copied + 1 a round

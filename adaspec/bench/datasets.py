@@ -286,6 +286,12 @@ _TEMPLATES = (
     ("math", "gsm8k", "Solve the problem below step by step. End with a line of the form "
                       "'Final answer: <number>'.\n\nProblem: {input}"),
 )
+# an agent's tool call (the same JSON shape every time) over gsm8k rows taken from the end of the
+# split, so that the ``math`` template's rows (from the start) stay what they were
+_TOOL = ("tool", "gsm8k", "You are an agent with three tools: calculator(expression), search(query) and "
+                          "python(code). For the request below, reply with one JSON tool call and nothing "
+                          "else, of the form {\"tool\": \"<name>\", \"arguments\": {...}, \"reason\": "
+                          "\"<one sentence>\"}.\n\nRequest: {input}")
 _QUOTE = ("gpteacher_codegen", "Quote the code from your answer above exactly, then explain in one "
                                "sentence what each part does.")
 _TEMPLATE_INPUT_CHARS = 600  # longer inputs are skipped (a template wraps a short input)
@@ -304,6 +310,9 @@ def _templated(split: str, root: Path) -> list[Prompt]:
         rows = sources[src][users.index(name)::len(users)]
         per.append([Prompt(f"templated/{name}/{p.id}", "templated", [template.replace("{input}", p.turns[0])])
                     for p in rows])
+    name, src, template = _TOOL
+    per.append([Prompt(f"templated/{name}/{p.id}", "templated", [template.replace("{input}", p.turns[0])])
+                for p in reversed(sources[src])])
     src, follow = _QUOTE
     per.append([Prompt(f"templated/quote/{p.id}", "templated", [p.turns[0], follow])
                 for p in _SOURCES[src](split, root) if len(p.turns[0]) <= _TEMPLATE_INPUT_CHARS])

@@ -70,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=1_000_000, help="cache fill (default 1M)")
     p.add_argument("--text-tokens", type=int, default=256, help="tokens per cached text (default 256)")
     p.add_argument("--budget", type=int, default=16, help="tokens a lookup may copy (default 16)")
+    p.add_argument("--min-path-prob", type=float, default=0.05,
+                   help="the cache's path floor (default 0.05; 0: every hit copies the whole budget)")
     add_model_args(p, ("target", "threads"), target="target whose decode step is the yardstick")
     args = p.parse_args(argv)
-    cache = SuffixCache(max(args.tokens + args.tokens // 16, 64))
+    cache = SuffixCache(max(args.tokens + args.tokens // 16, 64), min_path_prob=args.min_path_prob)
     t = time.perf_counter()
     data = fill(cache, args.tokens, args.text_tokens, 49_152)
     res = {"cached_tokens": cache.tokens, "cache_mb": round(cache.nbytes / 2**20, 1),

@@ -28,7 +28,8 @@ from .datasets import load_dataset
 from .report import read_results
 from .runner import encode_turn
 
-DEFAULT_VERIFY_MS = "1:17.8,2:18.4,3:18.8,4:19.7,6:24.3,8:25.2,12:31.7,16:40.1"  # README table
+# the native Q4_1 runtime's verify curve (verify_cost on an idle machine, session 8)
+DEFAULT_VERIFY_MS = "1:5.0,2:6.0,3:7.0,4:7.9,5:9.1,8:12.9"
 
 
 class StandInTarget:
@@ -125,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         per[name], counts = replay(gen, prompts, outputs)
         print(json.dumps({"method": name, "tokens_per_s": round(statistics.fmean(per[name]), 2), **counts}))
     ratios = [a / b for a, b in zip(per["cache"], per["no cache"], strict=True)]
+    groups: dict[str, list[float]] = defaultdict(list)
+    for q, r in zip(prompts, ratios, strict=True):
+        groups[q.id.split("/")[1] if q.id.startswith("templated/") else q.category].append(r)
     print(json.dumps({"prompts": len(prompts), "cache_over_no_cache_mean": round(statistics.fmean(ratios), 3),
                       "median": round(statistics.median(ratios), 3),
+                      "median_by_group": {g: round(statistics.median(v), 3) for g, v in groups.items()},
                       "plain_tokens_per_s": round(1e3 / verify[1], 2)}))
     return 0
 

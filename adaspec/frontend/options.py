@@ -58,17 +58,46 @@ def add_model_args(p: argparse.ArgumentParser, options: tuple[str, ...] = MODEL_
             p.add_argument(f"--{name}", help=helps[name], **kwargs)
 
 
-def add_suffix_cache_args(p: argparse.ArgumentParser) -> None:
-    """``--suffix-cache-tokens N`` / ``--no-suffix-cache``: the n-gram source's cross-request
-    cache of finished texts (read back with :func:`suffix_cache_arg`)."""
+def add_suffix_cache_args(p: argparse.ArgumentParser, persist: bool = False) -> None:
+    """``--suffix-cache-tokens N`` / ``--no-suffix-cache`` (and with ``persist``
+    ``--suffix-cache-file PATH``): the n-gram source's cross-request cache of finished texts
+    (read back with :func:`suffix_cache_arg` / :func:`persisted_suffix_cache`)."""
     from ..drafters.suffix import DEFAULT_TOKENS
 
     p.add_argument("--suffix-cache-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
                    help="with an n-gram draft source: draft also from the last N tokens of "
                         "finished outputs of this process (oldest evicted first; memory "
-                        f"~4 + 72 bytes a token; default {DEFAULT_TOKENS})")
+                        f"~4 + 96 bytes a token; default {DEFAULT_TOKENS})")
     p.add_argument("--no-suffix-cache", action="store_true",
                    help="n-gram drafts from each request's own text only")
+    if persist:
+        p.add_argument("--suffix-cache-file", metavar="PATH", default=None,
+                       help="start the suffix cache from PATH if it exists and write it back "
+                            "there at exit (a damaged file is a one-line error)")
+
+
+def persisted_suffix_cache(args: argparse.Namespace):
+    """The ``suffix_cache`` generator argument, read from ``--suffix-cache-file`` when one is
+    given (a :class:`~adaspec.drafters.suffix.SuffixCache`, saved back at exit), else
+    :func:`suffix_cache_arg`.
+
+    Raises:
+        InvalidArgumentError: as :func:`suffix_cache_arg`.
+        CacheFileError: the file exists but is not a valid cache file.
+    """
+    import atexit
+    from pathlib import Path
+
+    from ..drafters.suffix import SuffixCache
+
+    n, path = suffix_cache_arg(args), getattr(args, "suffix_cache_file", None)
+    if not path or not n:
+        return n
+    cache = SuffixCache(n)
+    if Path(path).is_file():
+        cache.load(path)
+    atexit.register(cache.save, path)
+    return cache
 
 
 def suffix_cache_arg(args: argparse.Namespace) -> int:

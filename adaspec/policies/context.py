@@ -108,8 +108,8 @@ class ContextPolicy(Policy):
     _last: tuple = field(default=(1.0, 1.0), init=False, repr=False)  # (P_{i-1}, p_i)
     _branch_on: bool = field(default=False, init=False, repr=False)
     _sources: SourceChoice = field(default_factory=SourceChoice, init=False, repr=False)
-    _round: tuple = field(default=("model", 0, 0.0, 0), init=False, repr=False)
-    # (source, match length, agreement, n-gram draft length) of the round being drafted
+    _round: tuple = field(default=("model", 0, 0.0, 0, False), init=False, repr=False)
+    # (source, match length, agreement, n-gram draft length, a cache copy) of the round being drafted
     _online: OnlineAcceptance | None = field(default=None, init=False, repr=False)
     _conf: list = field(default_factory=list, init=False, repr=False)  # top-1 q of this round's tokens
     _first: WarmEma = field(default_factory=WarmEma, init=False, repr=False)  # P(x_1 accepted)
@@ -149,7 +149,7 @@ class ContextPolicy(Policy):
         self._rng = random.Random(self.seed)
         self._probs = []
         self._sources.reset()
-        self._round = ("model", 0, 0.0, 0)
+        self._round = ("model", 0, 0.0, 0, False)
         if self._online is not None:
             self._online.reset()
         self._conf, self._first = [], WarmEma()
@@ -161,8 +161,9 @@ class ContextPolicy(Policy):
         :class:`~adaspec.drafters.ngram.Match`): the best predicted tokens per second; an
         n-gram draft's length is kept for :meth:`decide`."""
         self._mixed = True
-        plan = self._sources.plan(match.length, match.agreement, budget, len(match.tokens))
-        self._round = (plan.source, match.length, match.agreement, plan.length)
+        probs = match.probs if match.origin == "cache" else ()  # a cache copy's frequencies
+        plan = self._sources.plan(match.length, match.agreement, budget, len(match.tokens), probs)
+        self._round = (plan.source, match.length, match.agreement, plan.length, bool(probs))
         return plan.source
 
     @property
@@ -241,10 +242,10 @@ class ContextPolicy(Policy):
 
     def observe(self, outcome: RoundOutcome) -> None:
         k, m = len(outcome.draft.tokens), outcome.verdict.accepted
-        source, match_len, agreement, _ = self._round
-        self._round = ("model", 0, 0.0, 0)
+        source, match_len, agreement, _, cached = self._round
+        self._round = ("model", 0, 0.0, 0, False)
         self._sources.update(source, match_len, agreement, outcome.draft_s, outcome.verify_s,
-                             outcome.draft.tree_size + 1, k, m, m + 1)
+                             outcome.draft.tree_size + 1, k, m, m + 1, cached)
         if source == "ngram":
             return  # the predictor's features and the tau cost model describe model drafts
         self._recent.update(k, m)

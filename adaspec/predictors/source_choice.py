@@ -53,6 +53,14 @@ def prior_survival(length: int, agreement: float, k: int) -> list[float]:
     return [agreement * (length - 1) / (length - 1 + j) for j in range(1, k + 1)]
 
 
+def _running_product(probs: tuple) -> list[float]:
+    out, s = [], 1.0
+    for p in probs:
+        s *= p
+        out.append(s)
+    return out
+
+
 @dataclass
 class _Positions:
     """Copied tokens put to the test / accepted, per position j (1-based, index j - 1)."""
@@ -122,14 +130,16 @@ class SourceChoice:
     # ------------------------------------------------------------------ estimates
 
     @staticmethod
-    def match_class(length: int, agreement: float) -> tuple[int, bool]:
-        return length_bucket(length), agreement >= 1.0
+    def match_class(length: int, agreement: float, cached: bool = False) -> tuple[int, bool, bool]:
+        return length_bucket(length), agreement >= 1.0, cached
 
-    def survival(self, length: int, agreement: float, k: int) -> list[float]:
+    def survival(self, length: int, agreement: float, k: int, probs: tuple = ()) -> list[float]:
         """S_1..S_k ([k]) for a match: the prior corrected by this class's measured
-        per-position acceptance (Beta posterior, ``prior_weight`` pseudo-rounds)."""
-        prior = prior_survival(length, agreement, k)
-        pos = self._pos.get(self.match_class(length, agreement))
+        per-position acceptance (Beta posterior, ``prior_weight`` pseudo-rounds). A
+        suffix-cache copy (``probs``: its per-token frequency probabilities, [>= k]) has
+        the running product of those as its prior and classes of its own."""
+        prior = prior_survival(length, agreement, k) if len(probs) < k else _running_product(probs[:k])
+        pos = self._pos.get(self.match_class(length, agreement, bool(probs)))
         out, s, prev = [], 1.0, 1.0
         for j in range(k):
             r0 = prior[j] / prev if prev > 0 else 0.0  # prior conditional acceptance at j + 1
@@ -158,10 +168,12 @@ class SourceChoice:
 
     # ------------------------------------------------------------------ the choice
 
-    def plan(self, length: int, agreement: float, budget: int, copyable: int | None = None) -> Plan:
+    def plan(self, length: int, agreement: float, budget: int, copyable: int | None = None,
+             probs: tuple = ()) -> Plan:
         """Source and n-gram length for a round with this match and token budget.
 
-        ``copyable`` caps the n-gram length (tokens the match can propose; default budget).
+        ``copyable`` caps the n-gram length (tokens the match can propose; default budget);
+        ``probs``: a suffix-cache copy's per-token probabilities (see :meth:`survival`).
         """
         k_max = min(budget, budget if copyable is None else copyable)
         can_copy = length >= self.min_len and k_max > 0
@@ -176,7 +188,7 @@ class SourceChoice:
                 best, best_r = Plan("model"), r
         if can_copy:
             gain = 1.0
-            for k, s in enumerate(self.survival(length, agreement, k_max), start=1):
+            for k, s in enumerate(self.survival(length, agreement, k_max, probs), start=1):
                 gain += s
                 r = gain / max(self.verify_s(k + 1), 1e-9)
                 if r > best_r:
@@ -186,10 +198,10 @@ class SourceChoice:
         return best
 
     def update(self, source: str, length: int, agreement: float, draft_s: float, verify_s: float,
-               verified: int, drafted: int, accepted: int, committed: int) -> None:
+               verified: int, drafted: int, accepted: int, committed: int, cached: bool = False) -> None:
         """One verified round: its source and match, seconds drafting / verifying,
         ``verified`` tokens in the verify forward (root included), ``drafted`` chain tokens,
-        ``accepted`` of them, ``committed`` tokens."""
+        ``accepted`` of them, ``committed`` tokens; ``cached``: a suffix-cache copy."""
         a = self.alpha
         if self._fit.sums[0] > 0 and self._fit.slope() is not None:
             verify_s = min(verify_s, self.clip * self.verify_s(verified))
@@ -200,7 +212,7 @@ class SourceChoice:
         self._fit.add(verified, verify_s, 1.0 - a)  # (re-)identifies the slope while n varies
         if source == "ngram":
             self.ngram_rounds += 1
-            key = self.match_class(length, agreement)
+            key = self.match_class(length, agreement, cached)
             self._pos.setdefault(key, _Positions()).add(drafted, accepted)
         self._since_model = 0 if source == "model" else self._since_model + 1
         if source == "model":
@@ -209,9 +221,9 @@ class SourceChoice:
             self._m_s.add(draft_s + verify_s, a)
 
     def report(self) -> dict:
-        by_class = {f"{b}{'=' if agree else '<'}": [round(x / t, 3) if t else None for x, t in
-                                                   zip(p.accepted[:8], p.tested[:8])]
-                    for (b, agree), p in sorted(self._pos.items())}
+        by_class = {f"{b}{'=' if agree else '<'}{'c' if cached else ''}":
+                    [round(x / t, 3) if t else None for x, t in zip(p.accepted[:8], p.tested[:8])]
+                    for (b, agree, cached), p in sorted(self._pos.items())}
         return {"ngram_accept_by_class": by_class, "model_gain": self._m_gain.value,
                 "model_round_s": self._m_s.value, "tokens_per_s_est": self.throughput or 0.0,
                 "verify_slope_s": self._fit.slope() or 0.0}

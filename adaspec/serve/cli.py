@@ -25,7 +25,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "speculative decoding), identical alone or in a batch. A request may override the "
                     'policy with {"adaspec": {"policy": NAME, "policy_args": {...}}}.')
     add_model_args(p)
-    add_suffix_cache_args(p)  # one cache per served model, shared by every request
+    add_suffix_cache_args(p, persist=True)  # one cache per served model, shared by every request
     p.set_defaults(draft="auto")
     p.add_argument("--policy", default="auto",
                    help="default drafting policy (default auto: context over the default draft plus "

@@ -118,8 +118,16 @@ def test_no_draft_round_when_the_first_token_does_not_pay_and_probes_again():
             pol.observe(_outcome(0, 0, 0.0, 0.02))
     assert budgets == [0, 0, 0, 16, 0, 0, 0, 16], budgets
     assert pol.report()["skipped_rounds"] == 6
-    pol.reset()
-    assert pol.begin_round(ctx) == 16
+    pol.reset()  # the next generate(): what was measured carries over (carry=true, the default) ...
+    assert [pol.begin_round(ctx) for _ in range(4)] == [0, 0, 0, 16]
+    cold = make_policy("context", {"predictor": "online", "probe_every": 3, "carry": "false"})
+    for _ in range(4):
+        cold.begin_round(ctx)
+        cold.decide(_step(1, 0.9))
+        cold.observe(_outcome(1, 0, 0.02, 0.02))
+    assert cold.begin_round(ctx) == 0
+    cold.reset()  # ... unless carry=false: every call starts cold and drafts
+    assert cold.begin_round(ctx) == 16
     cheap = make_policy("context", {"predictor": "online"})  # a third of first tokens pay a cheap draft
     cheap.reset()
     for r in range(12):

@@ -82,6 +82,11 @@ class ContextPolicy(Policy):
         recalibrate: > 0: correct the trained predictor online against the target's verdicts
             (per bin of its probability, a Beta posterior with this many pseudo-observations
             at the predicted value); 0 (default): the predictor as trained.
+        carry: keep what was measured about this machine and pair from one generate() to
+            the next (draft / verify costs, the source choice's statistics, online
+            calibration, first-token acceptance; default true: a generator or a server
+            starts each request warm); false: every call starts cold (sessions 1-7).
+            Per-text state (recent acceptance, this round's plan) always starts afresh.
     """
 
     name = "context"
@@ -99,6 +104,7 @@ class ContextPolicy(Policy):
     node_floor: float = 0.05
     probe_every: int = 4
     recalibrate: float = 0.0
+    carry: bool = True
     _pred: Predictor | None = field(default=None, init=False, repr=False)
     _costs: OnlineTau | None = field(default=None, init=False, repr=False)
     _recent: RecentAcceptance = field(default_factory=RecentAcceptance, init=False, repr=False)
@@ -141,18 +147,27 @@ class ContextPolicy(Policy):
                 self._online = OnlineAcceptance(prior_weight=self.recalibrate)
             attention = bool(self._pred.meta.get("features", {}).get("attention", False))
             self.needs = DraftNeeds(hidden=True, attention=attention)
+        self._forget()
         self.reset()
 
-    def reset(self) -> None:
+    def _forget(self) -> None:
+        """Drop everything measured (costs, source statistics, calibration)."""
         self._costs.reset()
+        self._sources.reset()
+        if self._online is not None:
+            self._online.reset()
+        self._first = WarmEma()
+
+    def reset(self) -> None:
+        """Per generate(): per-text state afresh; the measurements too unless ``carry``."""
+        if not self.carry:
+            self._forget()
+        self._costs.trace = []  # the report's tau trace covers this call
         self._recent.reset()
         self._rng = random.Random(self.seed)
         self._probs = []
-        self._sources.reset()
         self._round = ("model", 0, 0.0, 0, False)
-        if self._online is not None:
-            self._online.reset()
-        self._conf, self._first = [], WarmEma()
+        self._conf = []
         self._skipped = self._skips = 0
         self._mixed = False
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compiled import LeanWeights, _causal
+from .compiled import LeanWeights, _causal, trim_heap
 from .eager import ForwardOut, RunnerBase, tree_rows
 from .native import NativeWeights
 
@@ -150,6 +150,7 @@ def ensure_compiled() -> None:
               file=sys.stderr, flush=True)
         shutil.rmtree(cache, ignore_errors=True)
         _warm_up(kernels)
+    trim_heap()  # the cache's unpickling buffers
     if fresh:
         print(f"adaspec: runtime kernels ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
               flush=True)

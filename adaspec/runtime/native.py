@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError, InvalidArgumentError, ModelLoadError
-from .compiled import UnsupportedModelError, read_geometry, unsupported_reason
+from .compiled import UnsupportedModelError, read_geometry, trim_heap, unsupported_reason
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
 KIND_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -357,44 +357,126 @@ def _from_tensor(t: torch.Tensor, encoding: int | None = None) -> Encoded:
         dt = torch.float16 if encoding == F16 else torch.bfloat16
         return Encoded(encoding, n, k, t.to(dt).contiguous().view(torch.int16).numpy().view(np.uint16))
     if encoding == Q8_0:
-        import gguf
-
-        raw = gguf.quants.quantize(t.to(torch.float32).numpy(), gguf.GGMLQuantizationType.Q8_0)
-        return Encoded(Q8_0, n, k, raw.reshape(n, -1))
+        return Encoded(Q8_0, n, k, quantize_q8_0(t))
     raise InvalidArgumentError(f"unknown native encoding {encoding!r}")
 
 
+def quantize_q8_0(t: torch.Tensor, step: int = 2048) -> np.ndarray:
+    """[n, k] float tensor (k a multiple of 32) -> [n, k / 32 * 34] uint8 GGUF Q8_0 blocks,
+    gguf's reference quantisation of its fp32 values, ``step`` rows at a time (every block
+    lies in one row, so the bytes are those of one whole-matrix call; the temporaries stay
+    small)."""
+    import gguf
+
+    n, k = t.shape
+    out = np.empty((n, k // 32 * GGUF_BLOCK[Q8_0]), np.uint8)
+    for r0 in range(0, n, step):
+        rows = t[r0:r0 + step].to(torch.float32).numpy()
+        out[r0:r0 + step] = gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0).reshape(len(rows), -1)
+    return out
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64}
+
+
+def read_safetensors_index(path: Path) -> dict[str, tuple[str, list[int], int]]:
+    """{tensor name: (dtype name, shape, absolute byte offset)} of a safetensors file, each
+    tensor checked to lie inside the file (only the JSON header is read).
+
+    Raises:
+        ModelLoadError: truncated or corrupt (one line naming the file).
+    """
+    import json
+    import struct
+
+    def fail(why: str) -> ModelLoadError:
+        return ModelLoadError(f"corrupt or truncated safetensors file {path}: {why}")
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            size = path.stat().st_size
+            if n < 2 or 8 + n > size:
+                raise fail("its header runs past the end of the file")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read safetensors file {path}: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise fail(f"unreadable header ({type(exc).__name__})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = info["dtype"], [int(x) for x in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"bad entry for tensor {name}") from None
+        if 8 + n + hi > size or hi < lo:
+            raise fail(f"tensor {name} runs past the end of the file ({size} bytes)")
+        out[name] = (dtype, shape, 8 + n + lo)
+    return out
+
+
 class SafetensorsSource:
-    """Weights of a directory of ``*.safetensors`` files (HF names), in their stored dtype."""
+    """Weights of a directory of ``*.safetensors`` files (HF names), in their stored dtype, or
+    re-encoded to ``encoding`` (e.g. Q8_0 for a draft).
 
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
+    Only the headers are parsed; each tensor is read from its file when asked for (no memory
+    map, whose touched pages would count as resident), so the peak memory holds the packed
+    weights plus one stored tensor.
 
+    Raises:
+        ModelLoadError: a truncated or corrupt file (one line naming it).
+    """
+
+    def __init__(self, path: str | Path, encoding: int | None = None) -> None:
         self.path = Path(path)
-        self.files = {}
+        self.encoding = encoding
+        self.files: dict[str, tuple[Path, str, list[int], int]] = {}
         for f in sorted(self.path.glob("*.safetensors")):
-            try:
-                h = safe_open(str(f), "pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
-                raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {exc}") from None
-            for key in h.keys():
-                self.files[key] = h
+            for key, (dtype, shape, offset) in read_safetensors_index(f).items():
+                self.files[key] = (f, dtype, shape, offset)
 
     def check(self) -> None:
-        """Nothing to check: every safetensors float dtype decodes."""
+        """Raise UnsupportedEncodingError naming the first matrix that is not fp32 / fp16 / bf16."""
+        for key, (_, dtype, shape, _) in self.files.items():
+            if key.endswith(".weight") and len(shape) == 2 and dtype not in ("F32", "F16", "BF16"):
+                raise UnsupportedEncodingError(f"tensor {key} is {dtype}")
+
+    def tensor(self, key: str) -> torch.Tensor | None:
+        """The stored tensor ``key`` (fp16 / bf16 / fp32 / int64), read from its file; None when absent."""
+        if key not in self.files:
+            return None
+        f, dtype, shape, offset = self.files[key]
+        if dtype not in _ST_DTYPES:
+            raise UnsupportedEncodingError(f"tensor {key} is {dtype}")
+        a = np.fromfile(f, dtype=_ST_DTYPES[dtype], count=int(np.prod(shape, dtype=np.int64)), offset=offset)
+        t = torch.from_numpy(a.reshape(shape))
+        return t.view(torch.bfloat16) if dtype == "BF16" else t
+
+    def info(self, name: str) -> tuple[int, int, int] | None:
+        """(kind, n, k) of a matrix without reading it (None when absent; kind -1: not decoded)."""
+        entry = self.files.get(_hf_name(name))
+        if entry is None:
+            return None
+        _, dtype, shape, _ = entry
+        n, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        stored = {"F32": F32, "F16": F16, "BF16": BF16}.get(dtype, -1)
+        kind = stored if self.encoding is None or stored < 0 else self.encoding
+        return (F32 if kind == Q8_0 and k % 32 else kind), n, k
 
     def get(self, name: str) -> Encoded | None:
-        h = self.files.get(_hf_name(name))
-        if h is None:
+        t = self.tensor(_hf_name(name))
+        if t is None:
             return None
-        t = h.get_tensor(_hf_name(name))
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise UnsupportedEncodingError(f"tensor {_hf_name(name)} is {t.dtype}")
-        return _from_tensor(t)
+        return _from_tensor(t, self.encoding)
 
     def vector(self, name: str) -> np.ndarray | None:
-        h = self.files.get(_hf_name(name))
-        return None if h is None else h.get_tensor(_hf_name(name)).float().numpy().reshape(-1)
+        t = self.tensor(_hf_name(name))
+        return None if t is None else t.float().numpy().reshape(-1)
 
 
 class ModuleSource:
@@ -454,13 +536,17 @@ def pack_into(enc: Encoded, out: np.ndarray) -> int:
 
 def source_of(model: nn.Module, encoding: str | None = None):
     """The native source of ``model``: the file adaspec loaded it from (``adaspec_source``
-    attribute: ("gguf" | "safetensors", path)), else the module's own tensors."""
+    attribute: ("gguf" | "safetensors", path)), else the module's own tensors. ``encoding``
+    re-encodes the module's tensors (or, for a module built without them, its files')."""
+    src = getattr(model, "adaspec_source", None)
     if encoding is not None:
         if encoding.lower() not in ENCODINGS:
             raise InvalidArgumentError(f"unknown native encoding {encoding!r}; choose one of "
                                        f"{', '.join(ENCODINGS)}")
+        if src is not None and src[0] == "safetensors" and _released(model):
+            # loaded without its weights (a draft read natively): re-encode straight from the files
+            return SafetensorsSource(src[1], ENCODINGS[encoding.lower()])
         return ModuleSource(model, ENCODINGS[encoding.lower()])
-    src = getattr(model, "adaspec_source", None)
     if src is None:
         return ModuleSource(model)
     kind, path = src
@@ -509,6 +595,7 @@ class NativeWeights:
                 lean = per[encoding] = cls(model, source_of(model, encoding))
             if release:
                 lean.release_eager_weights()
+            trim_heap()  # the freed read buffers and module weights: out of the peak
             return lean
 
     @classmethod
@@ -567,7 +654,8 @@ class NativeWeights:
                 source.check()  # raises, naming the tensor
             n, k = sum(i[1] for i in infos), infos[0][2]
             plan.append((names, _packed_kind(infos), n, k))
-        self.blob = np.empty(sum(_nbytes(kind, n, k) for _, kind, n, k in plan), np.uint8)
+        # zeroed (calloc: no extra pages), so the padding between matrices is deterministic
+        self.blob = np.zeros(sum(_nbytes(kind, n, k) for _, kind, n, k in plan), np.uint8)
         rows, self.shapes, offset = [], [], 0
         for names, kind, n, k in plan:
             enc = _fit(_concat([source.get(name) for name in names]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -253,3 +254,34 @@ def test_owned_model_keeps_one_copy_and_rebuilds_eager_weights(tmp_path, tokeniz
     assert q.numel() > 0  # rebuilt by the first eager forward
     torch.testing.assert_close(q, ref.target.model.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=0)
     assert fast.generate(prompt_ids(1), max_new_tokens=12).token_ids == want
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["compiled-fp32", "compiled"])
+def test_kv_cache_starts_small_and_grows_without_changing_logits(llama, native):
+    """A runner's cache starts at 64 slots in untouched zero pages and doubles as the context
+    grows; the logits equal those of a runner whose cache had every slot from the start."""
+    model = copy.deepcopy(llama)
+    small, big = CompiledRunner(model, native=native), CompiledRunner(model, native=native)
+    assert small.kt.shape[-1] == 64 and not small.kt.any() and not small.vc.any()
+    big.kt, big.vc = big.lean.new_cache(big.capacity)  # 256 positions
+    seq = [(5 * i + 3) % 250 for i in range(150)]
+    for r in (small, big):
+        r.reset()
+        r.prefill(seq[:40])
+    for end in (41, 70, 100, 150):  # grows at 64 and 128 slots
+        a, b = small.forward(seq[:end], 1).logits, big.forward(seq[:end], 1).logits
+        assert torch.equal(a, b), end
+    assert small.kt.shape[-1] == big.kt.shape[-1] == big.capacity == 256
+
+
+def test_rope_tables_are_shared_between_models_of_one_geometry(llama):
+    """Target and draft with the same rotary frequencies hold one copy of HF's cos / sin."""
+    from adaspec.runtime.compiled import rope_tables
+
+    a = rope_tables(llama, 64)
+    b = rope_tables(make_model("llama", seed=9, layers=1), 64)  # same geometry, other weights
+    assert a[0] is b[0] and a[1] is b[1]
+    cos, sin = llama.model.rotary_emb(torch.zeros(1), torch.arange(64)[None])
+    assert np.array_equal(a[0], cos[0].numpy()) and np.array_equal(a[1], sin[0].numpy())
+    other = make_model("llama", seed=9, hidden=64, layers=1)  # another head size: its own tables
+    assert rope_tables(other, 64)[0].shape[1] != a[0].shape[1]

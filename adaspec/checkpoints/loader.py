@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -387,13 +388,31 @@ def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role:
     return LoadedModel(model, tokenizer, name, vocab, _max_context(model.config), owned=True)
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def vocab_fingerprint(tokenizer: Any) -> str:
-    """sha256 over the sorted (token, id) pairs of a tokenizer's vocabulary."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    """sha256 over the (id, token) pairs of a tokenizer's vocabulary in id order (``"{id}\\t{token}\\n"``
+    each), remembered per tokenizer object and vocabulary size (every generator checks its pair
+    with it: the vocabulary dict is built once, and no list of pairs beside it)."""
+    size = len(tokenizer)
+    try:
+        known = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable or not hashable
+        known = None
+    if known is not None and known[0] == size:
+        return known[1]
+    vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
-    for tok, idx in items:
-        h.update(f"{idx}\t{tok}\n".encode())
-    return h.hexdigest()
+    for tok in sorted(vocab, key=vocab.__getitem__):
+        h.update(f"{vocab[tok]}\t{tok}\n".encode())
+    del vocab
+    sha = h.hexdigest()
+    try:
+        _FINGERPRINTS[tokenizer] = (size, sha)
+    except TypeError:
+        pass
+    return sha
 
 
 def check_vocab_compat(target: LoadedModel, draft: LoadedModel) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError, InvalidArgumentError, ModelLoadError
-from .compiled import UnsupportedModelError, read_geometry, trim_heap, unsupported_reason
+from .compiled import UnsupportedModelError, read_geometry, rope_tables, trim_heap, unsupported_reason
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
 KIND_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -281,11 +281,18 @@ def read_gguf_index(path: Path) -> tuple[dict[str, tuple[int, list[int], int]], 
                     if len(f.read(size * count)) != size * count:
                         raise fail("it ends inside its header")
                     return None
+                if etype == 8:  # e.g. the vocabulary: skipped, never decoded into Python strings
+                    for _ in range(count):
+                        f.seek(read("Q"), 1)
+                    if f.tell() > size_of_file:
+                        raise fail("it ends inside its header")
+                    return None
                 for _ in range(count):
                     value(etype)
                 return None
             raise fail(f"unknown metadata type {vtype}")
 
+        size_of_file = path.stat().st_size
         if f.read(4) != b"GGUF":
             raise fail("no GGUF magic number")
         version = read("I")
@@ -444,14 +451,20 @@ class SafetensorsSource:
             if key.endswith(".weight") and len(shape) == 2 and dtype not in ("F32", "F16", "BF16"):
                 raise UnsupportedEncodingError(f"tensor {key} is {dtype}")
 
-    def tensor(self, key: str) -> torch.Tensor | None:
-        """The stored tensor ``key`` (fp16 / bf16 / fp32 / int64), read from its file; None when absent."""
+    def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The stored tensor ``key`` (fp16 / bf16 / fp32 / int64), read from its file (``rows``:
+        only rows r0 .. r1 - 1 of a matrix); None when absent."""
         if key not in self.files:
             return None
         f, dtype, shape, offset = self.files[key]
         if dtype not in _ST_DTYPES:
             raise UnsupportedEncodingError(f"tensor {key} is {dtype}")
-        a = np.fromfile(f, dtype=_ST_DTYPES[dtype], count=int(np.prod(shape, dtype=np.int64)), offset=offset)
+        np_type = _ST_DTYPES[dtype]
+        if rows is not None:
+            per_row = int(np.prod(shape[1:], dtype=np.int64))
+            offset += rows[0] * per_row * np.dtype(np_type).itemsize
+            shape = [rows[1] - rows[0], *shape[1:]]
+        a = np.fromfile(f, dtype=np_type, count=int(np.prod(shape, dtype=np.int64)), offset=offset)
         t = torch.from_numpy(a.reshape(shape))
         return t.view(torch.bfloat16) if dtype == "BF16" else t
 
@@ -467,12 +480,18 @@ class SafetensorsSource:
         return (F32 if kind == Q8_0 and k % 32 else kind), n, k
 
     def get(self, name: str) -> Encoded | None:
-        t = self.tensor(_hf_name(name))
-        if t is None:
+        info = self.info(name)
+        if info is None:
             return None
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise UnsupportedEncodingError(f"tensor {_hf_name(name)} is {t.dtype}")
-        return _from_tensor(t, self.encoding)
+        if info[0] < 0:
+            raise UnsupportedEncodingError(f"tensor {_hf_name(name)} is {self.files[_hf_name(name)][1]}")
+        if info[0] == Q8_0 and self.encoding == Q8_0:  # quantised as read, a chunk of rows at a time
+            n, k = info[1], info[2]
+            out = np.empty((n, k // 32 * GGUF_BLOCK[Q8_0]), np.uint8)
+            for r0 in range(0, n, 4096):
+                out[r0:r0 + 4096] = quantize_q8_0(self.tensor(_hf_name(name), (r0, min(n, r0 + 4096))))
+            return Encoded(Q8_0, n, k, out)
+        return _from_tensor(self.tensor(_hf_name(name)), self.encoding)
 
     def vector(self, name: str) -> np.ndarray | None:
         t = self.tensor(_hf_name(name))
@@ -630,10 +649,7 @@ class NativeWeights:
         ids = getattr(head, "token_ids", None)
         self.out_ids = None if ids is None else ids.detach().to(torch.long)
         self.vocab = int(getattr(head, "full_vocab_size", self.n_logits))
-        pos = torch.arange(self.capacity)[None]
-        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)  # HF's own tables
-        self.cos = cos[0].float().numpy().copy()
-        self.sin = sin[0].float().numpy().copy()
+        self.cos, self.sin = rope_tables(model, self.capacity)  # HF's own tables
 
     def _pack_all(self, model: nn.Module, source) -> None:
         """Fill blob, mats, ln1, ln2, normw from ``source`` (blob sized first, then filled
@@ -678,7 +694,7 @@ class NativeWeights:
         kind, off, p, k = (int(v) for v in self.mats[index])
         return unpack(kind, self.blob[off:off + _nbytes(kind, p * 16, k)], self.shapes[index], k)
 
-    def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    def new_cache(self, slots: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Zeroed K^T and V caches (see LeanWeights.new_cache: same shapes)."""
         from .compiled import LeanWeights
 

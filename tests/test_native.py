@@ -394,3 +394,25 @@ def test_truncated_subset_draft_is_one_line_error_naming_the_file(tmp_path):
         load_model(str(tmp_path / "d"), role="draft", runtime="compiled")
     msg = str(err.value)
     assert "\n" not in msg and str(weights) in msg and "cannot load draft model" in msg
+
+
+def test_vocab_fingerprint_is_remembered_until_the_vocabulary_grows():
+    """One fingerprint per tokenizer object (every generator checks its pair with it), equal
+    to the sha256 of the id-ordered pairs, and recomputed after tokens are added."""
+    import hashlib
+
+    from conftest import make_tokenizer
+
+    from adaspec.checkpoints.loader import vocab_fingerprint
+
+    def reference(tok) -> str:
+        h = hashlib.sha256()
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{i}\t{t}\n".encode())
+        return h.hexdigest()
+
+    tok = make_tokenizer()
+    first = vocab_fingerprint(tok)
+    assert first == reference(tok) == vocab_fingerprint(tok)
+    tok.add_tokens(["<extra-token>"])
+    assert vocab_fingerprint(tok) == reference(tok) != first

@@ -395,9 +395,9 @@ def vocab_fingerprint(tokenizer: Any) -> str:
     """sha256 over the (id, token) pairs of a tokenizer's vocabulary in id order (``"{id}\\t{token}\\n"``
     each), remembered per tokenizer object and vocabulary size (every generator checks its pair
     with it: the vocabulary dict is built once, and no list of pairs beside it)."""
-    size = len(tokenizer)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     try:
-        known = _FINGERPRINTS.get(tokenizer)
+        known = _FINGERPRINTS.get(tokenizer) if size is not None else None
     except TypeError:  # not weak-referenceable or not hashable
         known = None
     if known is not None and known[0] == size:
@@ -408,10 +408,11 @@ def vocab_fingerprint(tokenizer: Any) -> str:
         h.update(f"{vocab[tok]}\t{tok}\n".encode())
     del vocab
     sha = h.hexdigest()
-    try:
-        _FINGERPRINTS[tokenizer] = (size, sha)
-    except TypeError:
-        pass
+    if size is not None:
+        try:
+            _FINGERPRINTS[tokenizer] = (size, sha)
+        except TypeError:
+            pass
     return sha
 
 

@@ -84,7 +84,8 @@ class ModelStep(DraftStep):
 
 def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
     """The draft's runner: on the native compiled runtime, weights re-encoded to
-    :func:`draft_encoding` (a draft loaded natively from its files runs as stored), else as
+    :func:`draft_encoding` (a draft loaded natively runs on the panels its load made: a
+    reduced-vocabulary one already in :func:`draft_encoding`, another as stored), else as
     ``make_runner``."""
     enc = draft_encoding()
     if runtime == "compiled" and enc:

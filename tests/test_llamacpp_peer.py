@@ -200,3 +200,25 @@ def test_both_peer_rows_run_the_real_engine():
         finally:
             run.close()
         assert res.stats.new_tokens >= 1 and all(0 <= t < 49152 for t in res.token_ids), name
+
+
+def test_child_runs_under_the_python_the_environment_names(fake_engine, tmp_path, monkeypatch):
+    """``$ADASPEC_LLAMACPP_PYTHON``: the child runs under that interpreter (a side venv with
+    llama-cpp-python), and the method is offered only when it is an executable."""
+    import sys
+
+    marker = tmp_path / "ran"
+    python = tmp_path / "side-python"
+    python.write_text(f'#!/bin/sh\necho yes > "{marker}"\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.undo()  # the real llama_cpp_available, not the fixture's stand-in
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.setenv(llamacpp.PYTHON_ENV, str(tmp_path / "missing-python"))
+    assert not llamacpp.llama_cpp_available()
+    monkeypatch.setenv(llamacpp.PYTHON_ENV, str(python))
+    assert llamacpp.llama_cpp_available() and llamacpp.worker_command()[0] == str(python)
+    run = _runner(fake_engine("ok"))
+    try:
+        assert run.generate([1], 2, 0.0, None).token_ids == [8, 9] and marker.read_text().strip() == "yes"
+    finally:
+        run.close()

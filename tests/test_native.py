@@ -304,3 +304,115 @@ def test_qlinear_every_row_count_equals_fp32_tiles_and_each_row_alone(kind, wide
             alone = np.empty((1, n), np.float32)
             qkernels.qlinear(x[i:i + 1].copy(), blob, mat, alone, wide)
             assert np.array_equal(alone[0], got[i]), f"row {i} of {rows}"
+
+
+def _save_subset_draft(ref: torch.nn.Module, path: Path, dtype: torch.dtype, skip: int = 2) -> torch.Tensor:
+    """Write ``ref`` as a reduced-vocabulary draft stored in ``dtype`` (every ``skip``-th
+    token left out of its head); returns the scored ids."""
+    from adaspec.checkpoints.subset_draft import build_subset_draft, save_subset_draft
+
+    ids = torch.tensor([t for t in range(ref.config.vocab_size) if t % skip])
+    model = build_subset_draft(copy.deepcopy(ref.config), ids)
+    model.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(ref.lm_head.weight[ids])
+    save_subset_draft(model.to(dtype), path, {"draft_vocab_size": len(ids), "target_vocab_sha256": None,
+                                              "target": "tiny"})
+    return ids
+
+
+@pytest.mark.parametrize("hidden", [64, 48], ids=["q8_0", "k%32-fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_subset_draft_read_natively_packs_the_same_bytes(tmp_path, dtype, hidden, monkeypatch):
+    """A reduced-vocabulary draft loaded for the native runtime is read from its files straight
+    into the draft encoding: no fp32 module weights, and the packed bytes equal those of
+    re-encoding the fp32 module the eager load builds (hidden 48: no Q8_0 block fits, fp32)."""
+    from adaspec.checkpoints.loader import load_model
+    from adaspec.runtime.native import NativeWeights
+
+    monkeypatch.delenv("ADASPEC_DRAFT_ENCODING", raising=False)
+    ids = _save_subset_draft(make_model("llama", seed=7, hidden=hidden, layers=3), tmp_path / "d", dtype)
+    new = load_model(str(tmp_path / "d"), role="draft", runtime="compiled")
+    assert all(p.numel() == 0 for p in new.model.parameters() if p.dim() >= 2)
+    assert torch.equal(new.model.lm_head.token_ids, ids) and new.vocab_size == new.model.config.vocab_size
+    old = load_model(str(tmp_path / "d"), dtype="fp32", role="draft", runtime="eager")
+    want = NativeWeights.of(old.model, release=True, encoding="q8_0")
+    got = NativeWeights.existing(new.model)
+    assert got is not want and int(got.mats[0, 0]) == (3 if hidden == 64 else 0)  # Q8_0 / F32
+    for name in ("blob", "mats", "ln1", "ln2", "normw", "cos", "sin"):
+        assert getattr(got, name).tobytes() == getattr(want, name).tobytes(), name
+    assert torch.equal(got.out_ids, want.out_ids) and got.shapes == want.shapes
+
+
+def test_subset_draft_read_natively_keeps_greedy_output_and_acceptance(tiny, tmp_path):
+    """Speculation with the natively read draft: the same tokens as plain decoding and the
+    same acceptance, round by round, as with the draft loaded as an fp32 module (same packs)."""
+    from adaspec.checkpoints.loader import load_model
+
+    _save_subset_draft(perturbed(tiny, 0.1), tmp_path / "d", torch.bfloat16, skip=7)
+    native = load_model(str(tmp_path / "d"), role="draft", runtime="compiled")
+    module = load_model(str(tmp_path / "d"), dtype="fp32", role="draft", runtime="eager")
+    plain = SpeculativeGenerator(loaded(tiny), None, runtime="compiled-fp32")
+    gens = [SpeculativeGenerator(loaded(tiny), d, "fixed", {"k": 3}, runtime="compiled")
+            for d in (native, module)]
+    accepted = rejected = 0
+    for i in range(3):
+        want = plain.generate(prompt_ids(i), max_new_tokens=24).token_ids
+        a, b = (g.generate(prompt_ids(i), max_new_tokens=24) for g in gens)
+        assert a.token_ids == b.token_ids == want
+        assert (a.stats.accepted_tokens, a.stats.drafted_tokens) == (b.stats.accepted_tokens,
+                                                                     b.stats.drafted_tokens)
+        accepted += a.stats.accepted_tokens
+        rejected += a.stats.drafted_tokens - a.stats.accepted_tokens
+    assert accepted > 0 and rejected > 0
+
+
+def test_subset_draft_eager_forward_and_stored_encoding(tmp_path, monkeypatch):
+    """``ADASPEC_DRAFT_ENCODING=stored``: the bf16 file is packed as is (values equal the fp32
+    module's, exactly); an eager forward of the natively read draft rebuilds its weights."""
+    from adaspec.checkpoints.loader import load_model
+    from adaspec.runtime.native import BF16, NativeWeights
+
+    monkeypatch.setenv("ADASPEC_DRAFT_ENCODING", "stored")
+    _save_subset_draft(make_model("llama", seed=8, hidden=64, layers=2), tmp_path / "d", torch.bfloat16)
+    new = load_model(str(tmp_path / "d"), role="draft", runtime="compiled")
+    old = load_model(str(tmp_path / "d"), dtype="fp32", role="draft", runtime="eager")
+    nw = NativeWeights.existing(new.model)
+    assert int(nw.mats[0, 0]) == BF16
+    x = torch.tensor([prompt_ids(0)[:12]])
+    with torch.no_grad():
+        assert torch.equal(new.model(x).logits, old.model(x).logits)
+
+
+def test_truncated_subset_draft_is_one_line_error_naming_the_file(tmp_path):
+    from adaspec.checkpoints.loader import load_model
+
+    _save_subset_draft(make_model("llama", seed=7, hidden=64, layers=2), tmp_path / "d", torch.bfloat16)
+    weights = tmp_path / "d" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path / "d"), role="draft", runtime="compiled")
+    msg = str(err.value)
+    assert "\n" not in msg and str(weights) in msg and "cannot load draft model" in msg
+
+
+def test_vocab_fingerprint_is_remembered_until_the_vocabulary_grows():
+    """One fingerprint per tokenizer object (every generator checks its pair with it), equal
+    to the sha256 of the id-ordered pairs, and recomputed after tokens are added."""
+    import hashlib
+
+    from conftest import make_tokenizer
+
+    from adaspec.checkpoints.loader import vocab_fingerprint
+
+    def reference(tok) -> str:
+        h = hashlib.sha256()
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{i}\t{t}\n".encode())
+        return h.hexdigest()
+
+    tok = make_tokenizer()
+    first = vocab_fingerprint(tok)
+    assert first == reference(tok) == vocab_fingerprint(tok)
+    tok.add_tokens(["<extra-token>"])
+    assert vocab_fingerprint(tok) == reference(tok) != first

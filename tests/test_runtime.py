@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,11 +179,58 @@ def test_kernel_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path, llama):
     assert any(f.suffix == ".nbi" for f in files)
     second, err2 = run()
     assert second == first and "compiling" not in err2
+    others = [tmp_path / "numba" / "runtime_othercheckout" / "qkernels.forward_layers-1.py311.nbi",
+              files[0].parent / "batch_kernels.other-1.py311.nbi"]  # another checkout's, another module's
+    for f in others:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"keep")
     for f in files:
         f.write_bytes(b"\x00garbage" * 3)
-    third, _ = run()
-    assert third == first
+    third, err3 = run()
+    assert third == first and "rebuilding" in err3
+    assert all(f.read_bytes() == b"keep" for f in others)  # the shared cache is not wiped
     assert np.isfinite(float(first))
+
+
+def test_a_failed_cache_load_removes_only_this_checkouts_kernel_entries(tmp_path, monkeypatch, capsys):
+    """ensure_compiled after a load that raises: the kernel modules' files in their own cache
+    folder go (every line-number version), nothing else (batch_kernels.*, other checkouts)."""
+    from adaspec.runtime import compiled_runner as cr
+
+    mine, other = tmp_path / "runtime_mine", tmp_path / "runtime_other"
+    names = ["qkernels.forward_layers-459.py311.nbi", "qkernels.forward_layers-459.py311.1.nbc",
+             "qkernels.forward_layers-401.py311.nbi", "kernels.linear-3.py311.nbi",
+             "batch_kernels.attend-9.py311.nbi", "batch_kernels.attend-9.py311.1.nbc"]
+    for folder in (mine, other):
+        folder.mkdir()
+        for n in names:
+            (folder / n).write_bytes(b"x")
+    calls = []
+
+    def warm_up(kernels) -> None:
+        calls.append(sorted(f.name for f in mine.iterdir()))
+        if len(calls) == 1:
+            raise EOFError("a truncated cache file")
+
+    monkeypatch.setattr(cr, "_compiled", False)
+    monkeypatch.setattr(cr, "_warm_up", warm_up)
+    monkeypatch.setattr(cr, "cache_folders", lambda modules: {mine})
+    cr.ensure_compiled()
+    assert calls[1] == ["batch_kernels.attend-9.py311.1.nbc", "batch_kernels.attend-9.py311.nbi"]
+    assert sorted(f.name for f in other.iterdir()) == sorted(names)
+    assert "removed 4 cache files" in capsys.readouterr().err
+
+
+def test_cache_folders_are_this_checkouts():
+    """The folders numba caches these kernels in lie under the cache directory, one per
+    source folder (this checkout's runtime package)."""
+    from adaspec.runtime import compiled_runner as cr
+    from adaspec.runtime import kernels
+
+    folders = cr.cache_folders(cr.kernel_modules())
+    assert len(folders) == 1
+    folder = folders.pop()
+    assert folder.parent == Path(kernels.CACHE_DIR) and folder.name.startswith("runtime_")
 
 
 def test_owned_model_keeps_one_copy_and_rebuilds_eager_weights(tmp_path, tokenizer):
@@ -205,3 +254,34 @@ def test_owned_model_keeps_one_copy_and_rebuilds_eager_weights(tmp_path, tokeniz
     assert q.numel() > 0  # rebuilt by the first eager forward
     torch.testing.assert_close(q, ref.target.model.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=0)
     assert fast.generate(prompt_ids(1), max_new_tokens=12).token_ids == want
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["compiled-fp32", "compiled"])
+def test_kv_cache_starts_small_and_grows_without_changing_logits(llama, native):
+    """A runner's cache starts at 64 slots in untouched zero pages and doubles as the context
+    grows; the logits equal those of a runner whose cache had every slot from the start."""
+    model = copy.deepcopy(llama)
+    small, big = CompiledRunner(model, native=native), CompiledRunner(model, native=native)
+    assert small.kt.shape[-1] == 64 and not small.kt.any() and not small.vc.any()
+    big.kt, big.vc = big.lean.new_cache(big.capacity)  # 256 positions
+    seq = [(5 * i + 3) % 250 for i in range(150)]
+    for r in (small, big):
+        r.reset()
+        r.prefill(seq[:40])
+    for end in (41, 70, 100, 150):  # grows at 64 and 128 slots
+        a, b = small.forward(seq[:end], 1).logits, big.forward(seq[:end], 1).logits
+        assert torch.equal(a, b), end
+    assert small.kt.shape[-1] == big.kt.shape[-1] == big.capacity == 256
+
+
+def test_rope_tables_are_shared_between_models_of_one_geometry(llama):
+    """Target and draft with the same rotary frequencies hold one copy of HF's cos / sin."""
+    from adaspec.runtime.compiled import rope_tables
+
+    a = rope_tables(llama, 64)
+    b = rope_tables(make_model("llama", seed=9, layers=1), 64)  # same geometry, other weights
+    assert a[0] is b[0] and a[1] is b[1]
+    cos, sin = llama.model.rotary_emb(torch.zeros(1), torch.arange(64)[None])
+    assert np.array_equal(a[0], cos[0].numpy()) and np.array_equal(a[1], sin[0].numpy())
+    other = make_model("llama", seed=9, hidden=64, layers=1)  # another head size: its own tables
+    assert rope_tables(other, 64)[0].shape[1] != a[0].shape[1]

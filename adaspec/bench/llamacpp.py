@@ -15,7 +15,10 @@ llama.cpp from source; see the README for the build flags on each CPU kind):
 Another target needs its own file: ``llamacpp:gguf=PATH``. ``n_ctx=N`` sets llama.cpp's
 context (default 4096). Threads follow ``--threads`` (default 2).
 
-llama.cpp runs in a child process (:mod:`adaspec.bench.llamacpp_worker`): a crash there
+llama.cpp runs in a child process (:mod:`adaspec.bench.llamacpp_worker`, a plain script that
+imports only ``llama_cpp``), by default under this interpreter; ``$ADASPEC_LLAMACPP_PYTHON``
+names another one (a side venv holding llama-cpp-python, so adaspec's own venv stays
+without it). A crash there
 (a llama.cpp built with AMX kernels segfaults in its first decode on an AMX Xeon) becomes
 a :class:`~adaspec.bench.turn.MethodFailedError` with a one-line reason, which the
 benchmark records for the method while every other method goes on.
@@ -41,9 +44,26 @@ PEERS = {"llamacpp": "Q4_1 GGUF as shipped", "llamacpp-f32": "F32 GGUF export"}
 KEYS = ("gguf", "n_ctx")
 # run as a script: importing the adaspec.bench package (torch, transformers) would slow every start
 WORKER = [sys.executable, str(Path(__file__).with_name("llamacpp_worker.py"))]
+PYTHON_ENV = "ADASPEC_LLAMACPP_PYTHON"  # the interpreter the child runs under, when not this one
+
+
+def _python() -> str | None:
+    """``$ADASPEC_LLAMACPP_PYTHON`` when set (None otherwise)."""
+    return os.environ.get(PYTHON_ENV, "").strip() or None
+
+
+def worker_command() -> list[str]:
+    """argv prefix of the llama.cpp child: the worker script under ``$ADASPEC_LLAMACPP_PYTHON``
+    or, without it, this interpreter."""
+    return [_python() or WORKER[0], WORKER[1]]
 
 
 def llama_cpp_available() -> bool:
+    """Whether the child can import llama_cpp: ``$ADASPEC_LLAMACPP_PYTHON`` is an executable
+    (the child reports a failed import itself), or this interpreter has the package."""
+    python = _python()
+    if python is not None:
+        return os.access(python, os.X_OK)
     return importlib.util.find_spec("llama_cpp") is not None
 
 
@@ -143,8 +163,8 @@ class LlamaCppRunner:
         self.name, self.eos_ids = name, sorted(eos_ids)
         self.failed: str | None = None
         self._log = tempfile.TemporaryFile(mode="w+")
-        argv = [*(command or WORKER), "--gguf", str(path), "--n-ctx", str(int(args.get("n_ctx", 4096))),
-                "--n-threads", str(threads or 2)]
+        argv = [*(command or worker_command()), "--gguf", str(path),
+                "--n-ctx", str(int(args.get("n_ctx", 4096))), "--n-threads", str(threads or 2)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, bufsize=1)
         try:  # a failed start is recorded, not raised: the run goes on without this method
@@ -223,5 +243,5 @@ class LlamaCppRunner:
             pass
 
 
-__all__ = ["KEYS", "PEERS", "LlamaCppRunner", "f32_gguf", "gguf_for", "llama_cpp_available",
+__all__ = ["KEYS", "PEERS", "PYTHON_ENV", "LlamaCppRunner", "f32_gguf", "gguf_for", "llama_cpp_available",
            "shipped_gguf"]

@@ -163,7 +163,8 @@ def parse_method(text: str) -> MethodSpec:
             raise MethodError(f"method {key!r}: {name} takes gguf=PATH and n_ctx=N only")
         if not llamacpp.llama_cpp_available():
             raise MethodError(f'method {name} needs llama-cpp-python: pip install "adaspec[llamacpp]" '
-                              "(README: its build flags on each CPU kind)")
+                              "(README: its build flags on each CPU kind), or $ADASPEC_LLAMACPP_PYTHON "
+                              "naming a python that has it")
         return MethodSpec(key, "llamacpp", name, args)
     if name == "default":
         bad = [k for k in args if k != "draft"]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 from ..errors import InvalidArgumentError, ModelLoadError, VocabMismatchError
 from ..runtime.paths import cache_dir
 from ..runtime.plan import choose_dtype, cpu_has_fast_bf16  # noqa: F401 - cpu_has_fast_bf16: re-exported
-from .subset_draft import is_subset_draft_dir, load_subset_draft
+from .subset_draft import build_subset_draft, is_subset_draft_dir, load_subset_draft
 
 DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -206,9 +207,12 @@ def _load_native(spec: str, role: str, runtime: str) -> LoadedModel | None:
     import importlib.util
 
     src = native_source(spec, role)
-    if src is None or importlib.util.find_spec("numba") is None:
+    subset = _subset_dir(spec, role) if src is None else None
+    if (src is None and subset is None) or importlib.util.find_spec("numba") is None:
         return None
     try:
+        if subset is not None:
+            return _build_native_subset(spec, subset, runtime)
         return _build_native(spec, role, runtime, src)
     except ModelLoadError as exc:
         msg = str(exc)
@@ -246,11 +250,7 @@ def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> L
         if runtime == "compiled":
             raise ModelLoadError(f"--runtime compiled cannot run {role} model {spec!r}: {exc}") from None
         return None
-    with torch.no_grad():
-        for i, ly in enumerate(model.model.layers):
-            ly.input_layernorm.weight.data = torch.from_numpy(nw.ln1[i].copy())
-            ly.post_attention_layernorm.weight.data = torch.from_numpy(nw.ln2[i].copy())
-        model.model.norm.weight.data = torch.from_numpy(nw.normw.copy())
+    _fill_norms(model, nw)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg_dir, **extra)
     except (OSError, ValueError, KeyError, TypeError):
@@ -262,13 +262,67 @@ def _build_native(spec: str, role: str, runtime: str, src: tuple[str, str]) -> L
     return LoadedModel(model, tokenizer, name, vocab, _max_context(model.config), owned=True)
 
 
-def _empty_model(config: Any) -> nn.Module:
-    """An fp32 HF causal LM of ``config`` whose weights are not allocated (pages never
+def _subset_dir(spec: str, role: str) -> Path | None:
+    """The directory of ``spec`` when it is a reduced-vocabulary draft (``default`` draft
+    included), else None."""
+    if spec == "default":
+        path = DEFAULT_DRAFT_DIR if role != "target" else None
+    else:
+        path = Path(spec).expanduser()
+    return path if path is not None and path.is_dir() and is_subset_draft_dir(path) else None
+
+
+def _build_native_subset(spec: str, path: Path, runtime: str) -> LoadedModel | None:
+    """A reduced-vocabulary draft for the native compiled runtime, read straight from its
+    safetensors into the encoding drafts run in (:func:`~adaspec.runtime.plan.draft_encoding`,
+    Q8_0 by default; the same bytes as re-encoding a loaded fp32 module): no fp32 module is
+    built, only an empty one (config, norms, rotary tables) for the engine to hold."""
+    from transformers import AutoConfig
+
+    from ..runtime.compiled import UnsupportedModelError
+    from ..runtime.native import NativeWeights, SafetensorsSource
+    from ..runtime.plan import draft_encoding
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load draft model {spec!r} from {path}: {first}") from None
+    if getattr(config, "model_type", None) not in ("llama", "mistral"):
+        return None
+    ids = SafetensorsSource(path).tensor("lm_head.token_ids")  # a corrupt file: one line naming it
+    if ids is None:
+        raise ModelLoadError(f"draft {path} has no lm_head.token_ids")
+    model = _empty_model(config, lambda cfg: build_subset_draft(cfg, ids))
+    model.adaspec_source = ("safetensors", str(path))
+    try:
+        nw = NativeWeights.of(model, release=True, encoding=draft_encoding())
+    except UnsupportedModelError as exc:
+        if runtime == "compiled":
+            raise ModelLoadError(f"--runtime compiled cannot run draft model {spec!r}: {exc}") from None
+        return None
+    _fill_norms(model, nw)
+    name = "adaspec-default-draft" if spec == "default" else spec
+    return LoadedModel(model, None, name, int(config.vocab_size), _max_context(config), owned=True)
+
+
+def _fill_norms(model: nn.Module, nw: Any) -> None:
+    """Give an :func:`_empty_model` its norm weights (fp32) from its native weights ``nw``."""
+    with torch.no_grad():
+        for i, ly in enumerate(model.model.layers):
+            ly.input_layernorm.weight.data = torch.from_numpy(nw.ln1[i].copy())
+            ly.post_attention_layernorm.weight.data = torch.from_numpy(nw.ln2[i].copy())
+        model.model.norm.weight.data = torch.from_numpy(nw.normw.copy())
+
+
+def _empty_model(config: Any, build: Callable[[Any], nn.Module] | None = None) -> nn.Module:
+    """An fp32 HF causal LM of ``config`` (made by ``build(config)``, default
+    ``AutoModelForCausalLM.from_config``) whose weights are not allocated (pages never
     touched), with real rotary tables; norms and weights are filled in by the caller."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = build(config) if build else AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh: dict[int, nn.Parameter] = {}  # one new parameter per meta one (tied weights stay tied)
     for mod in model.modules():
         for key, p in list(mod._parameters.items()):
@@ -334,13 +388,32 @@ def _load(spec: str, torch_dtype: torch.dtype, device: str | torch.device, role:
     return LoadedModel(model, tokenizer, name, vocab, _max_context(model.config), owned=True)
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def vocab_fingerprint(tokenizer: Any) -> str:
-    """sha256 over the sorted (token, id) pairs of a tokenizer's vocabulary."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    """sha256 over the (id, token) pairs of a tokenizer's vocabulary in id order (``"{id}\\t{token}\\n"``
+    each), remembered per tokenizer object and vocabulary size (every generator checks its pair
+    with it: the vocabulary dict is built once, and no list of pairs beside it)."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    try:
+        known = _FINGERPRINTS.get(tokenizer) if size is not None else None
+    except TypeError:  # not weak-referenceable or not hashable
+        known = None
+    if known is not None and known[0] == size:
+        return known[1]
+    vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
-    for tok, idx in items:
-        h.update(f"{idx}\t{tok}\n".encode())
-    return h.hexdigest()
+    for tok in sorted(vocab, key=vocab.__getitem__):
+        h.update(f"{vocab[tok]}\t{tok}\n".encode())
+    del vocab
+    sha = h.hexdigest()
+    if size is not None:
+        try:
+            _FINGERPRINTS[tokenizer] = (size, sha)
+        except TypeError:
+            pass
+    return sha
 
 
 def check_vocab_compat(target: LoadedModel, draft: LoadedModel) -> None:

@@ -10,7 +10,6 @@ how often its guesses are accepted.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator
 from functools import cached_property
 
@@ -19,12 +18,10 @@ import torch
 from ..checkpoints.loader import LoadedModel
 from ..runtime import make_runner
 from ..runtime.eager import ForwardOut
+from ..runtime.plan import DRAFT_ENCODING, ENCODING_ENV, draft_encoding  # noqa: F401 - re-exported
 from ..sampling import SamplingConfig, argmax, fit_vocab, processed_probs, sample
 from ..types import Draft, DraftRequest, DraftStep, VerifyCall
 from .base import DraftBuilder
-
-DRAFT_ENCODING = "q8_0"  # the draft's weights on the native compiled runtime
-ENCODING_ENV = "ADASPEC_DRAFT_ENCODING"  # overrides it: q8_0, bf16, f16, f32, or "stored" (as loaded)
 
 
 class ModelStep(DraftStep):
@@ -85,16 +82,10 @@ class ModelStep(DraftStep):
         return f"ModelStep(index={self.index}, token={self.token}, context_len={self.context_len})"
 
 
-def draft_encoding() -> str | None:
-    """The encoding of the draft's weights on the native runtime: ``$ADASPEC_DRAFT_ENCODING``
-    (``stored``: as loaded) or :data:`DRAFT_ENCODING`."""
-    enc = os.environ.get(ENCODING_ENV, DRAFT_ENCODING).strip().lower()
-    return None if enc in ("", "stored", "none") else enc
-
-
 def _draft_runner(model: torch.nn.Module, runtime: str, release: bool):
     """The draft's runner: on the native compiled runtime, weights re-encoded to
-    :func:`draft_encoding` (a draft loaded natively from its files runs as stored), else as
+    :func:`draft_encoding` (a draft loaded natively runs on the panels its load made: a
+    reduced-vocabulary one already in :func:`draft_encoding`, another as stored), else as
     ``make_runner``."""
     enc = draft_encoding()
     if runtime == "compiled" and enc:

@@ -94,6 +94,7 @@ class LeanWeights:
             if lean is None:
                 lean = cls(model, release)
                 cls._by_model[model] = lean
+                trim_heap()  # the freed read buffers: out of the peak
             elif release:
                 lean.release_eager_weights()
             return lean
@@ -148,10 +149,7 @@ class LeanWeights:
         ids = getattr(head, "token_ids", None)
         self.out_ids = None if ids is None else ids.detach().to(torch.long)
         self.vocab = int(getattr(head, "full_vocab_size", self.n_logits))
-        pos = torch.arange(self.capacity)[None]
-        dummy = torch.zeros(1, dtype=torch.float32)
-        cos, sin = model.model.rotary_emb(dummy, pos)  # HF's own tables: [1, cap, hd]
-        self.cos, self.sin = _np(cos[0]), _np(sin[0])
+        self.cos, self.sin = rope_tables(model, self.capacity)
         self.layers = len(layers)
         if release:
             self._await_eager_forward(model)
@@ -188,12 +186,14 @@ class LeanWeights:
         self._restore_hook.remove()
         self._restore_hook = None
 
-    def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    def new_cache(self, slots: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Zeroed K^T [L, KVH, hd, slots] and V [L, KVH, slots, hdp] (slots <= capacity; slots
-        and hdp = hd rounded up to 16: attention reads keys and values in blocks of 16)."""
+        and hdp = hd rounded up to 16: attention reads keys and values in blocks of 16).
+        Small by default: :meth:`fit_cache` doubles it as the context grows, so a cache costs
+        about the context in use (every page of K^T is touched by its first token)."""
         slots = -(-min(slots, self.capacity) // 16) * 16
-        kt = np.zeros((self.layers, self.kvh, self.hd, slots), np.float32)
-        vc = np.zeros((self.layers, self.kvh, slots, -(-self.hd // 16) * 16), np.float32)
+        kt = zeros_untouched((self.layers, self.kvh, self.hd, slots))
+        vc = zeros_untouched((self.layers, self.kvh, slots, -(-self.hd // 16) * 16))
         return kt, vc
 
     def fit_cache(self, kt: np.ndarray, vc: np.ndarray, need: int, keep: int,
@@ -280,6 +280,57 @@ def _release(param: torch.Tensor, maps: list[tuple[int, int]]) -> None:
     if hi > lo:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+_ROPE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def rope_tables(model: nn.Module, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """HF's own rotary tables of ``model`` for positions 0 .. capacity - 1: cos, sin [capacity, hd]
+    fp32, shared (never written) by every model whose rotary module has the same frequencies and
+    scaling (e.g. a target and its draft), which then hold one copy."""
+    rot = model.model.rotary_emb
+    key = (np.asarray(rot.inv_freq.detach().float()).tobytes(),
+           float(getattr(rot, "attention_scaling", 1.0)), int(capacity))
+    with _ROPE_LOCK:
+        cos, sin = _ROPE.get(("cos", key)), _ROPE.get(("sin", key))
+        if cos is None or sin is None:
+            pos = torch.arange(capacity)[None]
+            c, s = rot(torch.zeros(1, dtype=torch.float32), pos)  # [1, cap, hd]
+            cos, sin = _np(c[0]), _np(s[0])
+            _ROPE[("cos", key)], _ROPE[("sin", key)] = cos, sin
+    return cos, sin
+
+
+_ROPE_LOCK = threading.Lock()
+
+
+def zeros_untouched(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 array in its own anonymous memory map: its pages become resident only
+    when written (a KV cache costs the slots in use). ``np.zeros`` gives that only while glibc
+    serves the size by mmap; once its mmap threshold has grown (after large frees) it takes the
+    heap and clears every page."""
+    import mmap
+
+    size = int(np.prod(shape, dtype=np.int64)) * 4
+    if size == 0:
+        return np.zeros(shape, np.float32)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, np.float32).reshape(shape)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim``; a no-op
+    elsewhere). Packing reads whole checkpoint tensors and frees them again; glibc keeps such
+    freed blocks resident (its mmap threshold grows after the first large free), 30-40 MB
+    per loaded model that would otherwise stay in the process's peak memory."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _own_remaining_tensors(model: nn.Module) -> None:

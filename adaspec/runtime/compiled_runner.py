@@ -16,15 +16,15 @@ the engine and the drafters do not know which runtime they drive. Differences in
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .compiled import LeanWeights, _causal
+from .compiled import LeanWeights, _causal, trim_heap
 from .eager import ForwardOut, RunnerBase, tree_rows
 from .native import NativeWeights
 
@@ -130,30 +130,70 @@ _compiled = False
 def ensure_compiled() -> None:
     """Compile (first run on this machine, with a progress line) or load the kernels.
 
-    A cache that fails to load is deleted and rebuilt, never trusted.
+    A cache that fails to load is not trusted: this checkout's entries of the kernel modules
+    are deleted (:func:`remove_cache_entries`) and rebuilt. The cache directory is shared by
+    every checkout and version of adaspec on the machine (numba keeps one folder per source
+    folder), so nothing else in it is touched.
     """
     global _compiled
     if _compiled:
         return
-    from . import kernels
+    from . import kernels, qkernels
 
     cache = kernels.CACHE_DIR
-    fresh = not any(cache.rglob("*forward*.nbi")) if cache.is_dir() else True
+    index = getattr(getattr(getattr(qkernels.forward_layers, "_cache", None), "_cache_file", None),
+                    "_index_path", None)
+    fresh = index is None or not Path(index).is_file()
     t0 = time.perf_counter()
     if fresh:
         print(f"adaspec: compiling the CPU runtime kernels (once per machine, cached in {cache}) ...",
               file=sys.stderr, flush=True)
     try:
         _warm_up(kernels)
-    except Exception as exc:  # a corrupt or incompatible cache: rebuild it
-        print(f"adaspec: runtime kernel cache unusable ({type(exc).__name__}); rebuilding",
-              file=sys.stderr, flush=True)
-        shutil.rmtree(cache, ignore_errors=True)
+    except Exception as exc:  # a corrupt or incompatible cache: rebuild this checkout's entries
+        gone = remove_cache_entries(kernel_modules())
+        print(f"adaspec: runtime kernel cache unusable ({type(exc).__name__}); removed {gone} cache "
+              "files of these kernels, rebuilding", file=sys.stderr, flush=True)
         _warm_up(kernels)
+    trim_heap()  # the cache's unpickling buffers
     if fresh:
         print(f"adaspec: runtime kernels ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
               flush=True)
     _compiled = True
+
+
+def kernel_modules() -> tuple:
+    """The modules whose compiled kernels :func:`ensure_compiled` loads (kernels, qkernels)."""
+    from . import kernels, qkernels
+
+    return kernels, qkernels
+
+
+def cache_folders(modules) -> set[Path]:
+    """The numba cache folders of ``modules``' cached kernels (one per source folder, i.e. per
+    checkout: ``<cache>/runtime_<hash of the folder path>``)."""
+    out = set()
+    for mod in modules:
+        for obj in vars(mod).values():
+            path = getattr(getattr(obj, "_cache", None), "_cache_path", None)
+            if path and getattr(obj, "__module__", None) == mod.__name__:
+                out.add(Path(path))
+    return out
+
+
+def remove_cache_entries(modules, folders: set[Path] | None = None) -> int:
+    """Delete the numba cache files of ``modules`` (``<module>.<function>-<line>.py<ver>.nbi``
+    and its ``.N.nbc`` data, every line-number version) in their cache folders (``folders``,
+    default :func:`cache_folders`); other modules' entries (e.g. ``batch_kernels.*``) and
+    other checkouts' folders stay. Returns the number of files removed."""
+    prefixes = tuple(m.__name__.rsplit(".", 1)[-1] + "." for m in modules)
+    gone = 0
+    for folder in cache_folders(modules) if folders is None else folders:
+        for f in folder.glob("*.nb[ic]"):
+            if f.name.startswith(prefixes):
+                f.unlink(missing_ok=True)
+                gone += 1
+    return gone
 
 
 def _warm_up(kernels) -> None:

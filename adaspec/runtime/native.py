@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import AdaspecError, InvalidArgumentError, ModelLoadError
-from .compiled import UnsupportedModelError, read_geometry, unsupported_reason
+from .compiled import UnsupportedModelError, read_geometry, rope_tables, trim_heap, unsupported_reason
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
 KIND_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -281,11 +281,18 @@ def read_gguf_index(path: Path) -> tuple[dict[str, tuple[int, list[int], int]], 
                     if len(f.read(size * count)) != size * count:
                         raise fail("it ends inside its header")
                     return None
+                if etype == 8:  # e.g. the vocabulary: skipped, never decoded into Python strings
+                    for _ in range(count):
+                        f.seek(read("Q"), 1)
+                    if f.tell() > size_of_file:
+                        raise fail("it ends inside its header")
+                    return None
                 for _ in range(count):
                     value(etype)
                 return None
             raise fail(f"unknown metadata type {vtype}")
 
+        size_of_file = path.stat().st_size
         if f.read(4) != b"GGUF":
             raise fail("no GGUF magic number")
         version = read("I")
@@ -357,44 +364,138 @@ def _from_tensor(t: torch.Tensor, encoding: int | None = None) -> Encoded:
         dt = torch.float16 if encoding == F16 else torch.bfloat16
         return Encoded(encoding, n, k, t.to(dt).contiguous().view(torch.int16).numpy().view(np.uint16))
     if encoding == Q8_0:
-        import gguf
-
-        raw = gguf.quants.quantize(t.to(torch.float32).numpy(), gguf.GGMLQuantizationType.Q8_0)
-        return Encoded(Q8_0, n, k, raw.reshape(n, -1))
+        return Encoded(Q8_0, n, k, quantize_q8_0(t))
     raise InvalidArgumentError(f"unknown native encoding {encoding!r}")
 
 
+def quantize_q8_0(t: torch.Tensor, step: int = 2048) -> np.ndarray:
+    """[n, k] float tensor (k a multiple of 32) -> [n, k / 32 * 34] uint8 GGUF Q8_0 blocks,
+    gguf's reference quantisation of its fp32 values, ``step`` rows at a time (every block
+    lies in one row, so the bytes are those of one whole-matrix call; the temporaries stay
+    small)."""
+    import gguf
+
+    n, k = t.shape
+    out = np.empty((n, k // 32 * GGUF_BLOCK[Q8_0]), np.uint8)
+    for r0 in range(0, n, step):
+        rows = t[r0:r0 + step].to(torch.float32).numpy()
+        out[r0:r0 + step] = gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0).reshape(len(rows), -1)
+    return out
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64}
+
+
+def read_safetensors_index(path: Path) -> dict[str, tuple[str, list[int], int]]:
+    """{tensor name: (dtype name, shape, absolute byte offset)} of a safetensors file, each
+    tensor checked to lie inside the file (only the JSON header is read).
+
+    Raises:
+        ModelLoadError: truncated or corrupt (one line naming the file).
+    """
+    import json
+    import struct
+
+    def fail(why: str) -> ModelLoadError:
+        return ModelLoadError(f"corrupt or truncated safetensors file {path}: {why}")
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            size = path.stat().st_size
+            if n < 2 or 8 + n > size:
+                raise fail("its header runs past the end of the file")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read safetensors file {path}: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise fail(f"unreadable header ({type(exc).__name__})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = info["dtype"], [int(x) for x in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"bad entry for tensor {name}") from None
+        if 8 + n + hi > size or hi < lo:
+            raise fail(f"tensor {name} runs past the end of the file ({size} bytes)")
+        out[name] = (dtype, shape, 8 + n + lo)
+    return out
+
+
 class SafetensorsSource:
-    """Weights of a directory of ``*.safetensors`` files (HF names), in their stored dtype."""
+    """Weights of a directory of ``*.safetensors`` files (HF names), in their stored dtype, or
+    re-encoded to ``encoding`` (e.g. Q8_0 for a draft).
 
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
+    Only the headers are parsed; each tensor is read from its file when asked for (no memory
+    map, whose touched pages would count as resident), so the peak memory holds the packed
+    weights plus one stored tensor.
 
+    Raises:
+        ModelLoadError: a truncated or corrupt file (one line naming it).
+    """
+
+    def __init__(self, path: str | Path, encoding: int | None = None) -> None:
         self.path = Path(path)
-        self.files = {}
+        self.encoding = encoding
+        self.files: dict[str, tuple[Path, str, list[int], int]] = {}
         for f in sorted(self.path.glob("*.safetensors")):
-            try:
-                h = safe_open(str(f), "pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
-                raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {exc}") from None
-            for key in h.keys():
-                self.files[key] = h
+            for key, (dtype, shape, offset) in read_safetensors_index(f).items():
+                self.files[key] = (f, dtype, shape, offset)
 
     def check(self) -> None:
-        """Nothing to check: every safetensors float dtype decodes."""
+        """Raise UnsupportedEncodingError naming the first matrix that is not fp32 / fp16 / bf16."""
+        for key, (_, dtype, shape, _) in self.files.items():
+            if key.endswith(".weight") and len(shape) == 2 and dtype not in ("F32", "F16", "BF16"):
+                raise UnsupportedEncodingError(f"tensor {key} is {dtype}")
+
+    def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The stored tensor ``key`` (fp16 / bf16 / fp32 / int64), read from its file (``rows``:
+        only rows r0 .. r1 - 1 of a matrix); None when absent."""
+        if key not in self.files:
+            return None
+        f, dtype, shape, offset = self.files[key]
+        if dtype not in _ST_DTYPES:
+            raise UnsupportedEncodingError(f"tensor {key} is {dtype}")
+        np_type = _ST_DTYPES[dtype]
+        if rows is not None:
+            per_row = int(np.prod(shape[1:], dtype=np.int64))
+            offset += rows[0] * per_row * np.dtype(np_type).itemsize
+            shape = [rows[1] - rows[0], *shape[1:]]
+        a = np.fromfile(f, dtype=np_type, count=int(np.prod(shape, dtype=np.int64)), offset=offset)
+        t = torch.from_numpy(a.reshape(shape))
+        return t.view(torch.bfloat16) if dtype == "BF16" else t
+
+    def info(self, name: str) -> tuple[int, int, int] | None:
+        """(kind, n, k) of a matrix without reading it (None when absent; kind -1: not decoded)."""
+        entry = self.files.get(_hf_name(name))
+        if entry is None:
+            return None
+        _, dtype, shape, _ = entry
+        n, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        stored = {"F32": F32, "F16": F16, "BF16": BF16}.get(dtype, -1)
+        kind = stored if self.encoding is None or stored < 0 else self.encoding
+        return (F32 if kind == Q8_0 and k % 32 else kind), n, k
 
     def get(self, name: str) -> Encoded | None:
-        h = self.files.get(_hf_name(name))
-        if h is None:
+        info = self.info(name)
+        if info is None:
             return None
-        t = h.get_tensor(_hf_name(name))
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise UnsupportedEncodingError(f"tensor {_hf_name(name)} is {t.dtype}")
-        return _from_tensor(t)
+        if info[0] < 0:
+            raise UnsupportedEncodingError(f"tensor {_hf_name(name)} is {self.files[_hf_name(name)][1]}")
+        if info[0] == Q8_0 and self.encoding == Q8_0:  # quantised as read, a chunk of rows at a time
+            n, k = info[1], info[2]
+            out = np.empty((n, k // 32 * GGUF_BLOCK[Q8_0]), np.uint8)
+            for r0 in range(0, n, 4096):
+                out[r0:r0 + 4096] = quantize_q8_0(self.tensor(_hf_name(name), (r0, min(n, r0 + 4096))))
+            return Encoded(Q8_0, n, k, out)
+        return _from_tensor(self.tensor(_hf_name(name)), self.encoding)
 
     def vector(self, name: str) -> np.ndarray | None:
-        h = self.files.get(_hf_name(name))
-        return None if h is None else h.get_tensor(_hf_name(name)).float().numpy().reshape(-1)
+        t = self.tensor(_hf_name(name))
+        return None if t is None else t.float().numpy().reshape(-1)
 
 
 class ModuleSource:
@@ -454,13 +555,17 @@ def pack_into(enc: Encoded, out: np.ndarray) -> int:
 
 def source_of(model: nn.Module, encoding: str | None = None):
     """The native source of ``model``: the file adaspec loaded it from (``adaspec_source``
-    attribute: ("gguf" | "safetensors", path)), else the module's own tensors."""
+    attribute: ("gguf" | "safetensors", path)), else the module's own tensors. ``encoding``
+    re-encodes the module's tensors (or, for a module built without them, its files')."""
+    src = getattr(model, "adaspec_source", None)
     if encoding is not None:
         if encoding.lower() not in ENCODINGS:
             raise InvalidArgumentError(f"unknown native encoding {encoding!r}; choose one of "
                                        f"{', '.join(ENCODINGS)}")
+        if src is not None and src[0] == "safetensors" and _released(model):
+            # loaded without its weights (a draft read natively): re-encode straight from the files
+            return SafetensorsSource(src[1], ENCODINGS[encoding.lower()])
         return ModuleSource(model, ENCODINGS[encoding.lower()])
-    src = getattr(model, "adaspec_source", None)
     if src is None:
         return ModuleSource(model)
     kind, path = src
@@ -509,6 +614,7 @@ class NativeWeights:
                 lean = per[encoding] = cls(model, source_of(model, encoding))
             if release:
                 lean.release_eager_weights()
+            trim_heap()  # the freed read buffers and module weights: out of the peak
             return lean
 
     @classmethod
@@ -543,10 +649,7 @@ class NativeWeights:
         ids = getattr(head, "token_ids", None)
         self.out_ids = None if ids is None else ids.detach().to(torch.long)
         self.vocab = int(getattr(head, "full_vocab_size", self.n_logits))
-        pos = torch.arange(self.capacity)[None]
-        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)  # HF's own tables
-        self.cos = cos[0].float().numpy().copy()
-        self.sin = sin[0].float().numpy().copy()
+        self.cos, self.sin = rope_tables(model, self.capacity)  # HF's own tables
 
     def _pack_all(self, model: nn.Module, source) -> None:
         """Fill blob, mats, ln1, ln2, normw from ``source`` (blob sized first, then filled
@@ -567,7 +670,8 @@ class NativeWeights:
                 source.check()  # raises, naming the tensor
             n, k = sum(i[1] for i in infos), infos[0][2]
             plan.append((names, _packed_kind(infos), n, k))
-        self.blob = np.empty(sum(_nbytes(kind, n, k) for _, kind, n, k in plan), np.uint8)
+        # zeroed (calloc: no extra pages), so the padding between matrices is deterministic
+        self.blob = np.zeros(sum(_nbytes(kind, n, k) for _, kind, n, k in plan), np.uint8)
         rows, self.shapes, offset = [], [], 0
         for names, kind, n, k in plan:
             enc = _fit(_concat([source.get(name) for name in names]))
@@ -590,7 +694,7 @@ class NativeWeights:
         kind, off, p, k = (int(v) for v in self.mats[index])
         return unpack(kind, self.blob[off:off + _nbytes(kind, p * 16, k)], self.shapes[index], k)
 
-    def new_cache(self, slots: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    def new_cache(self, slots: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Zeroed K^T and V caches (see LeanWeights.new_cache: same shapes)."""
         from .compiled import LeanWeights
 

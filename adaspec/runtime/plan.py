@@ -9,6 +9,7 @@ again.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,16 @@ from . import RUNTIMES, check_runtime, resolve_runtime
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", "bf16", "fp32", "fp16")  # what the command line offers
+DRAFT_ENCODING = "q8_0"  # the draft's weights on the native compiled runtime
+ENCODING_ENV = "ADASPEC_DRAFT_ENCODING"  # overrides it: q8_0, bf16, f16, f32, or "stored" (as loaded)
+
+
+def draft_encoding() -> str | None:
+    """The encoding of the draft's weights on the native runtime: ``$ADASPEC_DRAFT_ENCODING``
+    (``stored``: as loaded) or :data:`DRAFT_ENCODING`. The draft's precision never changes
+    the output (verification decides), only how often its guesses are accepted."""
+    enc = os.environ.get(ENCODING_ENV, DRAFT_ENCODING).strip().lower()
+    return None if enc in ("", "stored", "none") else enc
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -115,5 +126,5 @@ def plan_runtime(requested: str = "auto", dtype: str | torch.dtype = "auto",
     return RuntimePlan(requested, choose_dtype(dtype, device, requested))
 
 
-__all__ = ["DTYPES", "DTYPE_CHOICES", "RUNTIMES", "RuntimePlan", "choose_dtype", "cpu_has_fast_bf16",
-           "plan_runtime"]
+__all__ = ["DRAFT_ENCODING", "DTYPES", "DTYPE_CHOICES", "ENCODING_ENV", "RUNTIMES", "RuntimePlan",
+           "choose_dtype", "cpu_has_fast_bf16", "draft_encoding", "plan_runtime"]

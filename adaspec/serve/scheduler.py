@@ -28,7 +28,7 @@ from ..policies import Policy, make_policy
 from ..runtime import set_threads
 from ..runtime.batched import batchable_runner
 from ..sampling import SamplingConfig
-from .batch import BatchEngine, DraftBudget, Sequence
+from .batch import PREFILL_CHUNK, BatchEngine, DraftBudget, Sequence
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, StopTrimmer, adaspec_stats, finish_reason, usage
 
@@ -93,10 +93,12 @@ class Scheduler:
         max_batch: sequences generated together (one target forward per step).
         runtime: unused (kept for callers of the one-at-a-time scheduler).
         batch_budget: cap adaptive policies' drafts by the batch-level budget.
+        prefill_chunk: prompt rows fed per step while other sequences decode.
     """
 
     def __init__(self, generator: SpeculativeGenerator, metrics: Metrics, max_queue: int = 16,
-                 max_batch: int = 8, runtime: str = "auto", batch_budget: bool = True) -> None:
+                 max_batch: int = 8, runtime: str = "auto", batch_budget: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         if max_queue < 0:
             raise InvalidArgumentError(f"max_queue must be >= 0, got {max_queue}")
         if max_batch < 1:
@@ -105,7 +107,10 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_context = generator.engine.max_context
-        self.batch = BatchEngine(generator.new_engine, max_batch, DraftBudget() if batch_budget else None)
+        if prefill_chunk < 1:
+            raise InvalidArgumentError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.batch = BatchEngine(generator.new_engine, max_batch, DraftBudget() if batch_budget else None,
+                                 prefill_chunk)
         self.batch.warm_up()
         self._pending: deque[Job] = deque()
         self._jobs: dict[int, Job] = {}  # id(Sequence) -> job

@@ -218,3 +218,40 @@ def test_failing_sequence_ends_only_itself(pair):
         assert httpx.get(running.url + "/health", timeout=30).json()["status"] == "ok"
     finally:
         running.stop()
+
+
+def test_one_event_loop_wakeup_per_step():
+    """A step's events and metrics reach the event loop in one call_soon_threadsafe (in order),
+    not one wake-up per token and client."""
+    from adaspec.serve.scheduler import Scheduler, Text
+
+    class Loop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.calls.append((fn, args))
+
+    class FakeJob:
+        def __init__(self, loop):
+            self.loop, self.got = loop, []
+            self.events = type("Q", (), {"put_nowait": self.got.append})()
+
+    loop = Loop()
+    sched = Scheduler.__new__(Scheduler)  # no engine thread: only the outbox
+    sched._outbox, sched._event_loop = {}, loop
+    jobs = [FakeJob(loop) for _ in range(3)]
+    seen = []
+    sched._observe(seen.append, 3)
+    for i, job in enumerate(jobs):
+        sched._emit(job, Text(f"t{i}"))
+        sched._emit(job, Text(f"u{i}"))
+    assert loop.calls == []
+    sched._flush()
+    assert len(loop.calls) == 1
+    fn, args = loop.calls[0]
+    fn(*args)
+    assert seen == [3]
+    assert [[e.text for e in j.got] for j in jobs] == [["t0", "u0"], ["t1", "u1"], ["t2", "u2"]]
+    sched._flush()
+    assert len(loop.calls) == 1  # nothing new: no wake-up

@@ -79,7 +79,8 @@ class Job:
         self.cancelled = True
 
     def emit(self, event: Event) -> None:
-        """Queue an event for the request's handler (from any thread)."""
+        """Queue an event for the request's handler (from any thread; the scheduler posts
+        its events in one batch per step instead, see ``Scheduler._post``)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -117,6 +118,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stop = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Any, tuple]]] = {}  # engine thread only
         self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
         self._thread.start()
 
@@ -213,11 +215,27 @@ class Scheduler:
                 for seq in list(self.batch.active):
                     self._finish_failed(seq, RuntimeError("batch step failed"))
                     self.batch.remove(seq)
+            finally:
+                self._flush()
 
     def _observe(self, fn: Any, *args: Any) -> None:
         """Run a metrics update on the event loop (metrics are not locked)."""
         if self._event_loop is not None:
-            self._event_loop.call_soon_threadsafe(fn, *args)
+            self._post(self._event_loop, fn, *args)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on ``loop`` after this step (see :meth:`_flush`)."""
+        self._outbox.setdefault(loop, []).append((fn, args))
+
+    def _flush(self) -> None:
+        """Hand the step's events and metrics to the event loop in ONE wake-up per loop (a
+        wake-up per token and client would take CPU from the kernels' threads every step)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, calls in outbox.items():
+            loop.call_soon_threadsafe(_run_all, calls)
+
+    def _emit(self, job: Job, event: Event) -> None:
+        self._post(job.loop, job.events.put_nowait, event)
 
     def _admit(self) -> None:
         while self.batch.free:
@@ -258,17 +276,17 @@ class Scheduler:
         if committed:
             text = job.trim.feed(job.text.feed(committed))
             if text:
-                job.emit(Text(text))
+                self._emit(job, Text(text))
         if not finished:
             return
         self._jobs.pop(id(seq), None)
         result = self.generator._finish(seq.new, seq.stats, job.request.stop, seq.engine)
         rest = job.trim.feed(job.text.rest(result.text)) + job.trim.flush()
         if rest:
-            job.emit(Text(rest))
+            self._emit(job, Text(rest))
         stats = seq.stats
         self._observe(self.metrics.generation_done, stats.prompt_tokens, stats.new_tokens, stats.tau)
-        job.emit(Final(finish_reason(stats.stop_reason, job.trim.stopped),
+        self._emit(job, Final(finish_reason(stats.stop_reason, job.trim.stopped),
                        usage(stats.prompt_tokens, stats.new_tokens),
                        adaspec_stats(stats.to_dict(), job.policy_name,
                                      getattr(self.generator, "draft_name", None))))
@@ -278,10 +296,16 @@ class Scheduler:
         if job is not None:
             self._fail(job, exc)
 
-    @staticmethod
-    def _fail(job: Job, exc: BaseException) -> None:
+    def _fail(self, job: Job, exc: BaseException) -> None:
         if isinstance(exc, AdaspecError):
-            job.emit(Failure(ApiError(400, str(exc))))
+            self._emit(job, Failure(ApiError(400, str(exc))))
             return
         log.error("request failed: %s: %s", type(exc).__name__, exc)
-        job.emit(Failure(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")))
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        self._emit(job, Failure(error))
+
+
+def _run_all(calls: list[tuple[Any, tuple]]) -> None:
+    """Run posted (fn, args) pairs in order (on the event loop)."""
+    for fn, args in calls:
+        fn(*args)

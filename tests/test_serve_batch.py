@@ -255,3 +255,38 @@ def test_one_event_loop_wakeup_per_step():
     assert [[e.text for e in j.got] for j in jobs] == [["t0", "u0"], ["t1", "u1"], ["t2", "u2"]]
     sched._flush()
     assert len(loop.calls) == 1  # nothing new: no wake-up
+
+
+def test_cli_server_engine_on_main_thread_stops_on_sigterm(tmp_path, tokenizer):
+    """``adaspec serve`` (engine loop on the main thread, HTTP in a thread) answers, then stops
+    on SIGTERM within seconds with exit code 0."""
+    import subprocess
+    import sys
+
+    from adaspec.bench.serve_load import _free_port
+
+    make_model("llama", seed=0).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "adaspec.cli", "serve", "--target", str(tmp_path / "m"), "--draft", "none",
+           "--threads", "1", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        r = httpx.post(url + "/v1/completions", json={"model": str(tmp_path / "m"), "prompt": "hello",
+                                                      "max_tokens": 4, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+        t0 = time.monotonic()
+        proc.terminate()
+        assert proc.wait(15) == 0, proc.stderr.read().decode()
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -80,10 +80,40 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(gen, model_name=args.served_model_name or args.target, max_queue=args.max_queue,
                      runtime=args.runtime, max_batch=args.max_batch, api_key=api_key,
                      max_body=args.max_body_bytes, batch_budget=args.batch_budget == "on",
-                     prefill_chunk=args.prefill_chunk)
+                     prefill_chunk=args.prefill_chunk, engine_thread=False)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     print(f"adaspec: serving {args.served_model_name or args.target!r} (policy {gen.policy_name}, "
           f"draft {gen.draft_name}; {gen.runtime_note}; batch <= {args.max_batch}"
           f"{'; API key required' if api_key else ''}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _serve_on_main_thread(app, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                                             log_level=args.log_level)))
     return 0
+
+
+def _serve_on_main_thread(app: Any, server: Any) -> None:
+    """HTTP (uvicorn) in a thread, the engine loop on the main thread: the compiled kernels'
+    OpenMP teams run a forward ~3x slower when launched from a thread other than the one
+    that loaded the models. SIGINT / SIGTERM stop uvicorn gracefully (its shutdown stops the
+    engine loop); the loop also ends if the HTTP thread dies."""
+    import signal
+    import threading
+
+    scheduler = app.state.server.scheduler
+    web = threading.Thread(target=server.run, name="adaspec-http", daemon=True)
+
+    def stop(*_: Any) -> None:
+        server.should_exit = True
+
+    def watch() -> None:
+        web.join()
+        scheduler.shutdown()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    web.start()
+    threading.Thread(target=watch, name="adaspec-http-watch", daemon=True).start()
+    try:
+        scheduler.run()
+    finally:
+        stop()
+        web.join(10)

@@ -95,11 +95,14 @@ class Scheduler:
         runtime: unused (kept for callers of the one-at-a-time scheduler).
         batch_budget: cap adaptive policies' drafts by the batch-level budget.
         prefill_chunk: prompt rows fed per step while other sequences decode.
+        engine_thread: run the engine loop in a thread of its own (else the caller runs
+            :meth:`run`: ``adaspec serve`` runs it on the main thread, because the compiled
+            kernels' OpenMP teams are ~3x slower launched from any other thread).
     """
 
     def __init__(self, generator: SpeculativeGenerator, metrics: Metrics, max_queue: int = 16,
                  max_batch: int = 8, runtime: str = "auto", batch_budget: bool = True,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, engine_thread: bool = True) -> None:
         if max_queue < 0:
             raise InvalidArgumentError(f"max_queue must be >= 0, got {max_queue}")
         if max_batch < 1:
@@ -119,8 +122,10 @@ class Scheduler:
         self._stop = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Any, tuple]]] = {}  # engine thread only
-        self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if engine_thread:
+            self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
+            self._thread.start()
 
     @property
     def waiting(self) -> int:
@@ -163,11 +168,16 @@ class Scheduler:
     def gauges(self) -> dict[str, float]:
         return {"adaspec_queue_depth": self.waiting, "adaspec_running": self.running}
 
+    def run(self) -> None:
+        """The engine loop in the calling thread, until :meth:`shutdown` (``engine_thread=False``)."""
+        self._loop()
+
     def shutdown(self) -> None:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._thread.join(10)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10)
 
     def _policy(self, request: GenerationRequest) -> tuple[Policy, str]:
         gen = self.generator

@@ -65,10 +65,10 @@ def _metric(text: str, name: str) -> float:
 def test_batched_requests_identical_to_alone(server, pair):
     ref = SpeculativeGenerator(*pair, "heuristic")
     want = [ref.generate(p, max_new_tokens=24).text for p in PROMPTS]
+    body = {"max_tokens": 24, "temperature": 0}
     for _burst in range(3):  # on a loaded machine a burst's requests may still arrive one by one
         with ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda p: _post(server.url, {"prompt": p, "max_tokens": 24, "temperature": 0}),
-                                PROMPTS))
+            got = list(pool.map(lambda p: _post(server.url, {"prompt": p, **body}), PROMPTS))
         assert [r.status_code for r in got] == [200] * 8
         assert [r.json()["choices"][0]["text"] for r in got] == want
         text = httpx.get(server.url + "/metrics", timeout=30).text

@@ -190,6 +190,7 @@ def server_commands(args: argparse.Namespace, port_of: dict) -> list[tuple[str, 
         serve += ["--policy-arg", a]
     if not args.suffix_cache:  # else a level could draft from an earlier level's answers to the same prompts
         serve += ["--no-suffix-cache"]
+    serve += args.serve_arg
     if args.threads:
         serve += ["--threads", str(args.threads)]
     out = [("adaspec", [sys.executable, *serve, "--max-batch", str(max(args.levels))], "/health")]
@@ -251,6 +252,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="an extra argument for both vLLM servers (repeat), e.g. --vllm-arg=--enforce-eager")
     p.add_argument("--vllm-all-levels", action="store_true",
                    help="measure vLLM at every concurrency (default: the highest only)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the adaspec servers, repeatable "
+                        "(e.g. --serve-arg=--prefill-chunk --serve-arg=128)")
     p.add_argument("--suffix-cache", action="store_true",
                    help="keep the servers' cross-request n-gram cache (off by default: every level sends "
                         "the same prompts, so a later level could draft from an earlier level's answers)")

@@ -147,13 +147,16 @@ def test_failing_sequence_ends_alone(pair64):
     assert [done[0].new, done[2].new] == [ref[0], ref[2]]
 
 
-def test_sampling_exact_with_sequences_batched(virtual_clock):
+@pytest.mark.parametrize("chunk", [128, 1], ids=["whole-prompts", "chunked-prefill"])
+def test_sampling_exact_with_sequences_batched(virtual_clock, chunk):
     """N seeded samples, 8 sequences per step, each with its own seed: the continuation's
-    distribution is the target's (chi-square over the first two and last two tokens)."""
+    distribution is the target's (chi-square over the first two and last two tokens); also
+    with prompts fed one row per step and prefixes copied between slots."""
     target, draft = layered_pair(vocab=V, seed=3, init=0.1)
-    prompt, length, cfg = [2, 2, 1], 3, SamplingConfig(1.0)
+    prompt, length, cfg = [2, 2, 2, 1], 3, SamplingConfig(1.0)
     gen = SpeculativeGenerator(target, draft, "fixed", {"k": 2})
-    engine = BatchEngine(lambda pol: gen.new_engine(make_policy("fixed", {"k": 2})), max_batch=8)
+    engine = BatchEngine(lambda pol: gen.new_engine(make_policy("fixed", {"k": 2})), max_batch=8,
+                         prefill_chunk=chunk)
     got, seqs = _run_batch(engine, [prompt] * N, length, sampling=lambda i: SamplingConfig(1.0, seed=i))
     counts = Counter(tuple(g) for g in got)
     assert sum(s.stats.drafted_tokens - s.stats.accepted_tokens for s in seqs.values()) > 100
@@ -192,6 +195,8 @@ def test_lone_sequence_keeps_its_policy_budget(pair64):
     fixed = engine.active.pop()
     engine.active.append(BatchEngine(lambda pol: gen.new_engine(make_policy("fixed")), 1).add(
         9, [4, 5], SamplingConfig(), StopRules(8)))
+    for s in engine.active:
+        s.pending = None  # running: their prompts are fed (caps are for running sequences)
     engine._set_caps()
     caps = [s.engine.cap for s in engine.active]
     assert caps[-1] is None and all(c is not None and c < 5 for c in caps[:-1]), caps
@@ -241,8 +246,8 @@ def test_slots_reuse_engines_and_shared_prefix(pair64, runtime):
 
 
 def test_cost_fit_skips_steps_that_feed_prompts(pair64):
-    """The first verify of a joining sequence also feeds its prompt: that step's time is no
-    sample of the cost of verify rows; later steps are."""
+    """The first verify of a joining sequence also feeds its prompt, and a step may feed
+    prompt chunks: such a step's time is no sample of the cost of verify rows; later steps are."""
     gen = SpeculativeGenerator(*pair64, "heuristic")
     engine = BatchEngine(lambda pol: gen.new_engine(make_policy("heuristic")), max_batch=4,
                          budget=DraftBudget())
@@ -250,8 +255,76 @@ def test_cost_fit_skips_steps_that_feed_prompts(pair64):
         engine.add(i, p * 4, SamplingConfig(), StopRules(12))
     engine.step()
     assert engine.budget.cost.points == []
+    while any(s.pending is not None or s.stats.target_forwards == 0 for s in engine.active):
+        engine.step()  # prompt chunks or a first verify: no sample
+        assert engine.budget.cost.points == []
     engine.step()
     assert len(engine.budget.cost.points) == 1
     engine.add(9, [1, 2, 3, 4], SamplingConfig(), StopRules(12))
     engine.step()
     assert len(engine.budget.cost.points) == 1
+
+
+def test_copy_prefix_gives_the_same_forward(pair64):
+    """A prefix copied from another runner's cache gives bit-identical outputs to computing it."""
+    from adaspec.serve.batch import copy_prefix
+
+    target = pair64[0].model
+    a, b, c = _runner(target, True), _runner(target, True), _runner(target, True)
+    prompt = rand_prompts(1, seed=51)[0] * 5
+    a.prefill(prompt[:-1])
+    b.prefill([9, 9, 9])  # b holds other text: the copy replaces it
+    copy_prefix(a, b, len(prompt) - 3)
+    assert b.tokens == prompt[:-3]
+    ref = c.forward(prompt + [1, 2], 3, hidden=True)
+    out = b.forward(prompt + [1, 2], 3, hidden=True)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.hidden, ref.hidden)
+
+
+@pytest.mark.parametrize("runtime", ["auto", "compiled-fp32"])
+def test_chunked_prefill_and_copied_prefixes_identical(pair64, runtime, monkeypatch):
+    """Prompts fed 5 rows per step alongside decoding sequences, and a shared system prefix
+    copied between slots (at least the system prompt each time): every text equals
+    generate() alone, and chunks and copies happened."""
+    import adaspec.serve.batch as B
+
+    gen = SpeculativeGenerator(*pair64, "heuristic", runtime=runtime)
+    system = [7, 3, 9, 11, 2, 5, 8, 1, 4, 6, 10, 12]
+    prompts = [system + p * 3 for p in rand_prompts(7, seed=61)]
+    ref = _texts_alone(gen, prompts, 16)
+    copies, chunks = [], []
+    copy = B.copy_prefix
+    monkeypatch.setattr(B, "copy_prefix", lambda src, dst, n: copies.append(n) or copy(src, dst, n))
+    feed = BatchEngine._feed_prompts
+
+    def spy(self):
+        calls = feed(self)
+        chunks.extend(len(c.seq) for _, c in calls)
+        return calls
+
+    monkeypatch.setattr(BatchEngine, "_feed_prompts", spy)
+    engine = BatchEngine(lambda pol: gen.new_engine(pol or make_policy("heuristic")), max_batch=3,
+                         budget=DraftBudget(), prefill_chunk=5)
+    got, _ = _run_batch(engine, prompts, 16)
+    assert got == ref
+    assert chunks and copies and all(n >= len(system) for n in copies)
+
+
+def test_a_lone_prompt_goes_whole_then_others_are_chunked(pair64):
+    """Nobody decoding: the first prompt is fed whole with its first verify (no chunk call);
+    a prompt joining a decoding sequence is fed ``prefill_chunk`` rows per step."""
+    gen = SpeculativeGenerator(*pair64, "fixed", {"k": 2})
+    engine = BatchEngine(lambda pol: gen.new_engine(make_policy("fixed", {"k": 2})), max_batch=2,
+                         prefill_chunk=4)
+    first = engine.add(0, list(range(1, 30)), SamplingConfig(), StopRules(40))
+    assert engine._feed_prompts() == [] and first.pending is None
+    engine.step()
+    assert first.engine.target.tokens[:28] == list(range(1, 29))
+    second = engine.add(1, list(range(30, 50)), SamplingConfig(), StopRules(40))
+    calls = engine._feed_prompts()
+    assert [(s, len(c.seq)) for s, c in calls] == [(second, 4)] and second.pending is not None
+    steps = 0
+    while second.pending is not None:
+        engine.step()
+        steps += 1
+    assert steps == 5  # 19 prompt rows: 4 chunks of 4, then the last 3 go with its first verify

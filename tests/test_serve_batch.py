@@ -65,12 +65,15 @@ def _metric(text: str, name: str) -> float:
 def test_batched_requests_identical_to_alone(server, pair):
     ref = SpeculativeGenerator(*pair, "heuristic")
     want = [ref.generate(p, max_new_tokens=24).text for p in PROMPTS]
-    with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda p: _post(server.url, {"prompt": p, "max_tokens": 24, "temperature": 0}),
-                            PROMPTS))
-    assert [r.status_code for r in got] == [200] * 8
-    assert [r.json()["choices"][0]["text"] for r in got] == want
-    text = httpx.get(server.url + "/metrics", timeout=30).text
+    body = {"max_tokens": 24, "temperature": 0}
+    for _burst in range(3):  # on a loaded machine a burst's requests may still arrive one by one
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda p: _post(server.url, {"prompt": p, **body}), PROMPTS))
+        assert [r.status_code for r in got] == [200] * 8
+        assert [r.json()["choices"][0]["text"] for r in got] == want
+        text = httpx.get(server.url + "/metrics", timeout=30).text
+        if _metric(text, "adaspec_batch_size_sum") > _metric(text, "adaspec_batch_size_count"):
+            break
     # batches of more than one sequence ran: the mean batch size is above 1
     assert _metric(text, "adaspec_batch_size_sum") > _metric(text, "adaspec_batch_size_count") > 0
     assert _metric(text, "adaspec_queue_wait_seconds_count") >= 8
@@ -218,3 +221,75 @@ def test_failing_sequence_ends_only_itself(pair):
         assert httpx.get(running.url + "/health", timeout=30).json()["status"] == "ok"
     finally:
         running.stop()
+
+
+def test_one_event_loop_wakeup_per_step():
+    """A step's events and metrics reach the event loop in one call_soon_threadsafe (in order),
+    not one wake-up per token and client."""
+    from adaspec.serve.scheduler import Scheduler, Text
+
+    class Loop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.calls.append((fn, args))
+
+    class FakeJob:
+        def __init__(self, loop):
+            self.loop, self.got = loop, []
+            self.events = type("Q", (), {"put_nowait": self.got.append})()
+
+    loop = Loop()
+    sched = Scheduler.__new__(Scheduler)  # no engine thread: only the outbox
+    sched._outbox, sched._event_loop = {}, loop
+    jobs = [FakeJob(loop) for _ in range(3)]
+    seen = []
+    sched._observe(seen.append, 3)
+    for i, job in enumerate(jobs):
+        sched._emit(job, Text(f"t{i}"))
+        sched._emit(job, Text(f"u{i}"))
+    assert loop.calls == []
+    sched._flush()
+    assert len(loop.calls) == 1
+    fn, args = loop.calls[0]
+    fn(*args)
+    assert seen == [3]
+    assert [[e.text for e in j.got] for j in jobs] == [["t0", "u0"], ["t1", "u1"], ["t2", "u2"]]
+    sched._flush()
+    assert len(loop.calls) == 1  # nothing new: no wake-up
+
+
+def test_cli_server_engine_on_main_thread_stops_on_sigterm(tmp_path, tokenizer):
+    """``adaspec serve`` (engine loop on the main thread, HTTP in a thread) answers, then stops
+    on SIGTERM within seconds with exit code 0."""
+    import subprocess
+    import sys
+
+    from adaspec.bench.serve_load import _free_port
+
+    make_model("llama", seed=0).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "adaspec.cli", "serve", "--target", str(tmp_path / "m"), "--draft", "none",
+           "--threads", "1", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        r = httpx.post(url + "/v1/completions", json={"model": str(tmp_path / "m"), "prompt": "hello",
+                                                      "max_tokens": 4, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+        t0 = time.monotonic()
+        proc.terminate()
+        assert proc.wait(15) == 0, proc.stderr.read().decode()
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()

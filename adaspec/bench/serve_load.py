@@ -9,7 +9,9 @@ plain and with its n-gram speculator when ``--vllm-python`` can import vllm), se
 chat prompts greedy (streamed, ``include_usage``) at each concurrency level, and reports per
 server and level: aggregate completion tokens/s over the level's wall time, p50 / p95 request
 latency, p50 time to first token, and whether every text equals the server's one-at-a-time
-text. Everything runs in one invocation, so the ratios are measured side by side.
+text. Everything runs in one invocation, so the ratios are measured side by side. The adaspec
+servers run with ``--no-suffix-cache`` unless ``--suffix-cache``: every level sends the same
+prompts, and a later level must not draft from an earlier level's answers.
 """
 
 from __future__ import annotations
@@ -186,6 +188,9 @@ def server_commands(args: argparse.Namespace, port_of: dict) -> list[tuple[str, 
              "--runtime", args.runtime, "--log-level", "warning"]
     for a in args.policy_arg:
         serve += ["--policy-arg", a]
+    if not args.suffix_cache:  # else a level could draft from an earlier level's answers to the same prompts
+        serve += ["--no-suffix-cache"]
+    serve += args.serve_arg
     if args.threads:
         serve += ["--threads", str(args.threads)]
     out = [("adaspec", [sys.executable, *serve, "--max-batch", str(max(args.levels))], "/health")]
@@ -247,6 +252,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="an extra argument for both vLLM servers (repeat), e.g. --vllm-arg=--enforce-eager")
     p.add_argument("--vllm-all-levels", action="store_true",
                    help="measure vLLM at every concurrency (default: the highest only)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the adaspec servers, repeatable "
+                        "(e.g. --serve-arg=--prefill-chunk --serve-arg=128)")
+    p.add_argument("--suffix-cache", action="store_true",
+                   help="keep the servers' cross-request n-gram cache (off by default: every level sends "
+                        "the same prompts, so a later level could draft from an earlier level's answers)")
     p.add_argument("--json", default=None, help="write every level (and request) here")
     args = p.parse_args(argv)
     try:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from ..api import SpeculativeGenerator
 from ..errors import InvalidArgumentError
+from .batch import PREFILL_CHUNK
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import ApiError, ResponseShape, error_body, parse_request
 from .scheduler import Event, Failure, Final, Job, Scheduler, Text
@@ -76,7 +77,8 @@ class Server:
 
     def __init__(self, generator: SpeculativeGenerator, model_name: str, max_queue: int,
                  runtime: str, max_batch: int = 8, max_body: int = MAX_BODY_BYTES,
-                 batch_budget: bool = True) -> None:
+                 batch_budget: bool = True, prefill_chunk: int = PREFILL_CHUNK,
+                 engine_thread: bool = True) -> None:
         if generator.tokenizer is None:
             raise InvalidArgumentError(f"target {generator.target.name!r} has no tokenizer: nothing to serve")
         if max_body < 1:
@@ -85,7 +87,8 @@ class Server:
         self.max_body = max_body
         self.metrics = Metrics()
         self.scheduler = Scheduler(generator, self.metrics, max_queue=max_queue, max_batch=max_batch,
-                                   runtime=runtime, batch_budget=batch_budget)
+                                   runtime=runtime, batch_budget=batch_budget, prefill_chunk=prefill_chunk,
+                                   engine_thread=engine_thread)
         self.metrics.gauges = self.scheduler.gauges
         self.started = int(time.time())
 
@@ -222,7 +225,8 @@ class ApiKeyMiddleware:
 def create_app(generator: SpeculativeGenerator, *, model_name: str | None = None,
                max_queue: int = 16, runtime: str = "auto", max_batch: int = 8,
                api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-               batch_budget: bool = True) -> Starlette:
+               batch_budget: bool = True, prefill_chunk: int = PREFILL_CHUNK,
+               engine_thread: bool = True) -> Starlette:
     """The OpenAI-compatible app serving ``generator`` (its target, draft and default policy).
 
     Args:
@@ -233,9 +237,12 @@ def create_app(generator: SpeculativeGenerator, *, model_name: str | None = None
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
         max_body: request body limit in bytes (413 beyond).
         batch_budget: cap adaptive policies' drafts by the batch-level draft budget.
+        prefill_chunk: prompt rows fed per step while other sequences decode (chunked prefill).
+        engine_thread: run the engine loop in a thread of its own; when False the caller runs
+            ``app.state.scheduler.run()`` (on the main thread, as ``adaspec serve`` does).
     """
     server = Server(generator, model_name or generator.target.name, max_queue, runtime, max_batch,
-                    max_body, batch_budget)
+                    max_body, batch_budget, prefill_chunk, engine_thread)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -12,6 +12,16 @@ cancelled or failed) between steps; a sequence that raises ends alone.
 Before drafting, :class:`DraftBudget` caps each sequence's draft length by expected accepted
 tokens per unit of measured cost (see its docstring); with one sequence, or ``fixed``
 policies, the policy's own budget stands.
+
+On a compiled (batch-invariant) target, a joining sequence's prompt is fed through the shared
+forwards at most ``prefill_chunk`` prompt rows per step (chunked prefill): prompt rows are
+compute-bound, decode rows weight-bound, so the running sequences' rounds ride along with
+the chunks instead of waiting for every prompt, and the rest of a prompt that fits the
+step's row budget goes into the sequence's first verify forward. Before a prompt is fed, the
+cached prefix it shares with any slot (e.g. the chat template's system prompt) is copied from
+that slot's cache (:func:`copy_prefix`) instead of being computed again. Both only change
+which forward computes a row, never its value (a row's keys, values and logits are the same
+whichever forward computes them), so every text stays identical to one-at-a-time.
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ class Sequence:
     error: BaseException | None = None
     adaptive: bool = True
     seen: tuple[int, int] = (0, 0)  # (drafted, accepted) already given to the budget
+    pending: list[int] | None = None  # prompt[:-1] while its target rows are still being fed
+    started: bool = False  # its rounds have begun (it prefilled its drafter, reset its policy)
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,30 @@ class DraftBudget:
         return caps
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, compared in C
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
+
+
+def copy_prefix(src: Any, dst: Any, n: int) -> None:
+    """Make compiled runner ``dst``'s cache hold ``src``'s first ``n`` positions: keys
+    kt[L, KVH, hd, :n] and values vc[L, KVH, :n, hdp] copied, tokens src.tokens[:n]. The
+    same model's rows at the same positions: what dst would have computed itself."""
+    dst.kt, dst.vc = dst.lean.fit_cache(dst.kt, dst.vc, n, 0)
+    dst.kt[..., :n] = src.kt[..., :n]
+    dst.vc[:, :, :n] = src.vc[:, :, :n]
+    dst.tokens = src.tokens[:n]
+
+
+PREFILL_CHUNK = 64  # prompt rows per step beside decoding sequences (a ~80 ms forward here)
+
+
 class BatchEngine:
     """Up to ``max_batch`` sequences, one target forward per :meth:`step`.
 
@@ -144,15 +180,20 @@ class BatchEngine:
             and policy; the target's weights are shared).
         max_batch: sequences per step.
         budget: the batch-level draft budget, or None to keep each policy's own.
+        prefill_chunk: prompt rows fed per step while other sequences decode (chunked
+            prefill, compiled targets; see the module docstring).
     """
 
     def __init__(self, make_engine: Callable[[Any], Engine], max_batch: int = 8,
-                 budget: DraftBudget | None = None) -> None:
+                 budget: DraftBudget | None = None, prefill_chunk: int = PREFILL_CHUNK) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.make_engine = make_engine
         self.max_batch = max_batch
         self.budget = budget
+        self.prefill_chunk = prefill_chunk
         self.active: list[Sequence] = []
         self.spare: list[Engine] = []  # engines of finished sequences, reused by joining ones
         self.last_rows = 0
@@ -170,6 +211,9 @@ class BatchEngine:
         stats = GenerationStats()
         seq = Sequence(key, engine, stats, adaptive=getattr(engine.policy, "name", "") != "fixed")
         seq.rounds = engine.rounds(prompt, sampling, rules, stats)
+        if len(prompt) > 1 and engine.keep_prefix and engine.defer_prefill \
+                and not getattr(engine.drafter, "needs_target_hidden", False):
+            seq.pending = prompt[:-1]  # fed in chunks by the shared forwards (see _feed_prompts)
         self.active.append(seq)
         return seq
 
@@ -184,7 +228,7 @@ class BatchEngine:
         drafter = seq.engine.drafter  # hand the text to a shared suffix cache (an n-gram source's flush)
         for part in (drafter, getattr(drafter, "ngram", None)):
             flush = getattr(part, "flush", None)
-            if flush is not None and seq.error is None:
+            if flush is not None and seq.error is None and seq.started:
                 flush()
                 break
         if self.budget is not None:
@@ -228,11 +272,14 @@ class BatchEngine:
     def step(self) -> list[StepEvent]:
         """One round of every active sequence; returns what each committed (finished ones
         leave the batch). Draft forwards run in lockstep (one shared draft forward per draft
-        position), then one shared target forward verifies every sequence's draft."""
+        position), then one shared target forward verifies every sequence's draft and feeds
+        this step's prompt chunks."""
         events: list[StepEvent] = []
+        feeding = self._feed_prompts()
         self._set_caps()
         waiting = {}
-        for s in list(self.active):
+        for s in [s for s in self.active if s.pending is None]:
+            s.started = True
             call = self._advance(s, None, events)
             if call is not None:
                 waiting[s] = call
@@ -251,8 +298,9 @@ class BatchEngine:
         ready = list(waiting)
         # a sequence's first verify also feeds its prompt: such a step is no sample of the
         # cost of verify rows
-        joined = any(s.stats.target_forwards == 0 for s in ready)
-        outs = self._run([waiting[s] for s in ready], ready, events)
+        joined = bool(feeding) or any(s.stats.target_forwards == 0 for s in ready)
+        outs = self._run([waiting[s] for s in ready] + [c for _, c in feeding],
+                         ready + [s for s, _ in feeding], events)[:len(ready)]
         if self.budget is not None and len(ready) > 1 and not joined:
             self.last_rows = sum(len(o.logits) for o in outs if o is not None)
             self.budget.cost.add(self.last_rows, time.perf_counter() - t1)
@@ -280,9 +328,49 @@ class BatchEngine:
                     outs.append(None)
             return outs
 
+    def _feed_prompts(self) -> list[tuple[Sequence, VerifyCall]]:
+        """This step's prompt rows, oldest joiner first, within ``prefill_chunk`` rows: a
+        sequence whose rest of prompt fits starts its rounds this step (its first verify
+        feeds the rest); the first that does not gets a chunk (a target call whose output is
+        dropped); the others wait. With nobody decoding, the first waiting prompt goes whole
+        (nobody to keep going; one forward instead of several). Before that, each prompt
+        takes the longest cached prefix any slot holds (:func:`copy_prefix`)."""
+        room = self.prefill_chunk
+        alone = all(s.pending is not None for s in self.active)
+        calls = []
+        for s in [s for s in self.active if s.pending is not None]:
+            r = s.engine.target
+            self._share_prefix(s)
+            cached = common_prefix(r.tokens, s.pending)
+            rest = len(s.pending) - cached
+            if alone:
+                room, alone = max(room, rest), False
+            if rest <= room:
+                s.pending = None
+                room -= rest
+            elif room > 0:
+                calls.append((s, VerifyCall(r, s.pending[:cached + room], 1, False)))
+                room = 0
+        return calls
+
+    def _share_prefix(self, seq: Sequence) -> None:
+        """Copy into the sequence's target cache the longest prefix of its prompt that another
+        slot's target cache holds (running or spare), when longer than its own by >= 8 rows."""
+        r = seq.engine.target
+        best, donor = common_prefix(r.tokens, seq.pending) + 7, None
+        for e in [o.engine for o in self.active if o is not seq] + self.spare:
+            d = e.target
+            if d is not r and getattr(d, "lean", None) is r.lean:
+                n = common_prefix(d.tokens, seq.pending)
+                if n > best:
+                    best, donor = n, d
+        if donor is not None:
+            copy_prefix(donor, r, best)
+
     def _set_caps(self) -> None:
-        live = [s for s in self.active if s.adaptive]
-        caps = self.budget.caps(live) if self.budget is not None and len(self.active) > 1 else {}
+        running = [s for s in self.active if s.pending is None]
+        live = [s for s in running if s.adaptive]
+        caps = self.budget.caps(live) if self.budget is not None and len(running) > 1 else {}
         for s in self.active:
             s.engine.cap = caps.get(id(s))
 

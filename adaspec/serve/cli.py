@@ -42,6 +42,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="cap adaptive policies' draft lengths by the batch-level budget (expected "
                         "accepted tokens per measured cost of extra rows; default on); 'fixed' "
                         "policies always keep their K")
+    p.add_argument("--prefill-chunk", type=int, default=64, metavar="ROWS",
+                   help="prompt rows fed per step while other requests are generating (chunked "
+                        "prefill: their tokens keep coming while a long prompt is read; default 64)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $ADASPEC_API_KEY, else none)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -66,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..cli import build_generator
     from ..errors import InvalidArgumentError
 
-    for name in ("max_queue", "max_batch", "max_body_bytes"):
+    for name in ("max_queue", "max_batch", "max_body_bytes", "prefill_chunk"):
         low = 0 if name == "max_queue" else 1
         value = getattr(args, name)
         if value < low:
@@ -76,10 +79,41 @@ def run_serve(args: argparse.Namespace) -> int:
     gen = build_generator(args)
     app = create_app(gen, model_name=args.served_model_name or args.target, max_queue=args.max_queue,
                      runtime=args.runtime, max_batch=args.max_batch, api_key=api_key,
-                     max_body=args.max_body_bytes, batch_budget=args.batch_budget == "on")
+                     max_body=args.max_body_bytes, batch_budget=args.batch_budget == "on",
+                     prefill_chunk=args.prefill_chunk, engine_thread=False)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     print(f"adaspec: serving {args.served_model_name or args.target!r} (policy {gen.policy_name}, "
           f"draft {gen.draft_name}; {gen.runtime_note}; batch <= {args.max_batch}"
           f"{'; API key required' if api_key else ''}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _serve_on_main_thread(app, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                                             log_level=args.log_level)))
     return 0
+
+
+def _serve_on_main_thread(app: Any, server: Any) -> None:
+    """HTTP (uvicorn) in a thread, the engine loop on the main thread: the compiled kernels'
+    OpenMP teams run a forward ~3x slower when launched from a thread other than the one
+    that loaded the models. SIGINT / SIGTERM stop uvicorn gracefully (its shutdown stops the
+    engine loop); the loop also ends if the HTTP thread dies."""
+    import signal
+    import threading
+
+    scheduler = app.state.server.scheduler
+    web = threading.Thread(target=server.run, name="adaspec-http", daemon=True)
+
+    def stop(*_: Any) -> None:
+        server.should_exit = True
+
+    def watch() -> None:
+        web.join()
+        scheduler.shutdown()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    web.start()
+    threading.Thread(target=watch, name="adaspec-http-watch", daemon=True).start()
+    try:
+        scheduler.run()
+    finally:
+        stop()
+        web.join(10)

@@ -28,7 +28,7 @@ from ..policies import Policy, make_policy
 from ..runtime import set_threads
 from ..runtime.batched import batchable_runner
 from ..sampling import SamplingConfig
-from .batch import BatchEngine, DraftBudget, Sequence
+from .batch import PREFILL_CHUNK, BatchEngine, DraftBudget, Sequence
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, StopTrimmer, adaspec_stats, finish_reason, usage
 
@@ -79,7 +79,8 @@ class Job:
         self.cancelled = True
 
     def emit(self, event: Event) -> None:
-        """Queue an event for the request's handler (from any thread)."""
+        """Queue an event for the request's handler (from any thread; the scheduler posts
+        its events in one batch per step instead, see ``Scheduler._post``)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -93,10 +94,15 @@ class Scheduler:
         max_batch: sequences generated together (one target forward per step).
         runtime: unused (kept for callers of the one-at-a-time scheduler).
         batch_budget: cap adaptive policies' drafts by the batch-level budget.
+        prefill_chunk: prompt rows fed per step while other sequences decode.
+        engine_thread: run the engine loop in a thread of its own (else the caller runs
+            :meth:`run`: ``adaspec serve`` runs it on the main thread, because the compiled
+            kernels' OpenMP teams are ~3x slower launched from any other thread).
     """
 
     def __init__(self, generator: SpeculativeGenerator, metrics: Metrics, max_queue: int = 16,
-                 max_batch: int = 8, runtime: str = "auto", batch_budget: bool = True) -> None:
+                 max_batch: int = 8, runtime: str = "auto", batch_budget: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK, engine_thread: bool = True) -> None:
         if max_queue < 0:
             raise InvalidArgumentError(f"max_queue must be >= 0, got {max_queue}")
         if max_batch < 1:
@@ -105,15 +111,21 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_context = generator.engine.max_context
-        self.batch = BatchEngine(generator.new_engine, max_batch, DraftBudget() if batch_budget else None)
+        if prefill_chunk < 1:
+            raise InvalidArgumentError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.batch = BatchEngine(generator.new_engine, max_batch, DraftBudget() if batch_budget else None,
+                                 prefill_chunk)
         self.batch.warm_up()
         self._pending: deque[Job] = deque()
         self._jobs: dict[int, Job] = {}  # id(Sequence) -> job
         self._wake = threading.Condition()
         self._stop = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
-        self._thread.start()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Any, tuple]]] = {}  # engine thread only
+        self._thread = None
+        if engine_thread:
+            self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
+            self._thread.start()
 
     @property
     def waiting(self) -> int:
@@ -156,11 +168,16 @@ class Scheduler:
     def gauges(self) -> dict[str, float]:
         return {"adaspec_queue_depth": self.waiting, "adaspec_running": self.running}
 
+    def run(self) -> None:
+        """The engine loop in the calling thread, until :meth:`shutdown` (``engine_thread=False``)."""
+        self._loop()
+
     def shutdown(self) -> None:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        self._thread.join(10)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10)
 
     def _policy(self, request: GenerationRequest) -> tuple[Policy, str]:
         gen = self.generator
@@ -208,11 +225,27 @@ class Scheduler:
                 for seq in list(self.batch.active):
                     self._finish_failed(seq, RuntimeError("batch step failed"))
                     self.batch.remove(seq)
+            finally:
+                self._flush()
 
     def _observe(self, fn: Any, *args: Any) -> None:
         """Run a metrics update on the event loop (metrics are not locked)."""
         if self._event_loop is not None:
-            self._event_loop.call_soon_threadsafe(fn, *args)
+            self._post(self._event_loop, fn, *args)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on ``loop`` after this step (see :meth:`_flush`)."""
+        self._outbox.setdefault(loop, []).append((fn, args))
+
+    def _flush(self) -> None:
+        """Hand the step's events and metrics to the event loop in ONE wake-up per loop (a
+        wake-up per token and client would take CPU from the kernels' threads every step)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, calls in outbox.items():
+            loop.call_soon_threadsafe(_run_all, calls)
+
+    def _emit(self, job: Job, event: Event) -> None:
+        self._post(job.loop, job.events.put_nowait, event)
 
     def _admit(self) -> None:
         while self.batch.free:
@@ -253,17 +286,17 @@ class Scheduler:
         if committed:
             text = job.trim.feed(job.text.feed(committed))
             if text:
-                job.emit(Text(text))
+                self._emit(job, Text(text))
         if not finished:
             return
         self._jobs.pop(id(seq), None)
         result = self.generator._finish(seq.new, seq.stats, job.request.stop, seq.engine)
         rest = job.trim.feed(job.text.rest(result.text)) + job.trim.flush()
         if rest:
-            job.emit(Text(rest))
+            self._emit(job, Text(rest))
         stats = seq.stats
         self._observe(self.metrics.generation_done, stats.prompt_tokens, stats.new_tokens, stats.tau)
-        job.emit(Final(finish_reason(stats.stop_reason, job.trim.stopped),
+        self._emit(job, Final(finish_reason(stats.stop_reason, job.trim.stopped),
                        usage(stats.prompt_tokens, stats.new_tokens),
                        adaspec_stats(stats.to_dict(), job.policy_name,
                                      getattr(self.generator, "draft_name", None))))
@@ -273,10 +306,16 @@ class Scheduler:
         if job is not None:
             self._fail(job, exc)
 
-    @staticmethod
-    def _fail(job: Job, exc: BaseException) -> None:
+    def _fail(self, job: Job, exc: BaseException) -> None:
         if isinstance(exc, AdaspecError):
-            job.emit(Failure(ApiError(400, str(exc))))
+            self._emit(job, Failure(ApiError(400, str(exc))))
             return
         log.error("request failed: %s: %s", type(exc).__name__, exc)
-        job.emit(Failure(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")))
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        self._emit(job, Failure(error))
+
+
+def _run_all(calls: list[tuple[Any, tuple]]) -> None:
+    """Run posted (fn, args) pairs in order (on the event loop)."""
+    for fn, args in calls:
+        fn(*args)

@@ -118,8 +118,13 @@ def test_no_draft_round_when_the_first_token_does_not_pay_and_probes_again():
             pol.observe(_outcome(0, 0, 0.0, 0.02))
     assert budgets == [0, 0, 0, 16, 0, 0, 0, 16], budgets
     assert pol.report()["skipped_rounds"] == 6
-    pol.reset()  # the next generate(): what was measured carries over (carry=auto, model alone) ...
+    pol.reset()  # the next generate(): what was measured carries over (carry=auto, model alone),
     assert [pol.begin_round(ctx) for _ in range(4)] == [0, 0, 0, 16]
+    short = []
+    for _ in range(8):  # and the probe count: calls of one round each still probe
+        pol.reset()
+        short.append(pol.begin_round(ctx))
+    assert short == [0, 0, 0, 16, 0, 0, 0, 16]
     pol._mixed = True  # ... but not after a call that drafted from several sources
     pol.reset()
     assert pol.begin_round(ctx) == 16

@@ -165,6 +165,7 @@ class ContextPolicy(Policy):
         if self._online is not None:
             self._online.reset()
         self._first = WarmEma()
+        self._skipped = 0  # rounds in a row that drafted nothing (carried: probes span calls)
 
     def reset(self) -> None:
         """Per generate(): per-text state afresh (the source choice's statistics too: an
@@ -179,7 +180,7 @@ class ContextPolicy(Policy):
         self._probs = []
         self._round = ("model", 0, 0.0, 0, False)
         self._conf = []
-        self._skipped = self._skips = 0
+        self._skips = 0
         self._mixed = False
 
     def choose_source(self, match, budget: int) -> str:

@@ -19,7 +19,6 @@ copies are scheduled.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from ..drafters.ngram import Match, NgramIndex
 from ..drafters.suffix import SuffixCache
 from .datasets import Prompt, load_dataset
 from .runner import encode_turn
-from .suffix_replay import recorded
+from .suffix_replay import recorded, replay_parser
 
 RULES = ("own", "cache", "best")
 
@@ -97,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..checkpoints.loader import default_target_dir
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--results", required=True, help="a greedy `adaspec bench` folder of the same prompts")
+    p = replay_parser(__doc__)
     p.add_argument("--budget", type=int, default=16, help="tokens a copy may propose (default 16)")
     args = p.parse_args(argv)
     outputs = recorded(Path(args.results))

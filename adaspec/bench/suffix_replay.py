@@ -103,15 +103,21 @@ def recorded(results: Path) -> dict[str, list[list[int]]]:
     return by_method.get("ar") or by_method["context:draft=model+ngram:cache=off"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..api import SpeculativeGenerator
-    from ..drafters.suffix import SuffixCache
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def replay_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every replay of recorded outputs takes: the prompts and the bench folder."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", default="dev")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--results", required=True, help="a greedy `adaspec bench` folder of the same prompts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..api import SpeculativeGenerator
+    from ..drafters.suffix import SuffixCache
+
+    p = replay_parser(__doc__)
     p.add_argument("--verify-ms", default=DEFAULT_VERIFY_MS)
     p.add_argument("--prior", type=float, default=1.0, help="SuffixCache(prior=...) (default 1)")
     args = p.parse_args(argv)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine, StopRules, VerifyCall
+from ..errors import InvalidArgumentError
 from ..runtime.batched import batchable_runner, run_calls
 from ..sampling import SamplingConfig
 from ..types import GenerationStats
@@ -187,9 +188,9 @@ class BatchEngine:
     def __init__(self, make_engine: Callable[[Any], Engine], max_batch: int = 8,
                  budget: DraftBudget | None = None, prefill_chunk: int = PREFILL_CHUNK) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+            raise InvalidArgumentError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.make_engine = make_engine
         self.max_batch = max_batch
         self.budget = budget

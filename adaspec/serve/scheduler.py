@@ -105,14 +105,11 @@ class Scheduler:
                  prefill_chunk: int = PREFILL_CHUNK, engine_thread: bool = True) -> None:
         if max_queue < 0:
             raise InvalidArgumentError(f"max_queue must be >= 0, got {max_queue}")
-        if max_batch < 1:
-            raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
         self.generator = generator
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_context = generator.engine.max_context
-        if prefill_chunk < 1:
-            raise InvalidArgumentError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        # BatchEngine checks max_batch and prefill_chunk
         self.batch = BatchEngine(generator.new_engine, max_batch, DraftBudget() if batch_budget else None,
                                  prefill_chunk)
         self.batch.warm_up()

@@ -95,6 +95,20 @@ def broadcast_x(b: ir.IRBuilder, xp: ir.Value, ldx: ir.Value, m: int, k: ir.Valu
     return b.shuffle_vector(xb, ir.Constant(vt, ir.Undefined), lanes)
 
 
+def close_loop(b: ir.IRBuilder, counter: ir.PhiInstr, phis: list, values: list, limit: ir.Value,
+               again: ir.Block, out: ir.Block) -> None:
+    """IR: end a counted loop at the builder's block: ``counter + 1`` and ``values`` feed
+    ``counter`` and ``phis`` from this block; branch back to ``again`` while ``counter + 1 <
+    limit``, else to ``out``, where the builder continues (the fp32 and the native tiles)."""
+    here = b.block
+    nxt = b.add(counter, ir.Constant(_I64, 1))
+    counter.add_incoming(nxt, here)
+    for phi, val in zip(phis, values):
+        phi.add_incoming(val, here)
+    b.cbranch(b.icmp_signed("<", nxt, limit), again, out)
+    b.position_at_end(out)
+
+
 def _make_tile(mr: int):
     """An intrinsic computing out[0:mr, 0:16] = x[0:mr, 0:K] @ panel[0:K, 0:16].
 
@@ -144,12 +158,7 @@ def _make_tile(mr: int):
                 xb = broadcast_x(builder, xp, ldx, m, k, _V8)
                 new.append(builder.call(fma, [xb, w0, accs[2 * m]]))
                 new.append(builder.call(fma, [xb, w1, accs[2 * m + 1]]))
-            k1 = builder.add(k, ir.Constant(_I64, 1))
-            k.add_incoming(k1, loop)
-            for acc, val in zip(accs, new):
-                acc.add_incoming(val, loop)
-            builder.cbranch(builder.icmp_signed("<", k1, kd), loop, done)
-            builder.position_at_end(done)
+            close_loop(builder, k, accs, new, kd, loop, done)
             for m in range(mr):
                 orow = builder.gep(op, [builder.mul(ir.Constant(_I64, m), ldo)])
                 for half in range(2):

@@ -41,7 +41,8 @@ import os
 from pathlib import Path
 
 from . import kernels  # sets numba up first
-from .kernels import PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows, broadcast_x, linear
+from .kernels import (PANEL, _attention, _rmsnorm, _rope, _silu_mul, _tile_rows, broadcast_x, close_loop,
+                      linear)
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -204,18 +205,8 @@ def _emit_loop(g: _Gen, kind: int, mr: int, args: tuple, exit_block, npan: int =
                 for v in range(g.nv):
                     i = j * per + m * g.nv + v
                     cur[i] = b.call(g.fma, [xb, ws[j][v], cur[i]])
-    pair1 = b.add(pair, ir.Constant(_I64, 1))
-    pair.add_incoming(pair1, kloop)
-    for phi, val in zip(kaccs, cur):
-        phi.add_incoming(val, kloop)
-    b.cbranch(b.icmp_signed("<", pair1, ir.Constant(_I64, BLOCK // 2 // pairs)), kloop, nxt)
-    b.position_at_end(nxt)
-    blk1 = b.add(blk, ir.Constant(_I64, 1))
-    blk.add_incoming(blk1, nxt)
-    for phi, val in zip(accs, cur):
-        phi.add_incoming(val, nxt)
-    b.cbranch(b.icmp_signed("<", blk1, nb), head, done)
-    b.position_at_end(done)
+    close_loop(b, pair, kaccs, cur, ir.Constant(_I64, BLOCK // 2 // pairs), kloop, nxt)
+    close_loop(b, blk, accs, cur, nb, head, done)
     for j in range(npan):
         for m in range(mr):
             orow = b.gep(op, [b.add(b.add(b.mul(ir.Constant(_I64, m), ldo), ir.Constant(_I64, 16 * j)),

@@ -126,14 +126,13 @@ class ContextHead(nn.Module):
         from .fastpath import kernels
 
         w = self._np_weights()
+        x, sn = h.detach().float().numpy(), s.detach().float().numpy()
         fast = kernels()
         if fast is not None:  # one compiled pass (same maths, float64 sums)
-            hn, sn = h.detach().float().numpy(), s.detach().float().numpy()
-            return fast.context_logit(hn, sn, w["wh"], w["ws"], w["b"], w["out"], w["out_b"], w["skip"],
+            return fast.context_logit(x, sn, w["wh"], w["ws"], w["b"], w["out"], w["out_b"], w["skip"],
                                       w["s_mean"], w["s_std"], self.norm.eps)
-        x = h.detach().float().numpy()
         x = (x - x.mean()) / np.sqrt(x.var() + self.norm.eps)
-        z = (s.detach().float().numpy() - w["s_mean"]) / w["s_std"]
+        z = (sn - w["s_mean"]) / w["s_std"]
         a = np.maximum(w["wh"] @ x + w["ws"] @ z + w["b"], 0.0)
         return float(w["out"] @ a + w["out_b"] + w["skip"] @ z)
 

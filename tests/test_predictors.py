@@ -293,3 +293,21 @@ def test_one_warm_started_average_and_one_slope_rule():
     b = line.slope()
     line.add(4.0, 0.9, 0.9)
     assert b is not None and line.slope() == b  # ... the last identified slope is kept
+
+
+def test_collect_writes_the_target_embedding_after_a_compiled_release(tmp_path):
+    """A compiled runtime frees the module's big weights; the trace directory's target
+    embedding (read by ldlp training) must still hold the real matrix, not an empty one."""
+    pytest.importorskip("numba")
+    from safetensors.torch import load_file
+
+    from adaspec.runtime.native import NativeWeights
+
+    target, draft = tiny_pair()
+    want = target.model.get_input_embeddings().weight.detach().to(torch.float16).clone()
+    NativeWeights.of(target.model, release=True)
+    assert target.model.get_input_embeddings().weight.numel() == 0  # released, as under load_model
+    collect(target, draft, prompts(3, seed=2), tmp_path / "t", k=3, max_new_tokens=6, shard_size=3,
+            runtime="compiled", progress=False)
+    got = load_file(str(tmp_path / "t" / "target_embed.safetensors"))["embed"]
+    assert torch.equal(got, want)

@@ -36,6 +36,19 @@ def compiled_unsupported(model: nn.Module, native: bool = False) -> str | None:
     return unsupported_reason(model, native)
 
 
+def restore_eager_weights(model: nn.Module) -> None:
+    """Give ``model`` back the big weights a compiled runtime released (decoded from its
+    panels; the same numbers), so that code reading ``module.weight`` directly sees them.
+    A no-op for a module whose weights were never released."""
+    import sys
+
+    for name, cls in (("native", "NativeWeights"), ("compiled", "LeanWeights")):
+        mod = sys.modules.get(f"{__name__}.{name}")  # imported only when a runtime was built
+        per = getattr(mod, cls)._by_model.get(model) if mod is not None else None
+        for weights in (per.values() if isinstance(per, dict) else [per] if per else []):
+            weights.restore_eager_weights()
+
+
 def check_runtime(name: str) -> None:
     """Raise InvalidArgumentError unless ``name`` is one of :data:`RUNTIMES`."""
     if name not in RUNTIMES:

@@ -42,6 +42,7 @@ import torch
 from ..checkpoints.loader import LoadedModel, vocab_fingerprint
 from ..errors import InvalidArgumentError, ensure_writable_dir
 from ..predictors.features import SCALAR_FEATURES
+from ..runtime import restore_eager_weights
 from .recorder import RecorderPolicy
 
 TRACE_FORMAT = "adaspec-traces/1"
@@ -160,6 +161,7 @@ def open_trace_dir(target: LoadedModel, draft: LoadedModel, out: Path, args: dic
         stale.unlink()
     emb_path = out / "target_embed.safetensors"
     if not emb_path.is_file():
+        restore_eager_weights(target.model)  # a compiled runtime may have released them
         emb = target.model.get_input_embeddings().weight.detach().to(torch.float16).cpu().contiguous()
         save_file({"embed": emb}, str(emb_path))
     return meta, sum(sh["prompts"][1] - sh["prompts"][0] for sh in meta["shards"])

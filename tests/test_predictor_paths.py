@@ -41,7 +41,7 @@ def test_context_head_numpy_path_equals_forward():
     with torch.no_grad():
         head.hidden.weight.mul_(2.0)  # weights changed in place: the cached copy follows
     h, s = torch.randn(32), torch.randn(8)
-    assert head.logit_one(h, s) == pytest.approx(float(head(h, s)), abs=1e-5)
+    assert head.logit_one(h, s) == pytest.approx(float(head(h, s).detach()), abs=1e-5)
 
 
 def test_residual_head_numpy_path_equals_forward():

@@ -83,7 +83,7 @@ class ResidualHead(nn.Module):
             cache = (version, {"g": np_(self.norm.weight), "beta": np_(self.norm.bias),
                                "blocks": [(np_(b[0].weight), np_(b[0].bias), np_(b[2].weight), np_(b[2].bias))
                                           for b in self.blocks],
-                               "out": np_(self.out.weight)[0], "out_b": float(self.out.bias)})
+                               "out": np_(self.out.weight)[0], "out_b": float(self.out.bias.detach())})
             self._np_cache = cache
         return cache[1]
 

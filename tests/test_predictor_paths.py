@@ -51,11 +51,11 @@ def test_residual_head_numpy_path_equals_forward():
     head = ResidualHead(24, blocks=2)
     for _ in range(5):
         h = torch.randn(24)
-        assert head.logit_one(h) == pytest.approx(float(head(h)), abs=1e-5)
+        assert head.logit_one(h) == pytest.approx(float(head(h).detach()), abs=1e-5)
     with torch.no_grad():
         head.blocks[1][2].weight.mul_(3.0)  # changed in place: the cached copy follows
     h = torch.randn(24)
-    assert head.logit_one(h) == pytest.approx(float(head(h)), abs=1e-5)
+    assert head.logit_one(h) == pytest.approx(float(head(h).detach()), abs=1e-5)
 
 
 def test_simulator_ranks_the_oracle_first(tmp_path):

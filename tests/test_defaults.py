@@ -48,7 +48,8 @@ def test_explicit_policy_is_kept_and_auto_refuses_arguments(pair):
     assert gen.policy_name == "fixed" and gen.default_note is None and gen.draft_name == draft.name
     with pytest.raises(PolicyArgumentError):
         SpeculativeGenerator(target, draft, "auto", {"k": 3})
-    gen = SpeculativeGenerator(target, "ngram")  # no draft model: fixed k=8 over the copy
+    with pytest.warns(UserWarning, match="no draft model: ngram only"):  # said once, in one line
+        gen = SpeculativeGenerator(target, "ngram")  # no draft model: fixed k=8 over the copy
     assert gen.policy_name == "fixed" and gen.policy.k == 8 and gen.draft_name == "ngram"
 
 

@@ -63,6 +63,9 @@ def _import_numba() -> tuple[ModuleType, Path]:
         from .paths import cache_dir
 
         config.CACHE_DIR = str(cache_dir() / "numba")
+    from .cache_lock import install
+
+    install(Path(config.CACHE_DIR))  # one process at a time writes the cache (see there)
     return numba, Path(config.CACHE_DIR)
 
 

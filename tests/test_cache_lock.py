@@ -83,3 +83,26 @@ def test_the_lock_is_held_only_during_a_compilation(tmp_path):
     assert seen and seen[0] == "held"
     with open(lock.path, "a+") as fh:  # released at the end
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_an_unwritable_cache_directory_does_not_stop_compilation(tmp_path):
+    import numpy as np
+    from numba import njit
+    from numba.core import event
+
+    from adaspec.runtime.cache_lock import CacheLock
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    lock = CacheLock(blocked / "numba" / "compile.lock")  # its folder cannot be made
+
+    @njit
+    def plus(x):
+        return x + 2
+
+    event.register("numba:compiler_lock", lock)
+    try:
+        assert plus(np.int64(1)) == 3
+    finally:
+        event.unregister("numba:compiler_lock", lock)
+    assert lock._depth == 0 and lock._fh is None

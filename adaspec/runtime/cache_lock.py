@@ -7,7 +7,8 @@ and the process that later loads it crashes (seen with ``pytest -n 2`` on an emp
 :func:`install` makes every process that uses adaspec's kernels hold an exclusive ``flock``
 on ``<cache>/compile.lock`` while numba's compiler lock is held (cache lookup, compilation
 and cache write happen under it), so one process compiles and writes while the others
-wait, then load what it wrote. Nothing happens where ``fcntl`` does not exist.
+wait, then load what it wrote. Nothing happens where ``fcntl`` does not exist, or where the
+cache directory cannot be written (numba then compiles without caching).
 """
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ class CacheLock(event.Listener):
         with self._mutex:
             self._depth += 1
             if self._depth == 1:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "a+")  # noqa: SIM115 (held until on_end)
-                fcntl.flock(self._fh, fcntl.LOCK_EX)
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._fh = open(self.path, "a+")  # noqa: SIM115 (held until on_end)
+                    fcntl.flock(self._fh, fcntl.LOCK_EX)
+                except OSError:  # an unwritable cache: numba compiles without caching anyway
+                    if self._fh is not None:
+                        self._fh.close()
+                    self._fh = None
 
     def on_end(self, ev: event.Event) -> None:
         import fcntl

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
+from adaspec.checkpoints.loader import default_target_dir
 from adaspec.integrations.vllm import speculative_config
 from adaspec.integrations.vllm_bench import _in_subprocess
-from adaspec.checkpoints.loader import default_target_dir
 
 PROMPTS = [
     "Repeat this list exactly three times: apple, banana, cherry, date, elderberry, fig, grape.",

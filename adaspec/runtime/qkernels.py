@@ -301,7 +301,7 @@ def _qpair(kind, wide, xa, ldx, rows, wa, pstride, kdim, oa, ldo):
             _wide2(kind, mr, xa + m0 * ldx * 4, ldx, wa, pstride, kdim // 32, oa + m0 * ldo * 4, ldo, 0)
             m0 += mr
     else:
-        _narrow2(kind, rows, xa, ldx, wa, pstride, kdim // 32, oa + m0 * ldo * 4, ldo, 0)
+        _narrow2(kind, rows, xa, ldx, wa, pstride, kdim // 32, oa, ldo, 0)
 
 
 @njit(parallel=True, cache=True)

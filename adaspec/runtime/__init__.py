@@ -42,10 +42,11 @@ def restore_eager_weights(model: nn.Module) -> None:
     A no-op for a module whose weights were never released."""
     import sys
 
-    for name, cls in (("native", "NativeWeights"), ("compiled", "LeanWeights")):
-        mod = sys.modules.get(f"{__name__}.{name}")  # imported only when a runtime was built
-        per = getattr(mod, cls)._by_model.get(model) if mod is not None else None
-        for weights in (per.values() if isinstance(per, dict) else [per] if per else []):
+    native = sys.modules.get(f"{__name__}.native")  # imported only once a runtime was built
+    compiled = sys.modules.get(f"{__name__}.compiled")
+    for weights in (native.NativeWeights.existing(model) if native else None,
+                    compiled.LeanWeights._by_model.get(model) if compiled else None):
+        if weights is not None:
             weights.restore_eager_weights()
 
 

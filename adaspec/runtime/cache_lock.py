@@ -19,6 +19,11 @@ from typing import IO
 
 from numba.core import event
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
+
 _installed: set[str] = set()
 
 
@@ -33,8 +38,6 @@ class CacheLock(event.Listener):
         self._fh: IO[str] | None = None
 
     def on_start(self, ev: event.Event) -> None:
-        import fcntl
-
         with self._mutex:
             self._depth += 1
             if self._depth == 1:
@@ -48,8 +51,6 @@ class CacheLock(event.Listener):
                     self._fh = None
 
     def on_end(self, ev: event.Event) -> None:
-        import fcntl
-
         with self._mutex:
             self._depth -= 1
             if self._depth == 0 and self._fh is not None:
@@ -61,9 +62,7 @@ class CacheLock(event.Listener):
 def install(cache: Path) -> None:
     """Serialise this process's numba compilations with every other process's that share
     ``cache`` (once per cache directory and process)."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
+    if fcntl is None:
         return
     key = str(Path(cache).resolve())
     if key not in _installed:
